@@ -1,0 +1,72 @@
+"""Shared fixtures: the repository root, a tiny profile, and a temporary git copy of the repo for DAG smoke tests."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+
+# Tests never reach the network and never share the developer's MLflow store or de-identification key.
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+os.environ.setdefault("SPINEDXA_DEID_KEY", "test-key-not-secret")
+os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+
+
+def run(cmd: list[str] | str, cwd: Path, env: dict[str, str] | None = None, check: bool = True, timeout: int = 1800):
+    """Run a command with the test venv first on PATH; on failure, raise with its output."""
+    full_env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}", **(env or {})}
+    proc = subprocess.run(
+        cmd, cwd=cwd, env=full_env, shell=isinstance(cmd, str), capture_output=True, text=True, timeout=timeout
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"command failed ({proc.returncode}): {cmd}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}")
+    return proc
+
+
+def tracked_files(root: Path) -> list[str]:
+    """Files git would commit from ``root`` (tracked plus untracked-but-not-ignored)."""
+    out = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+        cwd=root, capture_output=True, text=True, check=True,
+    ).stdout
+    return [p for p in out.split("\0") if p and (root / p).is_file()]
+
+
+def make_repo_copy(dest: Path, profile: str | None = "profiles/tiny.yaml") -> Path:
+    """Copy the project's source (no data, models, venv) to ``dest``, apply ``profile``, and commit it to a new repo."""
+    from spinedxa.config import apply_profile
+
+    dest.mkdir(parents=True, exist_ok=True)
+    for rel in tracked_files(REPO):
+        if rel.startswith(("reports/", "dvc.lock")):
+            continue  # start from a clean slate: no committed results
+        target = dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / rel, target)
+    (dest / "reports").mkdir(exist_ok=True)
+    if profile:
+        apply_profile(dest / "params.yaml", dest / profile)
+    run(["git", "init", "-q", "-b", "main"], dest)
+    run(["git", "config", "user.email", "test@example.invalid"], dest)
+    run(["git", "config", "user.name", "spinedxa tests"], dest)
+    run(["git", "add", "-A"], dest)
+    run(["git", "commit", "-q", "-m", "copy for tests"], dest)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return REPO
+
+
+@pytest.fixture
+def tiny_repo(tmp_path: Path) -> Path:
+    """A fresh temporary git+DVC copy of the project with the tiny profile applied."""
+    return make_repo_copy(tmp_path / "repo")
