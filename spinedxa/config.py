@@ -69,6 +69,11 @@ class IngestConfig:
     max_pixels: int
     multiframe: Literal["first", "middle", "reject"] = "first"
 
+    def __post_init__(self) -> None:
+        for name in ("workers", "max_side", "max_pixels"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"ingest.{name}: {getattr(self, name)} must be >= 1")
+
 
 @dataclass(frozen=True)
 class ValidateConfig:
@@ -117,6 +122,16 @@ class AugmentConfig:
         if self.expand < 0:
             raise ConfigError(f"augment.expand: {self.expand} must be >= 0")
         _check_unit("augment.hflip", self.hflip)
+        # brightness/contrast are ColorJitter half-widths: factors are drawn from [1 - x, 1 + x], so x <= 1.
+        for name in ("translate", "brightness", "contrast"):
+            _check_unit(f"augment.{name}", getattr(self, name))
+        for name in ("rotation_deg", "noise_std", "elastic_alpha"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"augment.{name}: {getattr(self, name)} must be >= 0")
+        for name in ("scale", "gamma"):
+            low, high = getattr(self, name)
+            if not 0 < low <= high:
+                raise ConfigError(f"augment.{name}: {[low, high]} must satisfy 0 < low <= high")
 
 
 @dataclass(frozen=True)

@@ -70,3 +70,45 @@ def repo_root() -> Path:
 def tiny_repo(tmp_path: Path) -> Path:
     """A fresh temporary git+DVC copy of the project with the tiny profile applied."""
     return make_repo_copy(tmp_path / "repo")
+
+
+def write_tiny_split(root: Path, counts: dict[str, int] | None = None, seed: int = 0) -> tuple[Path, Path]:
+    """Write a tiny ingested directory (16-bit PNGs, 36-56 px, mixed aspect ratios) and its splits.csv under ``root``.
+
+    ``counts`` gives images per split (half of each split per class). Returns ``(splits_csv, ingested_dir)``.
+    """
+    import hashlib
+
+    import numpy as np
+    import pandas as pd
+    from PIL import Image
+
+    counts = counts or {"train": 6, "val": 2, "test": 2}
+    rng = np.random.default_rng(seed)
+    ingested = root / "ingested"
+    (ingested / "images").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for split, n in counts.items():
+        for i in range(n):
+            label = ("normal", "osteoporosis")[i % 2]
+            source = f"{label}/{split}_{i:02d}.dcm"
+            sha = hashlib.sha256(source.encode()).hexdigest()
+            h, w = (48, 36) if i % 2 else (40, 56)
+            # A bright vertical band (the "spine") on a darker, noisy background.
+            img = rng.uniform(0.05, 0.2, size=(h, w))
+            img[:, w // 3 : 2 * w // 3] += 0.6
+            image = f"images/{sha[:16]}.png"
+            Image.fromarray(np.rint(np.clip(img, 0, 1) * 65535).astype(np.uint16)).save(ingested / image)
+            patient = "P" + hashlib.sha256(f"patient-{split}-{i}".encode()).hexdigest()[:12]
+            rows.append({"source": source, "sha256": sha, "patient_id": patient, "label": label, "image": image,
+                         "split": split})
+    splits_csv = root / "split" / "splits.csv"
+    splits_csv.parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows).sort_values("source").to_csv(splits_csv, index=False)
+    return splits_csv, ingested
+
+
+@pytest.fixture
+def tiny_split(tmp_path: Path) -> tuple[Path, Path]:
+    """``(splits_csv, ingested_dir)`` of a tiny generated cohort: 6 train, 2 val, 2 test 16-bit PNGs."""
+    return write_tiny_split(tmp_path)

@@ -1,0 +1,342 @@
+"""Model registry: the reconstructed 21-layer CNN and four torchvision baselines behind one API.
+
+``get_model(name, num_classes, *, weights=None)`` returns a module that takes ``N x 1 x H x W`` float input in [0, 1]
+(grayscale DXA) and returns what its backbone returns (logits; InceptionV3 in training mode returns
+``InceptionOutputs(logits, aux_logits)``). :class:`ModelSpec` knows each model's native input size, its minimum input
+size, its Grad-CAM target layer and how to unwrap its output.
+
+Grayscale input for the ImageNet backbones: :class:`ImageNetInput` replicates the single channel to three and applies
+the ImageNet mean/std normalisation, rather than replacing the first convolution by a 1-channel one. This keeps
+ImageNet weights usable unchanged (a replicated gray image is what an RGB network sees for a gray photo) at the cost
+of three times the first layer's compute, which is negligible beside the rest of the network. cnn21 takes one channel
+natively.
+
+Weights never download: ``weights="imagenet"`` reads torchvision's file from the local torch cache
+(``torch.hub.get_dir()/checkpoints``) and raises :class:`FileNotFoundError` naming the file when it is not there.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torchvision
+from torch import Tensor, nn
+from torch.nn import functional as F
+from torchvision.models.inception import InceptionAux, InceptionOutputs
+
+from spinedxa.config import MODEL_NAMES
+from spinedxa.models.cnn21 import CNN21
+from spinedxa.models.cnn21 import MIN_SIZE as CNN21_MIN_SIZE
+
+__all__ = [
+    "ImageNetInput",
+    "ModelSpec",
+    "WEIGHTS_OPTIONS",
+    "get_model",
+    "get_spec",
+    "list_models",
+    "load_trained",
+    "predict_proba",
+    "weights_file",
+]
+
+#: Accepted values of ``weights`` (``train.<model>.weights`` in params.yaml).
+WEIGHTS_OPTIONS: tuple[str | None, ...] = (None, "none", "imagenet")
+
+# ImageNet channel statistics used by every torchvision classification weight (torchvision ImageClassification preset).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class ImageNetInput(nn.Module):
+    """Wrap a 3-channel ImageNet backbone so that it takes ``N x 1 x H x W`` grayscale input in [0, 1].
+
+    The gray channel is replicated to RGB and normalised with the ImageNet mean/std; the backbone's output is
+    returned unchanged. The statistics are non-persistent buffers, so the state dict holds only ``backbone.*``.
+    """
+
+    def __init__(self, backbone: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, x: Tensor) -> Any:
+        if x.ndim != 4 or x.shape[1] != 1:
+            raise ValueError(f"expected grayscale input N x 1 x H x W, got shape {tuple(x.shape)}")
+        x = (x.expand(-1, 3, -1, -1) - self.mean) / self.std
+        return self.backbone(x)
+
+
+class _SizeRobustInceptionAux(InceptionAux):
+    """torchvision's InceptionV3 auxiliary head, made to work below the native 299 px.
+
+    The original head pools its 17 x 17 input (at 299 px) with a fixed 5 x 5 / stride 3 window to 5 x 5 and then
+    applies a 5 x 5 convolution, so it fails for inputs below about 299 px (Mixed_6e is 3 x 3 at 80 px, 7 x 7 at
+    128 px). Smaller maps are resized to 5 x 5 by adaptive average pooling instead; at 17 x 17 and above the original
+    pooling is kept, so ImageNet weights behave exactly as published at the native size.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        if min(x.shape[-2:]) < 17:
+            x = F.adaptive_avg_pool2d(x, (5, 5))
+        else:
+            x = F.avg_pool2d(x, kernel_size=5, stride=3)
+        x = self.conv1(self.conv0(x))
+        x = torch.flatten(F.adaptive_avg_pool2d(x, (1, 1)), 1)
+        return self.fc(x)
+
+
+def _plain_unwrap(output: Tensor) -> tuple[Tensor, Tensor | None]:
+    return output, None
+
+
+def _inception_unwrap(output: Tensor | InceptionOutputs) -> tuple[Tensor, Tensor | None]:
+    if isinstance(output, InceptionOutputs):
+        return output.logits, output.aux_logits
+    return output, None
+
+
+# ----------------------------------------------------------------------------------------------- builders
+
+
+def _build_cnn21(num_classes: int, weights: str | None) -> nn.Module:
+    if weights is not None:
+        raise ValueError(f"cnn21: no ImageNet weights exist for this model (trained from scratch); use weights=None")
+    return CNN21(num_classes=num_classes)
+
+
+def _torchvision_backbone(name: str, weights: str | None, **kwargs: Any) -> nn.Module:
+    """Build a torchvision classifier, with ImageNet weights read from the local cache when asked for."""
+    if weights is None:
+        return torchvision.models.get_model(name, weights=None, **kwargs)
+    enum = _imagenet_weights(name)
+    path = weights_file(name)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{name}: ImageNet weights file {path.name!r} not found in {path.parent} (nothing is downloaded). "
+            f"Copy {enum.url} to {path}, or set TORCH_HOME to a directory whose hub/checkpoints holds it."
+        )
+    # The file is in the cache, so torchvision's loader reads it rather than downloading.
+    return torchvision.models.get_model(name, weights=enum, **kwargs)
+
+
+def _build_resnet50(num_classes: int, weights: str | None) -> nn.Module:
+    net = _torchvision_backbone("resnet50", weights)
+    net.fc = nn.Linear(net.fc.in_features, num_classes)
+    return ImageNetInput(net)
+
+
+def _build_vgg(name: str) -> Callable[[int, str | None], nn.Module]:
+    def build(num_classes: int, weights: str | None) -> nn.Module:
+        net = _torchvision_backbone(name, weights)
+        net.classifier[-1] = nn.Linear(net.classifier[-1].in_features, num_classes)
+        return ImageNetInput(net)
+
+    return build
+
+
+def _build_inception_v3(num_classes: int, weights: str | None) -> nn.Module:
+    # init_weights=True: torchvision's own truncated-normal init (and silences its FutureWarning about the default).
+    kwargs: dict[str, Any] = {"aux_logits": True}
+    if weights is None:
+        kwargs["init_weights"] = True
+    # With ImageNet weights torchvision sets transform_input=True, which re-maps ImageNet-normalised input to the
+    # [-1, 1] scaling those weights were trained with; ImageNetInput feeds it exactly that ImageNet normalisation.
+    net = _torchvision_backbone("inception_v3", weights, **kwargs)
+    net.fc = nn.Linear(net.fc.in_features, num_classes)
+    aux = _SizeRobustInceptionAux(net.AuxLogits.fc.in_features, num_classes)
+    aux.conv0, aux.conv1 = net.AuxLogits.conv0, net.AuxLogits.conv1
+    net.AuxLogits = aux
+    return ImageNetInput(net)
+
+
+# ----------------------------------------------------------------------------------------------- registry
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What the pipeline needs to know about one registered model.
+
+    Attributes:
+        name: registry name (``spinedxa.config.MODEL_NAMES``).
+        input_size: native input size in pixels (224; InceptionV3 299).
+        min_size: smallest input the network accepts, in pixels (in both training and eval mode).
+        build: ``build(num_classes, weights)`` with ``weights`` None or "imagenet"; use :func:`get_model`.
+        gradcam_layer: ``gradcam_layer(model)`` the module whose activations Grad-CAM explains (last conv block).
+        unwrap: ``unwrap(output)`` returns ``(logits, aux_logits or None)``.
+        imagenet_weights: torchvision weights enum member for ``weights="imagenet"`` (None: no pretrained weights).
+    """
+
+    name: str
+    input_size: int
+    min_size: int
+    build: Callable[[int, str | None], nn.Module]
+    gradcam_layer: Callable[[nn.Module], nn.Module]
+    unwrap: Callable[[Any], tuple[Tensor, Tensor | None]]
+    imagenet_weights: str | None = None
+
+
+def _last_relu(features: nn.Module) -> nn.Module:
+    """The last ReLU of a VGG ``features`` stack: the output of the last conv block before its max pooling."""
+    return [m for m in features if isinstance(m, nn.ReLU)][-1]
+
+
+_REGISTRY: dict[str, ModelSpec] = {
+    spec.name: spec
+    for spec in (
+        ModelSpec("cnn21", 224, CNN21_MIN_SIZE, _build_cnn21, lambda m: m.last_conv_block, _plain_unwrap),
+        # min_size 32: torchvision's documented minimum for ResNet/VGG weights (weights.meta["min_size"]).
+        ModelSpec(
+            "resnet50", 224, 32, _build_resnet50, lambda m: m.backbone.layer4[-1], _plain_unwrap,
+            "ResNet50_Weights.IMAGENET1K_V1",
+        ),
+        ModelSpec(
+            "vgg16", 224, 32, _build_vgg("vgg16"), lambda m: _last_relu(m.backbone.features), _plain_unwrap,
+            "VGG16_Weights.IMAGENET1K_V1",
+        ),
+        ModelSpec(
+            "vgg19", 224, 32, _build_vgg("vgg19"), lambda m: _last_relu(m.backbone.features), _plain_unwrap,
+            "VGG19_Weights.IMAGENET1K_V1",
+        ),
+        # min_size 75: torchvision's Inception_V3_Weights.meta["min_size"]; the aux head is made size-robust above.
+        ModelSpec(
+            "inception_v3", 299, 75, _build_inception_v3, lambda m: m.backbone.Mixed_7c, _inception_unwrap,
+            "Inception_V3_Weights.IMAGENET1K_V1",
+        ),
+    )
+}
+if tuple(_REGISTRY) != MODEL_NAMES:  # pragma: no cover - guards an edit that forgets one side
+    raise ImportError(f"model registry {list(_REGISTRY)} != spinedxa.config.MODEL_NAMES {list(MODEL_NAMES)}")
+
+
+def list_models() -> list[str]:
+    """Registered model names, in ``spinedxa.config.MODEL_NAMES`` order."""
+    return list(_REGISTRY)
+
+
+def get_spec(name: str) -> ModelSpec:
+    """Return the :class:`ModelSpec` of ``name``.
+
+    Raises:
+        ValueError: unknown name (the message lists the registered ones).
+    """
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown model {name!r}; expected one of {list_models()}") from None
+
+
+def _normalise_weights(name: str, weights: str | None) -> str | None:
+    if weights not in WEIGHTS_OPTIONS:
+        raise ValueError(f"{name}: unknown weights {weights!r}; expected one of {list(WEIGHTS_OPTIONS)}")
+    return None if weights in (None, "none") else weights
+
+
+def _imagenet_weights(name: str) -> torchvision.models.WeightsEnum:
+    spec = get_spec(name)
+    if spec.imagenet_weights is None:
+        raise ValueError(f"{name}: no ImageNet weights exist for this model; use weights=None")
+    return torchvision.models.get_weight(spec.imagenet_weights)
+
+
+def weights_file(name: str) -> Path:
+    """Where the ImageNet weights of ``name`` must lie: ``torch.hub.get_dir()/checkpoints/<file name of the url>``.
+
+    Raises:
+        ValueError: unknown model, or a model without ImageNet weights (cnn21).
+    """
+    url = _imagenet_weights(name).url
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name
+
+
+def get_model(name: str, num_classes: int, *, weights: str | None = None) -> nn.Module:
+    """Build a registered model with a ``num_classes``-way head for ``N x 1 x H x W`` input in [0, 1].
+
+    Args:
+        name: one of :func:`list_models`.
+        num_classes: number of output classes (2 here).
+        weights: None or "none" (random init) or "imagenet" (torchvision's ImageNet weights from the local cache;
+            the classification head is replaced, so it is always freshly initialised).
+
+    Raises:
+        ValueError: unknown model or weights value, ``num_classes < 1``, or "imagenet" for cnn21.
+        FileNotFoundError: "imagenet" asked for and the weights file is not in the torch cache (the message names it).
+    """
+    spec = get_spec(name)
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"{name}: num_classes must be a positive integer, got {num_classes!r}")
+    return spec.build(num_classes, _normalise_weights(name, weights))
+
+
+def load_trained(model_dir: str | Path, *, map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+    """Load a model written by the train stage (``model_dir/meta.json`` + ``model_dir/model.pt``), in eval mode.
+
+    Returns:
+        ``(model, meta)``; ``meta`` is the parsed meta.json (keys in docs/CONTRACTS.md).
+
+    Raises:
+        FileNotFoundError: meta.json or model.pt is missing.
+        ValueError: meta.json lacks ``model`` or ``classes``, or names an unknown model.
+        RuntimeError: the state dict does not fit the architecture meta.json names (message names the file).
+    """
+    model_dir = Path(model_dir)
+    meta_path, weights_path = model_dir / "meta.json", model_dir / "model.pt"
+    for path in (meta_path, weights_path):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: not found (run the train stage for this model first)")
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    missing = [key for key in ("model", "classes") if key not in meta]
+    if missing:
+        raise ValueError(f"{meta_path}: missing key(s) {missing}")
+    model = get_model(meta["model"], len(meta["classes"]))
+    state = torch.load(weights_path, map_location=map_location, weights_only=True)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise RuntimeError(f"{weights_path}: state dict does not match model {meta['model']!r}: {exc}") from exc
+    return model.to(map_location).eval(), meta
+
+
+@torch.no_grad()
+def predict_proba(
+    model: nn.Module, name: str, images: Tensor, *, batch_size: int = 32, device: str | torch.device = "cpu"
+) -> np.ndarray:
+    """Probability of class 1 (osteoporosis) for each image, by softmax over the logits.
+
+    The model is run in eval mode (its previous mode is restored afterwards) without gradients.
+
+    Args:
+        model: a module from :func:`get_model` or :func:`load_trained`.
+        name: its registry name (selects how to unwrap its output).
+        images: ``N x 1 x S x S`` float tensor in [0, 1].
+        batch_size: images per forward pass.
+        device: where to run.
+
+    Returns:
+        float64 array of shape ``(N,)``.
+    """
+    spec = get_spec(name)
+    if images.ndim != 4 or images.shape[1] != 1:
+        raise ValueError(f"{name}: expected images N x 1 x S x S, got shape {tuple(images.shape)}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    was_training = model.training
+    model.eval()
+    try:
+        model.to(device)
+        probs = []
+        for start in range(0, images.shape[0], batch_size):
+            batch = images[start : start + batch_size].to(device, dtype=torch.float32)
+            logits, _ = spec.unwrap(model(batch))
+            probs.append(torch.softmax(logits.float(), dim=1)[:, 1].cpu())
+    finally:
+        model.train(was_training)
+    if not probs:
+        return np.zeros(0, dtype=np.float64)
+    return torch.cat(probs).double().numpy()

@@ -1,0 +1,313 @@
+"""Tests for spinedxa.models: registry, forward/backward of every model, weights handling, cnn21's layer count,
+load_trained and predict_proba."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from spinedxa.config import MODEL_NAMES
+from spinedxa.models import (
+    ImageNetInput,
+    get_model,
+    get_spec,
+    list_models,
+    load_trained,
+    predict_proba,
+    weights_file,
+)
+from spinedxa.models.cnn21 import CNN21, count_layers, matlab_layers
+
+REPO = Path(__file__).resolve().parents[1]
+# Small inputs keep the tests fast; InceptionV3 needs a little more than its 75 px minimum for a 1 x 1 Mixed_7c.
+TEST_SIZE = {name: 64 for name in MODEL_NAMES} | {"inception_v3": 80}
+PRETRAINED = [n for n in MODEL_NAMES if n != "cnn21"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> None:
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def built() -> dict[str, nn.Module]:
+    """Each model built once (VGG's 100 M-parameter head takes seconds to initialise)."""
+    torch.manual_seed(0)
+    return {name: get_model(name, 2) for name in MODEL_NAMES}
+
+
+def test_registry_lists_config_models() -> None:
+    assert list_models() == list(MODEL_NAMES)
+    assert {get_spec(n).name for n in MODEL_NAMES} == set(MODEL_NAMES)
+
+
+@pytest.mark.parametrize(
+    ("name", "input_size", "min_size"),
+    [("cnn21", 224, 32), ("resnet50", 224, 32), ("vgg16", 224, 32), ("vgg19", 224, 32), ("inception_v3", 299, 75)],
+)
+def test_spec_sizes(name: str, input_size: int, min_size: int) -> None:
+    spec = get_spec(name)
+    assert (spec.input_size, spec.min_size) == (input_size, min_size)
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_forward_backward_train_and_eval(built: dict[str, nn.Module], name: str) -> None:
+    model, spec = built[name], get_spec(name)
+    size = TEST_SIZE[name]
+    x = torch.rand(2, 1, size, size)
+
+    model.train()
+    logits, aux = spec.unwrap(model(x))
+    assert logits.shape == (2, 2)
+    if name == "inception_v3":
+        assert aux is not None and aux.shape == (2, 2)  # training mode returns InceptionOutputs(logits, aux)
+    else:
+        assert aux is None
+    loss = nn.functional.cross_entropy(logits, torch.tensor([0, 1]))
+    if aux is not None:
+        loss = loss + 0.4 * nn.functional.cross_entropy(aux, torch.tensor([0, 1]))
+    model.zero_grad()
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None for g in grads)
+    assert any(float(g.abs().sum()) > 0 for g in grads)
+
+    model.eval()
+    with torch.no_grad():
+        out = model(x)
+    assert isinstance(out, torch.Tensor) and out.shape == (2, 2)  # eval mode: a plain tensor, even for Inception
+    assert spec.unwrap(out)[1] is None
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_min_size_accepted_in_train_mode(built: dict[str, nn.Module], name: str) -> None:
+    model, spec = built[name], get_spec(name)
+    model.train()
+    logits, _ = spec.unwrap(model(torch.rand(2, 1, spec.min_size, spec.min_size)))
+    assert logits.shape == (2, 2)
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_gradcam_layer_is_a_submodule_with_spatial_activations(built: dict[str, nn.Module], name: str) -> None:
+    model, spec = built[name], get_spec(name)
+    layer = spec.gradcam_layer(model)
+    assert any(layer is m for m in model.modules())
+    seen: list[torch.Tensor] = []
+    handle = layer.register_forward_hook(lambda _m, _i, out: seen.append(out))
+    model.eval()
+    with torch.no_grad():
+        model(torch.rand(1, 1, TEST_SIZE[name], TEST_SIZE[name]))
+    handle.remove()
+    assert len(seen) == 1 and seen[0].ndim == 4  # a feature map Grad-CAM can weight
+
+
+def test_gradcam_runs_with_pytorch_grad_cam(built: dict[str, nn.Module]) -> None:
+    from pytorch_grad_cam import GradCAM
+
+    model = built["cnn21"].eval()
+    with GradCAM(model=model, target_layers=[get_spec("cnn21").gradcam_layer(model)]) as cam:
+        heat = cam(input_tensor=torch.rand(2, 1, 64, 64), targets=None)  # None: explain the top class
+    assert heat.shape == (2, 64, 64)
+    assert np.isfinite(heat).all()
+
+
+@pytest.mark.parametrize("name", PRETRAINED)
+def test_imagenet_wrapper_takes_grayscale_and_keeps_backbone_state_dict(built: dict[str, nn.Module], name: str) -> None:
+    model = built[name]
+    assert isinstance(model, ImageNetInput)
+    assert all(key.startswith("backbone.") for key in model.state_dict())
+    with pytest.raises(ValueError, match="N x 1 x H x W"):
+        model(torch.rand(1, 3, 64, 64))
+
+
+@pytest.mark.parametrize("name", PRETRAINED)
+def test_imagenet_weights_missing_names_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+
+    def no_network(*args: object, **kwargs: object) -> None:
+        raise AssertionError("tried to download weights")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+    expected = weights_file(name)
+    assert expected.parent == tmp_path / "hub" / "checkpoints"
+    with pytest.raises(FileNotFoundError, match=re.escape(expected.name)) as info:
+        get_model(name, 2, weights="imagenet")
+    assert str(expected) in str(info.value)
+
+
+def test_imagenet_weights_read_from_local_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A weights file in the torch cache is loaded (and nothing is downloaded); the head is replaced."""
+    import torchvision
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", lambda *a, **k: pytest.fail("tried to download"))
+    torch.manual_seed(1)
+    reference = torchvision.models.resnet50(weights=None)
+    path = weights_file("resnet50")
+    path.parent.mkdir(parents=True)
+    torch.save(reference.state_dict(), path)
+
+    model = get_model("resnet50", 2, weights="imagenet")
+    assert torch.equal(model.backbone.conv1.weight, reference.conv1.weight)
+    assert torch.equal(model.backbone.layer4[-1].conv3.weight, reference.layer4[-1].conv3.weight)
+    assert model.backbone.fc.out_features == 2
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs", "error", "message"),
+    [
+        ("alexnet", {}, ValueError, r"unknown model 'alexnet'; expected one of \['cnn21'"),
+        ("resnet50", {"weights": "IMAGENET1K_V2"}, ValueError, r"unknown weights 'IMAGENET1K_V2'.*'imagenet'"),
+        ("resnet50", {"weights": True}, ValueError, r"unknown weights True"),
+        ("cnn21", {"weights": "imagenet"}, ValueError, r"cnn21: no ImageNet weights"),
+    ],
+)
+def test_invalid_model_or_weights(name: str, kwargs: dict, error: type[Exception], message: str) -> None:
+    with pytest.raises(error, match=message):
+        get_model(name, 2, **kwargs)
+
+
+@pytest.mark.parametrize("num_classes", [0, -1, 2.0, True])
+def test_invalid_num_classes(num_classes: object) -> None:
+    with pytest.raises(ValueError, match="num_classes"):
+        get_model("cnn21", num_classes)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("weights", [None, "none"])
+def test_no_weights_values(weights: str | None) -> None:
+    assert isinstance(get_model("cnn21", 3, weights=weights), CNN21)
+
+
+# ------------------------------------------------------------------------------------------------- cnn21
+
+
+def test_cnn21_has_21_layers_by_matlab_counting() -> None:
+    model = CNN21()
+    assert count_layers(model) == 21
+    leaves = [m for m in model.modules() if not list(m.children())]
+    assert len(leaves) == 19  # layers 1-19 are modules; softmax and classification live in the loss
+
+
+def test_cnn21_layer_table_in_docs_matches_model() -> None:
+    """docs/cnn21.md and the module docstring list the layers of the built model, in order."""
+    import spinedxa.models.cnn21 as cnn21_module
+
+    built_names = matlab_layers(CNN21())
+    doc_rows = re.findall(r"^\|\s*(\d+)\s*\|\s*(\w+)\s*\|", (REPO / "docs" / "cnn21.md").read_text(), flags=re.M)
+    assert [int(i) for i, _ in doc_rows] == list(range(1, 22))
+    assert [name for _, name in doc_rows] == built_names
+    docstring_rows = re.findall(r"^ (\d+)\s+([a-zA-Z0-9]+)", cnn21_module.__doc__, flags=re.M)
+    assert [name.rstrip("(") for _, name in docstring_rows] == built_names
+
+
+def test_cnn21_size_is_cpu_friendly() -> None:
+    n_params = sum(p.numel() for p in CNN21().parameters())
+    assert 2e5 < n_params < 5e6
+
+
+@pytest.mark.parametrize("size", [32, 64, 128, 299])
+def test_cnn21_accepts_sizes(size: int) -> None:
+    model = CNN21().eval()
+    with torch.no_grad():
+        assert model(torch.rand(1, 1, size, size)).shape == (1, 2)
+
+
+@pytest.mark.parametrize(
+    ("shape", "message"),
+    [((1, 3, 64, 64), r"expected input N x 1 x H x W"), ((1, 1, 16, 64), r"smaller than the minimum 32"),
+     ((1, 64, 64), r"got shape \(1, 64, 64\)")],
+)
+def test_cnn21_rejects_bad_input(shape: tuple[int, ...], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        CNN21()(torch.rand(*shape))
+
+
+# ------------------------------------------------------------------------------------ load_trained / predict
+
+
+def _save_trained(model_dir: Path, name: str, model: nn.Module, **meta_overrides: object) -> None:
+    model_dir.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), model_dir / "model.pt")
+    meta = {"model": name, "image_size": 64, "classes": ["normal", "osteoporosis"]} | meta_overrides
+    (model_dir / "meta.json").write_text(json.dumps(meta))
+
+
+def test_load_trained_round_trip(tmp_path: Path) -> None:
+    torch.manual_seed(3)
+    model = get_model("cnn21", 2)
+    # Non-default batch-norm statistics prove buffers travel too.
+    model.train()
+    model(torch.rand(4, 1, 64, 64))
+    _save_trained(tmp_path / "cnn21", "cnn21", model)
+
+    loaded, meta = load_trained(tmp_path / "cnn21")
+    assert meta["image_size"] == 64 and not loaded.training
+    images = torch.rand(5, 1, 64, 64)
+    np.testing.assert_allclose(predict_proba(loaded, "cnn21", images), predict_proba(model, "cnn21", images), rtol=1e-6)
+
+
+def test_load_trained_inception_round_trip(tmp_path: Path, built: dict[str, nn.Module]) -> None:
+    _save_trained(tmp_path / "inc", "inception_v3", built["inception_v3"])
+    loaded, _ = load_trained(tmp_path / "inc")
+    probs = predict_proba(loaded, "inception_v3", torch.rand(3, 1, 80, 80))
+    assert probs.shape == (3,)
+
+
+@pytest.mark.parametrize(
+    ("setup", "error", "message"),
+    [
+        ("no_meta", FileNotFoundError, r"meta.json: not found"),
+        ("no_weights", FileNotFoundError, r"model.pt: not found"),
+        ("no_model_key", ValueError, r"meta.json: missing key\(s\) \['model'\]"),
+        ("unknown_model", ValueError, r"unknown model 'lenet'"),
+        ("wrong_arch", RuntimeError, r"model.pt: state dict does not match model 'cnn21'"),
+        ("wrong_classes", RuntimeError, r"model.pt: state dict does not match"),
+    ],
+)
+def test_load_trained_errors(tmp_path: Path, setup: str, error: type[Exception], message: str) -> None:
+    model_dir = tmp_path / "m"
+    cnn = CNN21()
+    if setup == "wrong_arch":
+        _save_trained(model_dir, "cnn21", nn.Sequential(nn.Linear(2, 2)))
+    elif setup == "wrong_classes":
+        _save_trained(model_dir, "cnn21", cnn, classes=["a", "b", "c"])
+    elif setup == "unknown_model":
+        _save_trained(model_dir, "lenet", cnn)
+    else:
+        _save_trained(model_dir, "cnn21", cnn)
+        if setup == "no_meta":
+            (model_dir / "meta.json").unlink()
+        elif setup == "no_weights":
+            (model_dir / "model.pt").unlink()
+        elif setup == "no_model_key":
+            (model_dir / "meta.json").write_text(json.dumps({"classes": ["normal", "osteoporosis"]}))
+    with pytest.raises(error, match=message):
+        load_trained(model_dir)
+
+
+def test_predict_proba_batches_agree_and_mode_is_restored() -> None:
+    torch.manual_seed(0)
+    model = get_model("cnn21", 2).train()
+    images = torch.rand(7, 1, 64, 64)
+    one = predict_proba(model, "cnn21", images, batch_size=1)
+    many = predict_proba(model, "cnn21", images, batch_size=32)
+    assert one.shape == (7,) and one.dtype == np.float64
+    assert ((one >= 0) & (one <= 1)).all()
+    np.testing.assert_allclose(one, many, rtol=1e-5, atol=1e-7)  # eval mode: batch norm uses running stats
+    assert model.training
+    assert predict_proba(model, "cnn21", torch.zeros(0, 1, 64, 64)).shape == (0,)
+
+
+@pytest.mark.parametrize(
+    ("shape", "batch_size", "message"),
+    [((2, 3, 64, 64), 4, r"expected images N x 1 x S x S"), ((2, 1, 64, 64), 0, r"batch_size must be >= 1")],
+)
+def test_predict_proba_rejects_bad_input(shape: tuple[int, ...], batch_size: int, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        predict_proba(CNN21(), "cnn21", torch.rand(*shape), batch_size=batch_size)
