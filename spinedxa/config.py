@@ -83,6 +83,12 @@ class ValidateConfig:
     max_side: int
     min_std: float
     phash_max_distance: int
+    near_duplicate_min_ssim: float = 0.9
+
+    def __post_init__(self) -> None:
+        _check_unit("validate.near_duplicate_min_ssim", self.near_duplicate_min_ssim)
+        if not 0 <= self.phash_max_distance <= 64:
+            raise ConfigError(f"validate.phash_max_distance: {self.phash_max_distance} must lie in [0, 64] (bits)")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,199 @@
+"""Benchmark of the ingest stage: throughput against a bare pydicom decode loop, and peak memory vs file count.
+
+For each size (default 1,000 and 5,000 files) it writes that many small DICOMs (copies of synthetic 256 x 192 scans
+with varied PatientIDs, so each is a distinct file and patient), then, over the same files:
+
+* bare:   ``pydicom.dcmread(f).pixel_array`` in a loop, one process (one core);
+* ingest: :func:`spinedxa.ingest.run_ingest` with ``--workers`` processes, in a child process whose whole process tree
+  has its RSS sampled every 20 ms (psutil) for the peak.
+
+Goals: ingest files/s per worker >= 0.5 x bare files/s; peak RSS flat in the file count. Prints a side-by-side table
+and writes ``reports/bench/ingest.json``. Usage::
+
+    python bench/ingest.py [--sizes 1000 5000] [--workers 2] [--out reports/bench/ingest.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import pydicom
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE_S = 0.02
+BASE_SCANS = 24  # distinct synthetic scans; the bench files are copies with new PatientIDs
+
+
+def base_scans(work: Path) -> list[Path]:
+    """Render a few 256 x 192 synthetic scans (spinedxa.synthesize if present, else a plain generated image)."""
+    from spinedxa.config import load_params
+
+    params = load_params(REPO / "params.yaml")
+    try:
+        from spinedxa.synthesize import synthesize_cohort
+    except ImportError:
+        return _fallback_scans(work / "base")
+    cfg = dataclasses.replace(params.synthesize, n_scans=BASE_SCANS, n_osteoporosis=BASE_SCANS // 2, height=256,
+                              width=192, workers=1)
+    synthesize_cohort(cfg, work / "base", work / "truth.csv", params.data.classes)
+    return sorted((work / "base").rglob("*.dcm"))
+
+
+def _fallback_scans(out: Path) -> list[Path]:
+    import numpy as np
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(BASE_SCANS):
+        ds = pydicom.Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+        ds.Modality, ds.PatientName, ds.PatientID = "BMD", "BENCH^PATIENT", f"BASE{i}"
+        ds.set_pixel_data(rng.integers(0, 4096, (256, 192), dtype=np.uint16), "MONOCHROME2", 12)
+        paths.append(out / ("normal", "osteoporosis")[i % 2] / f"scan_{i:04d}.dcm")
+        paths[-1].parent.mkdir(parents=True, exist_ok=True)
+        ds.save_as(paths[-1], enforce_file_format=True)
+    return paths
+
+
+def make_source(bases: list[Path], n: int, out: Path) -> list[Path]:
+    """Write ``n`` copies of the base scans under ``out/<class>/``, each with its own PatientID."""
+    datasets = [(b.parent.name, pydicom.dcmread(b)) for b in bases]
+    paths = []
+    for i in range(n):
+        label, ds = datasets[i % len(datasets)]
+        ds.PatientID = f"BENCH{i:06d}"
+        path = out / label / f"copy_{i:06d}.dcm"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+def bare_rate(paths: list[Path]) -> tuple[float, float]:
+    """Files per wall second and per CPU second of ``dcmread(f).pixel_array`` over ``paths`` in this process."""
+    start, cpu = time.perf_counter(), time.process_time()
+    for path in paths:
+        pydicom.dcmread(path).pixel_array  # noqa: B018 - decoding is the point
+    return len(paths) / (time.perf_counter() - start), len(paths) / (time.process_time() - cpu)
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)  # every waited-for descendant: the child and its workers
+    return usage.ru_utime + usage.ru_stime
+
+
+def ingest_run(source: Path, out: Path, workers: int) -> dict[str, float]:
+    """Run ingest in a child process; return its own timing and the peak RSS of its process tree."""
+    cmd = [sys.executable, __file__, "--child", str(source), str(out), str(workers)]
+    cpu_before = _children_cpu()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            env={**os.environ, "SPINEDXA_DEID_KEY": "bench-key-not-secret"})
+    root, peak = psutil.Process(proc.pid), 0
+    while proc.poll() is None:
+        try:
+            tree = [root, *root.children(recursive=True)]
+            peak = max(peak, sum(p.memory_info().rss for p in tree if p.is_running()))
+        except psutil.NoSuchProcess:
+            pass  # a worker exited between listing and reading: the next sample sees the new tree
+        time.sleep(SAMPLE_S)
+    out_text = proc.stdout.read() if proc.stdout else ""
+    if proc.returncode != 0:
+        raise RuntimeError(f"ingest child failed with exit status {proc.returncode}: {out_text}")
+    result = json.loads(out_text.strip().splitlines()[-1])
+    result["peak_rss_mib"] = round(peak / 2**20, 1)
+    # CPU seconds of the whole tree, including interpreter start-up and imports (~1-2 CPU s, a fixed cost).
+    result["cpu_seconds"] = round(_children_cpu() - cpu_before, 3)
+    return result
+
+
+def child(source: Path, out: Path, workers: int) -> None:
+    """Inside the child: ingest ``source`` with the repo's params (workers overridden) and print the timing."""
+    from spinedxa.config import load_params
+    from spinedxa.ingest import run_ingest
+
+    params = load_params(REPO / "params.yaml")
+    settings = dataclasses.replace(params.ingest, workers=workers)
+    start = time.perf_counter()
+    summary = run_ingest(source, out, out.parent / "ingest.json", classes=params.data.classes, settings=settings,
+                         progress=False)
+    seconds = time.perf_counter() - start
+    print(json.dumps({"seconds": round(seconds, 3), "files_per_s": round(summary["n_files"] / seconds, 1),
+                      "n_accepted": summary["n_accepted"]}))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 5000])
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=REPO / "reports" / "bench" / "ingest.json")
+    parser.add_argument("--child", nargs=3, metavar=("SOURCE", "OUT", "WORKERS"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        child(Path(args.child[0]), Path(args.child[1]), int(args.child[2]))
+        return 0
+
+    from spinedxa.files import write_json_atomic
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="spinedxa-bench-") as tmp:
+        work = Path(tmp)
+        bases = base_scans(work)
+        for n in args.sizes:
+            source = work / f"source_{n}"
+            paths = make_source(bases, n, source)
+            bare, bare_cpu = bare_rate(paths)
+            ing = ingest_run(source, work / f"out_{n}" / "ingested", args.workers)
+            rows.append({
+                "n_files": n,
+                "bare_files_per_s": round(bare, 1),
+                "ingest_files_per_s": ing["files_per_s"],
+                "ingest_files_per_s_per_worker": round(ing["files_per_s"] / args.workers, 1),
+                "per_core_ratio": round(ing["files_per_s"] / args.workers / bare, 3),
+                # Contention-free view on a shared machine: files per CPU second, ingest tree vs bare loop.
+                "bare_files_per_cpu_s": round(bare_cpu, 1),
+                "ingest_files_per_cpu_s": round(n / ing["cpu_seconds"], 1),
+                "per_cpu_ratio": round(n / ing["cpu_seconds"] / bare_cpu, 3),
+                "ingest_seconds": ing["seconds"],
+                "ingest_peak_rss_mib": ing["peak_rss_mib"],
+                "n_accepted": ing["n_accepted"],
+            })
+            shutil.rmtree(source)  # keep the temporary disk use to one size at a time
+            shutil.rmtree(work / f"out_{n}")
+    peaks = [r["ingest_peak_rss_mib"] for r in rows]
+    result = {
+        "workers": args.workers,
+        "cpu": {"logical_cores": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 2)},
+        "image": "256 x 192, 16-bit, Explicit VR Little Endian (synthetic DXA)",
+        "rows": rows,
+        "goal_per_core_ratio_met": all(r["per_core_ratio"] >= 0.5 for r in rows),
+        "peak_rss_growth": round(max(peaks) / min(peaks), 3),
+    }
+    print(f"{'files':>6} {'bare f/s':>9} {'ingest f/s':>11} {'per worker':>11} {'ratio':>6} "
+          f"{'bare f/cpu-s':>13} {'ingest f/cpu-s':>15} {'ratio':>6} {'peak MiB':>9}")
+    for r in rows:
+        print(f"{r['n_files']:>6} {r['bare_files_per_s']:>9} {r['ingest_files_per_s']:>11} "
+              f"{r['ingest_files_per_s_per_worker']:>11} {r['per_core_ratio']:>6} {r['bare_files_per_cpu_s']:>13} "
+              f"{r['ingest_files_per_cpu_s']:>15} {r['per_cpu_ratio']:>6} {r['ingest_peak_rss_mib']:>9}")
+    print(f"workers={args.workers}, load average {result['cpu']['load_avg_1m']}, "
+          f"peak RSS growth x{result['peak_rss_growth']}, per-core goal met: {result['goal_per_core_ratio_met']}")
+    write_json_atomic(args.out, result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,161 @@
+"""Pseudonyms, the key, the allow-list, and an end-to-end proof that fake PHI never leaves ingest."""
+
+from __future__ import annotations
+
+import logging
+import re
+import stat
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image
+from pydicom.uid import JPEG2000Lossless, RLELossless
+
+from dicom_factory import FAKE_PHI, gradient, make_dataset, write_dicom
+from spinedxa import deid
+from spinedxa.config import IngestConfig
+from spinedxa.ingest import run_ingest
+
+PSEUDONYM = re.compile(r"^P[0-9a-f]{12}$")
+
+
+@pytest.fixture
+def no_env_key(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """No $SPINEDXA_DEID_KEY, and a fresh working directory for .spinedxa/deid.key."""
+    monkeypatch.delenv(deid.KEY_ENV, raising=False)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_pseudonym_format_and_determinism() -> None:
+    first = deid.patient_pseudonym("PID-1")
+    assert PSEUDONYM.match(first)
+    assert deid.patient_pseudonym("PID-1") == first == deid.patient_pseudonym("  PID-1 ")
+    assert deid.patient_pseudonym("PID-2") != first
+
+
+def test_namespaces_do_not_collide() -> None:
+    assert deid.patient_pseudonym("abc") != deid.file_pseudonym("abc")
+
+
+def test_pseudonym_depends_on_the_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(deid.KEY_ENV, "key-one")
+    one = deid.patient_pseudonym("PID-1")
+    monkeypatch.setenv(deid.KEY_ENV, "key-two")
+    assert deid.patient_pseudonym("PID-1") != one
+
+
+def test_empty_identifier_rejected() -> None:
+    with pytest.raises(ValueError, match="empty"):
+        deid.pseudonym("")
+
+
+def test_key_file_created_once_with_mode_0600(no_env_key: Path) -> None:
+    first = deid.patient_pseudonym("PID-1")
+    key_file = no_env_key / ".spinedxa" / "deid.key"
+    assert key_file.is_file()
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    assert re.fullmatch(r"[0-9a-f]{64}\n", key_file.read_text())
+    assert deid.patient_pseudonym("PID-1") == first  # reused, not regenerated
+
+
+def test_empty_env_key_rejected(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(deid.KEY_ENV, "  ")
+    with pytest.raises(deid.DeidKeyError, match="empty"):
+        deid.load_key()
+
+
+def test_empty_key_file_rejected(no_env_key: Path) -> None:
+    (no_env_key / ".spinedxa").mkdir()
+    (no_env_key / ".spinedxa" / "deid.key").write_text("\n")
+    with pytest.raises(deid.DeidKeyError, match="key file is empty"):
+        deid.load_key()
+
+
+@pytest.mark.parametrize("header, same_as", [
+    ({"PatientID": "ID-1", "PatientName": "A^B", "PatientBirthDate": "19500101"}, "id"),
+    ({"PatientID": "  ", "PatientName": "A^B", "PatientBirthDate": "19500101"}, "name"),
+    ({"PatientName": "A^B", "PatientBirthDate": "19500101"}, "name"),
+    ({"PatientBirthDate": "19500101"}, None),
+    ({}, None),
+])
+def test_dicom_identifier_fallbacks(header: dict[str, str], same_as: str | None) -> None:
+    ds = _ds(**header)
+    by_id = deid.patient_pseudonym("ID-1")
+    by_name = deid.dicom_pseudonym(_ds(PatientName="A^B", PatientBirthDate="19500101"))
+    expected = {"id": by_id, "name": by_name, None: None}[same_as]
+    assert deid.dicom_pseudonym(ds) == expected
+    assert by_id != by_name
+
+
+def _ds(**elements: str) -> pydicom.Dataset:
+    ds = pydicom.Dataset()
+    for key, value in elements.items():
+        setattr(ds, key, value)
+    return ds
+
+
+def test_kept_facts_is_exactly_the_allow_list() -> None:
+    ds = make_dataset(gradient())
+    facts = deid.kept_facts(ds)
+    assert set(facts) == set(deid.KEPT_FACTS)
+    assert facts == {"orig_height": 40, "orig_width": 32, "pixel_spacing_mm": 0.5, "modality": "BMD",
+                     "photometric": "MONOCHROME2", "bits_stored": 16, "frames": 1}
+    assert not {str(v) for v in facts.values()} & set(FAKE_PHI.values())
+
+
+def test_allow_list_holds_no_identifying_keyword() -> None:
+    identifying = {"PatientName", "PatientID", "PatientBirthDate", "InstitutionName", "AccessionNumber",
+                   "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "StudyDate", "ReferringPhysicianName"}
+    kept = {k for keywords in deid.KEPT_FACTS.values() for k in keywords}
+    assert not kept & identifying
+
+
+# --- end to end: nothing identifying in any byte ingest writes ----------------------------------------------------
+
+LABEL_PATIENT = "LBL-PATIENT-31337"  # a labels.csv patient_id is PHI too
+
+
+def phi_source(root: Path) -> Path:
+    """A source with fake PHI in DICOM headers (several encodings) and in a labels.csv patient_id."""
+    rng = np.random.default_rng(1)
+    rows = ["path,label,patient_id"]
+    encodings = [{}, {"photometric": "MONOCHROME1"}, {"compress": RLELossless}, {"compress": JPEG2000Lossless}]
+    for i, kwargs in enumerate(encodings):
+        pixels = (gradient() + rng.integers(0, 50, (40, 32))).astype(np.uint16)
+        write_dicom(root / f"scan_{i}.dcm", pixels, **kwargs)
+        rows.append(f"scan_{i}.dcm,{('normal', 'osteoporosis')[i % 2]},")
+    Image.fromarray(gradient(maximum=255, dtype="uint8")).save(root / "extra.png")
+    rows.append(f"extra.png,normal,{LABEL_PATIENT}")
+    (root / "labels.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def test_no_phi_leaves_ingest(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                              capfd: pytest.CaptureFixture[str]) -> None:
+    source = phi_source(tmp_path / "source")
+    out, summary = tmp_path / "ingested", tmp_path / "reports" / "ingest.json"
+    caplog.set_level(logging.DEBUG)
+    result = run_ingest(source, out, summary, classes=("normal", "osteoporosis"),
+                        settings=IngestConfig(workers=1, max_side=32, max_pixels=10**6, multiframe="first"))
+    assert result["n_accepted"] == 5
+
+    written = [p for p in out.rglob("*") if p.is_file()] + [summary]
+    assert len(written) == 1 + 5 + 1  # manifest, five images, summary
+    captured = capfd.readouterr()
+    texts = {str(p): p.read_bytes() for p in written}
+    texts["log"] = caplog.text.encode()
+    texts["stdout+stderr"] = (captured.out + captured.err).encode()
+    for secret in [*FAKE_PHI.values(), LABEL_PATIENT]:
+        for where, data in texts.items():
+            assert secret.encode() not in data, f"{secret!r} leaked into {where}"
+    for png in out.glob("images/*.png"):
+        with Image.open(png) as img:
+            assert img.mode == "I;16" and not getattr(img, "text", {}), f"{png} carries text chunks"
+    manifest = (out / "manifest.csv").read_text()
+    patients = {line.split(",")[5] for line in manifest.splitlines()[1:]}
+    assert all(PSEUDONYM.match(p) for p in patients)
+    # the four DICOMs share one PatientID -> one pseudonym; the PNG has its own (from labels.csv)
+    assert len(patients) == 2 and deid.patient_pseudonym(LABEL_PATIENT) in patients

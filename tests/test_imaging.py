@@ -1,0 +1,362 @@
+"""Decoding (DICOM in many encodings, PNG, JPEG, TIFF), quarantine reasons, and normalisation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from pydicom.data import get_testdata_file
+import pydicom
+from pydicom.pixels import apply_modality_lut, apply_voi_lut, convert_color_space
+from pydicom.uid import JPEG2000Lossless, RLELossless
+
+from dicom_factory import gradient, make_dataset, truncate, write_dicom, write_no_pixels
+from spinedxa.imaging import REASONS, QuarantineError, decode_file, normalise, target_size
+
+LIMIT = 10_000_000
+
+
+def bundled(name: str) -> Path:
+    path = get_testdata_file(name, download=False)
+    assert path is not None, f"pydicom test file {name} is not installed"
+    return Path(path)
+
+
+def decode(path: Path, **kwargs) -> object:
+    return decode_file(path, max_pixels=kwargs.pop("max_pixels", LIMIT), multiframe=kwargs.pop("multiframe", "first"),
+                       **kwargs)
+
+
+def reason_of(path: Path, **kwargs) -> str:
+    with pytest.raises(QuarantineError) as info:
+        decode(path, **kwargs)
+    assert info.value.reason in REASONS
+    return info.value.reason
+
+
+# --- pydicom's bundled files --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", [
+    "MR_small_RLE.dcm",               # RLE Lossless
+    "MR_small_jp2klossless.dcm",      # JPEG 2000 lossless
+    "MR_small_jpeg_ls_lossless.dcm",  # JPEG-LS lossless
+    "MR_small_implicit.dcm",          # Implicit VR
+    "MR_small_bigendian.dcm",         # Explicit VR big endian
+])
+def test_lossless_encodings_match_the_uncompressed_reference(name: str) -> None:
+    reference = decode(bundled("MR_small.dcm"))
+    decoded = decode(bundled(name))
+    np.testing.assert_array_equal(decoded.pixels, reference.pixels)
+    assert decoded.meta["orig_width"] == 64 and decoded.format == "dicom"
+
+
+@pytest.mark.parametrize("name, shape, converted", [
+    ("CT_small.dcm", (128, 128), False),               # signed 16-bit with rescale slope/intercept
+    ("JPGExtended.dcm", (1024, 256), False),           # JPEG extended, 12-bit
+    ("JPEG2000.dcm", (1024, 256), False),              # JPEG 2000 lossy
+    ("SC_rgb_jpeg_dcmtk.dcm", (100, 100), True),       # JPEG baseline, YBR_FULL
+    ("SC_rgb_jpeg_gdcm.dcm", (100, 100), True),        # JPEG baseline, YBR_FULL_422
+    ("SC_ybr_full_422_uncompressed.dcm", (100, 100), True),
+    ("SC_rgb_rle.dcm", (100, 100), True),              # RLE, RGB
+    ("SC_rgb_small_odd.dcm", (3, 3), True),
+    ("image_dfl.dcm", (512, 512), False),              # deflated transfer syntax
+])
+def test_bundled_files_decode(name: str, shape: tuple[int, int], converted: bool) -> None:
+    decoded = decode(bundled(name))
+    assert decoded.pixels.shape == shape
+    assert decoded.pixels.dtype == np.float32
+    assert decoded.converted_from_color is converted
+    assert np.isfinite(decoded.pixels).all() and decoded.pixels.std() > 0
+
+
+def test_ct_rescale_is_applied() -> None:
+    decoded = decode(bundled("CT_small.dcm"))
+    assert decoded.pixels.min() < 0 or decoded.pixels.max() > 1000  # Hounsfield-like values, not raw counts
+    assert decoded.meta["modality"] == "CT" and decoded.meta["bits_stored"] == 16
+
+
+@pytest.mark.parametrize("name, reason", [
+    ("MR_truncated.dcm", "truncated"),
+    ("rtplan_truncated.dcm", "truncated"),
+    ("examples_palette.dcm", "unsupported_photometric"),
+    ("rtplan.dcm", "no_pixel_data"),
+    ("test-SR.dcm", "no_pixel_data"),
+])
+def test_bundled_files_quarantined(name: str, reason: str) -> None:
+    assert reason_of(bundled(name)) == reason
+
+
+def test_unsupported_photometric_detail_names_the_value() -> None:
+    with pytest.raises(QuarantineError, match="unsupported_photometric: PALETTE COLOR"):
+        decode(bundled("examples_palette.dcm"))
+
+
+# --- generated DICOM ----------------------------------------------------------------------------------------------
+
+def ybr(rgb: np.ndarray) -> np.ndarray:
+    return convert_color_space(rgb, "RGB", "YBR_FULL")
+
+
+RGB = np.stack([gradient(maximum=255, dtype="uint8"), gradient(maximum=255, dtype="uint8")[::-1],
+                np.full((40, 32), 128, np.uint8)], axis=-1)
+
+
+@pytest.mark.parametrize("kwargs, bits, converted", [
+    ({}, 16, False),
+    ({"photometric": "MONOCHROME1"}, 16, False),
+    ({"pixels": gradient(maximum=255, dtype="uint8")}, 8, False),
+    ({"bits_stored": 12}, 12, False),
+    ({"pixels": gradient(maximum=2000, dtype="int16") - 1000}, 16, False),  # signed
+    ({"compress": RLELossless}, 16, False),
+    ({"compress": JPEG2000Lossless}, 16, False),
+    ({"pixels": RGB, "photometric": "RGB"}, 8, True),
+    ({"pixels": ybr(RGB), "photometric": "YBR_FULL"}, 8, True),
+    ({"pixels": RGB, "photometric": "RGB", "compress": RLELossless}, 8, True),
+])
+def test_generated_dicom_decodes(tmp_path: Path, kwargs: dict, bits: int, converted: bool) -> None:
+    decoded = decode(write_dicom(tmp_path / "x.dcm", **kwargs))
+    assert decoded.pixels.shape == (40, 32)
+    assert decoded.meta["bits_stored"] == bits
+    assert decoded.converted_from_color is converted
+    assert decoded.meta["modality"] == "BMD" and decoded.meta["pixel_spacing_mm"] == 0.5
+
+
+def test_monochrome1_is_inverted_to_bone_bright(tmp_path: Path) -> None:
+    pixels = gradient()
+    m2 = decode(write_dicom(tmp_path / "m2.dcm", pixels)).pixels
+    m1 = decode(write_dicom(tmp_path / "m1.dcm", pixels, photometric="MONOCHROME1")).pixels
+    np.testing.assert_allclose(m1, m2.max() + m2.min() - m2)
+    assert m2[0, 0] == 0 and m1[0, 0] == 4095  # the same stored 0 is dark in MONOCHROME2, bright in MONOCHROME1
+
+
+def test_compressed_equals_uncompressed(tmp_path: Path) -> None:
+    raw = decode(write_dicom(tmp_path / "raw.dcm")).pixels
+    for uid in (RLELossless, JPEG2000Lossless):
+        np.testing.assert_array_equal(decode(write_dicom(tmp_path / "c.dcm", compress=uid)).pixels, raw)
+
+
+def test_rescale_slope_intercept(tmp_path: Path) -> None:
+    pixels = gradient()
+    decoded = decode(write_dicom(tmp_path / "r.dcm", pixels, extra={"RescaleSlope": 2, "RescaleIntercept": -1000}))
+    np.testing.assert_allclose(decoded.pixels, pixels * 2.0 - 1000.0)
+
+
+def test_voi_window_is_applied(tmp_path: Path) -> None:
+    pixels = gradient()
+    decoded = decode(write_dicom(tmp_path / "w.dcm", pixels, extra={"WindowCenter": 2048, "WindowWidth": 1024}))
+    low, high = pixels < 1536, pixels > 2560  # outside the window: clipped to its ends
+    assert np.ptp(decoded.pixels[low]) == 0 and np.ptp(decoded.pixels[high]) == 0
+    assert decoded.pixels[high].min() > decoded.pixels[low].max()
+
+
+@pytest.mark.parametrize("extra", [
+    {"WindowCenter": 2048, "WindowWidth": 1024},
+    {"WindowCenter": [1000, 3000], "WindowWidth": [500, 800]},  # several windows: the first is used
+    {"WindowCenter": 1500, "WindowWidth": 2000, "RescaleSlope": 2, "RescaleIntercept": -1000},
+    {"WindowCenter": 2048, "WindowWidth": 1024, "VOILUTFunction": "SIGMOID"},
+])
+def test_window_matches_pydicom_after_normalise(tmp_path: Path, extra: dict) -> None:
+    """The fast LINEAR window (a clip) gives the same normalised image as pydicom's full windowing."""
+    path = write_dicom(tmp_path / "w.dcm", gradient(64, 48), extra=extra)
+    ds = pydicom.dcmread(path)
+    reference = apply_voi_lut(apply_modality_lut(ds.pixel_array, ds), ds).astype(np.float32)
+    ours = normalise(decode(path).pixels, 256).astype(int)
+    assert np.abs(ours - normalise(reference, 256).astype(int)).max() <= 1
+
+
+def test_bits_stored_masks_unused_high_bits(tmp_path: Path) -> None:
+    ds = make_dataset(gradient())
+    ds.PixelData = (gradient() | np.uint16(0xF000)).tobytes()  # garbage above bit 11 (e.g. old overlay bits)
+    ds.BitsStored, ds.HighBit = 12, 11
+    ds.save_as(tmp_path / "b.dcm", enforce_file_format=True)
+    decoded = decode(tmp_path / "b.dcm")
+    np.testing.assert_array_equal(decoded.pixels, gradient().astype(np.float32))
+
+
+FRAMES = np.stack([np.full((8, 8), v, np.uint16) for v in (10, 20, 30, 40)])
+
+
+@pytest.mark.parametrize("rule, expected", [("first", 10), ("middle", 30), ("reject", None)])
+def test_multiframe_rule(tmp_path: Path, rule: str, expected: int | None) -> None:
+    path = write_dicom(tmp_path / "mf.dcm", FRAMES)
+    if expected is None:
+        assert reason_of(path, multiframe=rule) == "multiframe_rejected"
+    else:
+        decoded = decode(path, multiframe=rule)
+        assert decoded.pixels.shape == (8, 8) and float(decoded.pixels[0, 0]) == expected
+        assert decoded.meta["frames"] == 4
+
+
+def test_too_large_is_decided_from_the_header_before_decoding(tmp_path: Path) -> None:
+    ds = make_dataset(gradient(4, 4))
+    ds.Rows = ds.Columns = 30_000  # the header claims 9e8 pixels; the pixel data is 32 bytes
+    ds.save_as(tmp_path / "bomb.dcm", enforce_file_format=True)
+    with pytest.raises(QuarantineError, match=r"too_large: .*30000 x 30000 x 1 = 900_000_000 > .* 50_000_000"):
+        decode(tmp_path / "bomb.dcm", max_pixels=50_000_000)
+
+
+@pytest.mark.parametrize("max_pixels, frames, ok", [(40 * 32, 1, True), (40 * 32 - 1, 1, False),
+                                                    (40 * 32 * 3, 3, True), (40 * 32 * 3 - 1, 3, False)])
+def test_pixel_limit_counts_frames(tmp_path: Path, max_pixels: int, frames: int, ok: bool) -> None:
+    path = write_dicom(tmp_path / "f.dcm", np.stack([gradient()] * frames) if frames > 1 else gradient())
+    if ok:
+        assert decode(path, max_pixels=max_pixels).pixels.shape == (40, 32)
+    else:
+        assert reason_of(path, max_pixels=max_pixels) == "too_large"
+
+
+def _burned(path: Path) -> Path:
+    return write_dicom(path, extra={"BurnedInAnnotation": "YES"})
+
+
+def _palette(path: Path) -> Path:
+    ds = make_dataset(gradient(maximum=255, dtype="uint8"))
+    ds.PhotometricInterpretation = "PALETTE COLOR"
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+@pytest.mark.parametrize("make, reason", [
+    (lambda p: p.write_bytes(b""), "zero_byte"),
+    (lambda p: p.write_text("not an image, just text\n"), "not_an_image"),
+    (lambda p: p.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40), "corrupt"),
+    (lambda p: p.write_bytes(b"GIF89a" + b"\x00" * 40), "unsupported_format"),
+    (lambda p: write_no_pixels(p), "no_pixel_data"),
+    (lambda p: truncate(write_dicom(p.with_suffix(".full")), p, 0.8), "truncated"),
+    (lambda p: truncate(write_dicom(p.with_suffix(".full"), compress=RLELossless), p, 0.8), "truncated"),
+    (lambda p: truncate(write_dicom(p.with_suffix(".full")), p, 0.3), "truncated"),
+    (_burned, "burned_in_annotation"),
+    (_palette, "unsupported_photometric"),
+])
+def test_bad_files_are_quarantined(tmp_path: Path, make, reason: str) -> None:
+    path = tmp_path / "bad.dcm"
+    make(path)
+    assert reason_of(path) == reason
+
+
+def test_text_file_named_png_is_not_an_image(tmp_path: Path) -> None:
+    (tmp_path / "scan.png").write_text("hello")
+    assert reason_of(tmp_path / "scan.png") == "not_an_image"
+
+
+def test_pseudonymise_returns_only_a_pseudonym(tmp_path: Path) -> None:
+    path = write_dicom(tmp_path / "p.dcm")
+    assert decode(path).patient_id is None
+    patient = decode(path, pseudonymise=True).patient_id
+    assert patient is not None and len(patient) == 13 and patient.startswith("P")
+
+
+def test_quarantine_error_rejects_unknown_reasons() -> None:
+    with pytest.raises(ValueError, match="unknown quarantine reason"):
+        QuarantineError("bad_vibes", "x")
+    assert str(QuarantineError("too_large", "9 > 8")) == "too_large: 9 > 8"
+
+
+# --- PNG / JPEG / TIFF --------------------------------------------------------------------------------------------
+
+GRAY8 = gradient(maximum=255, dtype="uint8")
+GRAY16 = gradient(maximum=60000, dtype="uint16")
+
+
+def save(path: Path, image: Image.Image | list[Image.Image], **kwargs) -> Path:
+    if isinstance(image, list):
+        image[0].save(path, save_all=True, append_images=image[1:], **kwargs)
+    else:
+        image.save(path, **kwargs)
+    return path
+
+
+@pytest.mark.parametrize("name, image, fmt, bits, converted", [
+    ("g8.png", Image.fromarray(GRAY8), "png", 8, False),
+    ("g16.png", Image.fromarray(GRAY16), "png", 16, False),
+    ("rgb.png", Image.fromarray(RGB), "png", 8, True),
+    ("pal.png", Image.fromarray(RGB).convert("P"), "png", 8, True),
+    ("la.png", Image.fromarray(GRAY8).convert("LA"), "png", 8, False),
+    ("g.jpg", Image.fromarray(GRAY8), "jpeg", 8, False),
+    ("rgb.jpg", Image.fromarray(RGB), "jpeg", 8, True),
+    ("g16.tif", Image.fromarray(GRAY16), "tiff", 16, False),
+    ("g8.tif", Image.fromarray(GRAY8), "tiff", 8, False),
+    ("rgb.tif", Image.fromarray(RGB), "tiff", 8, True),
+])
+def test_pil_formats(tmp_path: Path, name: str, image: Image.Image, fmt: str, bits: int, converted: bool) -> None:
+    decoded = decode(save(tmp_path / name, image))
+    assert decoded.format == fmt and decoded.meta["bits_stored"] == bits
+    assert decoded.converted_from_color is converted
+    assert decoded.pixels.shape == (40, 32) and decoded.pixels.dtype == np.float32
+    if fmt != "jpeg" and not converted:
+        source = GRAY16 if bits == 16 else GRAY8
+        np.testing.assert_array_equal(decoded.pixels, source.astype(np.float32))  # lossless, values untouched
+
+
+def test_format_is_sniffed_from_content_not_name(tmp_path: Path) -> None:
+    decoded = decode(save(tmp_path / "really_a_png.dcm", Image.fromarray(GRAY8), format="PNG"))
+    assert decoded.format == "png"
+
+
+@pytest.mark.parametrize("rule, expected", [("first", 10), ("middle", 30), ("reject", None)])
+def test_multipage_tiff_follows_the_multiframe_rule(tmp_path: Path, rule: str, expected: int | None) -> None:
+    path = save(tmp_path / "pages.tif", [Image.fromarray(f.astype(np.uint8)) for f in FRAMES])
+    if expected is None:
+        assert reason_of(path, multiframe=rule) == "multiframe_rejected"
+    else:
+        assert float(decode(path, multiframe=rule).pixels[0, 0]) == expected
+
+
+@pytest.mark.parametrize("name, image", [("t.png", Image.fromarray(GRAY16)), ("t.jpg", Image.fromarray(GRAY8)),
+                                         ("t.tif", Image.fromarray(GRAY16))])
+def test_truncated_pil_files(tmp_path: Path, name: str, image: Image.Image) -> None:
+    full = save(tmp_path / f"full_{name}", image)
+    assert reason_of(truncate(full, tmp_path / name, 0.6)) in ("truncated", "corrupt")
+
+
+def test_pil_too_large_checked_on_header(tmp_path: Path) -> None:
+    path = save(tmp_path / "big.png", Image.fromarray(GRAY8))
+    assert reason_of(path, max_pixels=40 * 32 - 1) == "too_large"
+
+
+# --- normalise ----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape, max_side, expected", [
+    ((40, 32), 256, (40, 32)),      # never enlarged
+    ((512, 384), 256, (256, 192)),  # portrait, aspect kept
+    ((384, 512), 256, (192, 256)),  # landscape
+    ((1000, 10), 100, (100, 1)),    # extreme aspect, at least one pixel
+    ((300, 300), 96, (96, 96)),
+])
+def test_normalise_shape(shape: tuple[int, int], max_side: int, expected: tuple[int, int]) -> None:
+    rng = np.random.default_rng(0)
+    out = normalise(rng.normal(1000.0, 50.0, shape).astype(np.float32), max_side)
+    assert out.shape == expected == target_size(*shape, max_side)
+    assert out.dtype == np.uint16
+
+
+def test_normalise_windows_to_full_range_and_keeps_order() -> None:
+    pixels = gradient(64, 48).astype(np.float32)
+    pixels[0, 0] = 1e6  # one hot pixel must not compress the rest of the range
+    out = normalise(pixels, 256)
+    assert out.min() == 0 and out.max() == 65535
+    assert np.all(np.diff(out[5:, 10].astype(int)) >= 0)  # monotone ramp stays monotone
+    assert np.median(out) > 20000  # the hot pixel was clipped, not used as the maximum
+
+
+@pytest.mark.parametrize("pixels, max_side, match", [
+    (np.zeros((4, 4, 3), np.float32), 64, "2-D"),
+    (np.zeros((0, 4), np.float32), 64, "2-D"),
+    (np.full((4, 4), np.nan, np.float32), 64, "NaN"),
+    (np.zeros((4, 4), np.float32), 0, "max_side"),
+])
+def test_normalise_rejects_bad_input(pixels: np.ndarray, max_side: int, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        normalise(pixels, max_side)
+
+
+def test_normalise_constant_image_is_zero() -> None:
+    assert not normalise(np.full((10, 10), 7.0, np.float32), 64).any()
+
+
+@pytest.mark.parametrize("kwargs, match", [({"multiframe": "all"}, "multiframe"), ({"max_pixels": 0}, "max_pixels")])
+def test_decode_file_rejects_bad_arguments(tmp_path: Path, kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        decode(write_dicom(tmp_path / "a.dcm"), **kwargs)

@@ -1,0 +1,257 @@
+"""The ingest stage: walking and labelling, the manifest contract, summaries, systemic errors, the CLI."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from pydicom.uid import RLELossless
+
+from dicom_factory import gradient, write_dicom
+from spinedxa import deid
+from spinedxa.config import IngestConfig
+from spinedxa.files import sha256_file
+from spinedxa.ingest import MANIFEST_COLUMNS, IngestError, LabelsError, read_labels, run_ingest
+
+CLASSES = ("normal", "osteoporosis")
+REPO = Path(__file__).resolve().parents[1]
+
+
+def settings(workers: int = 1, max_side: int = 24, multiframe: str = "first") -> IngestConfig:
+    return IngestConfig(workers=workers, max_side=max_side, max_pixels=10**6, multiframe=multiframe)
+
+
+def scan(seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return (gradient() + rng.integers(0, 200, (40, 32))).astype(np.uint16)
+
+
+def folder_source(root: Path) -> dict[str, str]:
+    """A class-folder source with good and bad files; returns {relative path: expected reason code or 'accepted'}."""
+    expected: dict[str, str] = {}
+
+    def add(rel: str, reason: str) -> Path:
+        expected[rel] = reason
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        return root / rel
+
+    write_dicom(add("normal/a.dcm", "accepted"), scan(1), phi={"PatientID": "SAME-PATIENT"})
+    write_dicom(add("normal/b.dcm", "accepted"), scan(2), phi={"PatientID": "SAME-PATIENT"}, compress=RLELossless)
+    write_dicom(add("osteoporosis/c.dcm", "accepted"), scan(3), photometric="MONOCHROME1", phi={})
+    write_dicom(add("osteoporosis/deep/d.dcm", "accepted"), scan(4), phi={"PatientID": "OTHER"})
+    Image.fromarray(scan(5)).save(add("osteoporosis/e.png", "accepted"))
+    Image.fromarray(scan(6)).save(add("osteoporosis/f.tif", "accepted"))
+    Image.fromarray((scan(7) // 16).astype(np.uint8)).save(add("normal/g.jpg", "accepted"))
+    write_dicom(add("osteoporosis/mf.dcm", "accepted"), np.stack([scan(8), scan(9)]))
+    add("normal/.DS_Store", "not_an_image").write_bytes(b"\x00\x00\x00\x01Bud1" + b"\x00" * 64)
+    add("normal/empty.dcm", "zero_byte").write_bytes(b"")
+    add("normal/notes.png", "not_an_image").write_text("a text file named .png")
+    add("README.txt", "no_label").write_text("readme")
+    write_dicom(add("unsorted/h.dcm", "unknown_label"), scan(10))
+    write_dicom(add("normal/burned.dcm", "burned_in_annotation"), scan(11), extra={"BurnedInAnnotation": "YES"})
+    return expected
+
+
+def read_manifest(out: Path) -> list[dict[str, str]]:
+    with (out / "manifest.csv").open(newline="") as fh:
+        reader = csv.DictReader(fh)
+        assert tuple(reader.fieldnames or ()) == MANIFEST_COLUMNS
+        return list(reader)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_folder_source_manifest_contract(tmp_path: Path, workers: int) -> None:
+    source = tmp_path / "source"
+    expected = folder_source(source)
+    out, summary_path = tmp_path / "ingested", tmp_path / "ingest.json"
+    summary = run_ingest(source, out, summary_path, classes=CLASSES, settings=settings(workers), progress=False)
+    rows = read_manifest(out)
+
+    sources = [r["source"] for r in rows]
+    assert sources == sorted(expected) and len(set(sources)) == len(sources)  # each input exactly once, sorted
+    for row in rows:
+        want = expected[row["source"]]
+        assert row["sha256"] == sha256_file(source / row["source"])
+        assert re.fullmatch(r"P[0-9a-f]{12}", row["patient_id"])
+        if want == "accepted":
+            assert row["status"] == "accepted" and row["reason"] == ""
+            image = out / row["image"]
+            assert row["image"] == f"images/{row['sha256'][:16]}.png" and image.is_file()
+            with Image.open(image) as img:
+                assert img.mode == "I;16" and max(img.size) <= 24
+                assert img.size == (int(row["width"]), int(row["height"]))
+                pixels = np.asarray(img)
+            assert int(row["max"]) == pixels.max() and abs(float(row["mean"]) - pixels.mean()) < 0.01
+            assert re.fullmatch(r"[0-9a-f]{16}", row["phash"])
+            assert row["label"] == row["source"].split("/")[0]
+        else:
+            assert row["status"] == "quarantined" and row["reason"].split(":")[0] == want
+            assert row["image"] == "" and row["phash"] == ""
+    assert sorted(p.name for p in (out / "images").iterdir()) == sorted(
+        f"{r['sha256'][:16]}.png" for r in rows if r["status"] == "accepted")
+
+    by_source = {r["source"]: r for r in rows}
+    assert by_source["normal/a.dcm"]["patient_id"] == by_source["normal/b.dcm"]["patient_id"]
+    assert by_source["normal/a.dcm"]["patient_id"] != by_source["osteoporosis/deep/d.dcm"]["patient_id"]
+    no_id = by_source["osteoporosis/c.dcm"]  # no PatientID, no name: each such file is its own patient
+    assert no_id["patient_id"] == deid.file_pseudonym(no_id["sha256"])
+    assert by_source["osteoporosis/mf.dcm"]["frames"] == "2"
+    assert {by_source[s]["format"] for s in ("normal/a.dcm", "osteoporosis/e.png", "osteoporosis/f.tif",
+                                             "normal/g.jpg")} == {"dicom", "png", "tiff", "jpeg"}
+
+    on_disk = json.loads(summary_path.read_text())
+    assert on_disk == summary
+    n_ok = sum(v == "accepted" for v in expected.values())
+    assert summary["n_files"] == len(expected) and summary["n_accepted"] == n_ok
+    assert summary["n_quarantined"] == len(expected) - n_ok
+    assert summary["quarantine_rate"] == pytest.approx((len(expected) - n_ok) / len(expected), abs=1e-6)
+    assert summary["per_label"] == {"normal": 3, "osteoporosis": 5}
+    assert summary["per_reason"] == {"burned_in_annotation": 1, "no_label": 1, "not_an_image": 2,
+                                     "unknown_label": 1, "zero_byte": 1}
+    assert summary["error"] is None and summary["labelling"] == "folders"
+
+
+def test_outputs_are_deterministic_and_raw_input_untouched(tmp_path: Path) -> None:
+    source = tmp_path / "source"
+    folder_source(source)
+    before = {p: sha256_file(p) for p in source.rglob("*") if p.is_file()}
+    digests = []
+    for run in ("one", "two"):
+        out = tmp_path / run
+        run_ingest(source, out, tmp_path / f"{run}.json", classes=CLASSES, settings=settings(2), progress=False)
+        digests.append({p.relative_to(out): sha256_file(p) for p in out.rglob("*") if p.is_file()})
+    assert digests[0] == digests[1]
+    assert {p: sha256_file(p) for p in source.rglob("*") if p.is_file()} == before
+
+
+def test_output_dir_is_replaced_whole(tmp_path: Path) -> None:
+    source = tmp_path / "source"
+    write_dicom(source / "normal" / "a.dcm", scan(1))
+    out = tmp_path / "ingested"
+    (out / "images").mkdir(parents=True)
+    (out / "images" / "stale.png").write_bytes(b"old")
+    run_ingest(source, out, tmp_path / "s.json", classes=CLASSES, settings=settings(), progress=False)
+    assert not (out / "images" / "stale.png").exists()
+    assert sorted(p.name for p in out.iterdir()) == ["images", "manifest.csv"]
+
+
+# --- labels.csv ---------------------------------------------------------------------------------------------------
+
+def test_labels_csv_source(tmp_path: Path) -> None:
+    source = tmp_path / "source"
+    for name, seed in (("x1.png", 1), ("x2.png", 2), ("sub/x3.png", 3), ("x4.png", 4), ("x5.png", 5)):
+        (source / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(scan(seed)).save(source / name)
+    write_dicom(source / "y.dcm", scan(6), phi={"PatientID": "DICOM-ID"})
+    (source / "labels.csv").write_text(
+        "path,label,patient_id\n"
+        "x1.png,normal,PAT-A\n"
+        "./x2.png,osteoporosis,PAT-A\n"
+        "sub/x3.png,osteoporosis,\n"
+        "x4.png,osteopenia,PAT-B\n"
+        "y.dcm,normal,\n"
+        "missing.png,normal,PAT-C\n"
+    )
+    out, summary_path = tmp_path / "ingested", tmp_path / "s.json"
+    summary = run_ingest(source, out, summary_path, classes=CLASSES, settings=settings(), progress=False)
+    rows = {r["source"]: r for r in read_manifest(out)}
+    assert set(rows) == {"x1.png", "x2.png", "sub/x3.png", "x4.png", "x5.png", "y.dcm"}  # labels.csv is no input
+    assert rows["x1.png"]["patient_id"] == rows["x2.png"]["patient_id"] == deid.patient_pseudonym("PAT-A")
+    assert rows["sub/x3.png"]["patient_id"] == deid.file_pseudonym(rows["sub/x3.png"]["sha256"])
+    assert rows["y.dcm"]["patient_id"] == deid.patient_pseudonym("DICOM-ID")
+    assert rows["x4.png"]["reason"].startswith("unknown_label: ") and "osteopenia" in rows["x4.png"]["reason"]
+    assert rows["x5.png"]["reason"].startswith("no_label: ")
+    assert rows["x2.png"]["label"] == "osteoporosis" and rows["x1.png"]["status"] == "accepted"
+    assert summary["labelling"] == "labels.csv" and summary["n_labels_without_file"] == 1
+    assert summary["per_reason"] == {"no_label": 1, "unknown_label": 1}
+
+
+@pytest.mark.parametrize("text, match", [
+    ("file,label\na.png,normal\n", "header"),
+    ("path,label,patient_id,extra\na.png,normal,P,x\n", "header"),
+    ("path\na.png\n", "header"),
+    ("", "header"),
+    ("path,label\na.png,normal,extra\n", r":2: expected 2 fields"),
+    ("path,label,patient_id\na.png\n", r":2: expected 3 fields"),
+    ("path,label\na.png,normal\na.png,osteoporosis\n", r":3: duplicate path"),
+    ("path,label\n/etc/a.png,normal\n", "must be relative"),
+    ("path,label\n../a.png,normal\n", "must be relative"),
+    ("path,label\n,normal\n", "must be relative"),
+    ("path,label\nlabels.csv,normal\n", "cannot label itself"),
+])
+def test_malformed_labels_csv(tmp_path: Path, text: str, match: str) -> None:
+    (tmp_path / "labels.csv").write_text(text)
+    with pytest.raises(LabelsError, match=match):
+        read_labels(tmp_path / "labels.csv", CLASSES)
+
+
+def test_malformed_labels_stop_the_stage_after_the_summary(tmp_path: Path) -> None:
+    source = tmp_path / "source"
+    write_dicom(source / "a.dcm", scan(1))
+    (source / "labels.csv").write_text("file,label\na.dcm,normal\n")
+    summary_path = tmp_path / "s.json"
+    with pytest.raises(LabelsError, match="header"):
+        run_ingest(source, tmp_path / "out", summary_path, classes=CLASSES, settings=settings(), progress=False)
+    assert "header" in json.loads(summary_path.read_text())["error"]
+    assert not (tmp_path / "out").exists()
+
+
+# --- systemic errors ----------------------------------------------------------------------------------------------
+
+def _missing(source: Path) -> None:
+    pass
+
+
+def _empty(source: Path) -> None:
+    (source / "normal").mkdir(parents=True)
+
+
+def _all_bad(source: Path) -> None:
+    (source / "normal").mkdir(parents=True)
+    (source / "normal" / "a.dcm").write_bytes(b"")
+    (source / "normal" / "b.png").write_text("text")
+
+
+@pytest.mark.parametrize("make, match, manifest_rows", [
+    (_missing, "does not exist", None),
+    (_empty, "contains no files", 0),
+    (_all_bad, "no file of 2 was accepted", 2),
+])
+def test_systemic_problems_raise_after_the_summary(tmp_path: Path, make, match: str,
+                                                   manifest_rows: int | None) -> None:
+    source, out, summary_path = tmp_path / "source", tmp_path / "out", tmp_path / "s.json"
+    make(source)
+    with pytest.raises(IngestError, match=match):
+        run_ingest(source, out, summary_path, classes=CLASSES, settings=settings(), progress=False)
+    summary = json.loads(summary_path.read_text())
+    assert re.search(match, summary["error"]) and summary["n_accepted"] == 0
+    if manifest_rows is None:
+        assert not out.exists()
+    else:
+        assert len(read_manifest(out)) == manifest_rows  # kept for diagnosis: why was everything quarantined?
+
+
+# --- the stage's command line (as dvc.yaml calls it) --------------------------------------------------------------
+
+def test_stage_cli(tmp_path: Path) -> None:
+    spec = importlib.util.spec_from_file_location("stage_ingest", REPO / "stages" / "ingest.py")
+    stage = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(stage)
+    main = stage.main
+    source = tmp_path / "source"
+    write_dicom(source / "normal" / "a.dcm", scan(1))
+    write_dicom(source / "osteoporosis" / "b.dcm", scan(2))
+    params = tmp_path / "params.yaml"
+    params.write_text((REPO / "params.yaml").read_text().replace("workers: 2\n  max_side", "workers: 1\n  max_side"))
+    args = ["--params", str(params), "--out", str(tmp_path / "out"), "--summary", str(tmp_path / "s.json"),
+            "--no-progress"]
+    assert main([*args, "--source", str(source)]) == 0
+    assert json.loads((tmp_path / "s.json").read_text())["n_accepted"] == 2
+    assert main([*args, "--source", str(tmp_path / "nowhere")]) == 1
+    assert "does not exist" in json.loads((tmp_path / "s.json").read_text())["error"]
