@@ -195,6 +195,7 @@ class ReportConfig:
     paper_f1: float
     paper_precision: float
     paper_recall: float
+    paper_n_images: int = 174  # Naeem et al. 2025: 174 spine DXA images
 
 
 @dataclass(frozen=True)
