@@ -188,6 +188,14 @@ class EvaluateConfig:
     threshold: float
     gradcam_images: int
 
+    def __post_init__(self) -> None:
+        if self.bootstrap < 1:
+            raise ConfigError(f"evaluate.bootstrap: {self.bootstrap} must be >= 1 (resamples for the intervals)")
+        if not 0.0 < self.threshold < 1.0:
+            raise ConfigError(f"evaluate.threshold: {self.threshold} must lie strictly between 0 and 1")
+        if self.gradcam_images < 1:
+            raise ConfigError(f"evaluate.gradcam_images: {self.gradcam_images} must be >= 1 (the figure is an output)")
+
 
 @dataclass(frozen=True)
 class ReportConfig:

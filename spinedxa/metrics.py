@@ -1,0 +1,526 @@
+"""Test-set metrics shared by ``evaluate@<model>``, ``baseline`` and ``report``.
+
+* Point estimates come from scikit-learn (one definition for every model, nothing re-implemented).
+* 95 % confidence intervals come from a *cluster* bootstrap: patients are resampled with replacement and every image
+  of a drawn patient enters the resample, because images of one patient (baseline and follow-up scans) are not
+  independent; an image-level bootstrap would understate the width of the intervals. All resamples are scored at
+  once as a weight matrix (:func:`weighted_metrics`, checked against scikit-learn resample by resample in the tests).
+* Paired comparisons: exact McNemar test on the thresholded predictions (statsmodels) and DeLong's test for two
+  correlated ROC-AUCs in the fast midrank form of Sun & Xu (2014), plus a paired patient bootstrap of the AUC
+  difference that, unlike DeLong, respects the clustering by patient.
+* Curves (ROC, precision-recall, calibration) as tables in the column layout of docs/CONTRACTS.md for DVC plots.
+
+Positive class: ``y_true == 1`` (osteoporosis), ``prob`` is the predicted probability of the positive class.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+from sklearn import metrics as skm
+from sklearn.calibration import calibration_curve
+from sklearn.exceptions import UndefinedMetricWarning
+from statsmodels.stats.contingency_tables import mcnemar
+
+from spinedxa.files import write_json_atomic, write_text_atomic
+
+#: Metric keys, in report order. Each appears in the metrics JSON with ``_ci_low``/``_ci_high``/``_ci_skipped``.
+METRIC_KEYS: tuple[str, ...] = (
+    "accuracy",
+    "precision",
+    "recall",
+    "specificity",
+    "f1",
+    "balanced_accuracy",
+    "mcc",
+    "roc_auc",
+    "pr_auc",
+    "brier",
+)
+#: Columns of ``reports/predictions/<model>.csv`` (docs/CONTRACTS.md).
+PREDICTION_COLUMNS: tuple[str, ...] = ("source", "patient_id", "label", "y_true", "prob", "pred", "actual", "predicted")
+#: Equal-width probability bins of the calibration curve: 10 bins of 0.1 is the usual reliability-diagram
+#: resolution (Niculescu-Mizil & Caruana 2005); with a few dozen test images most bins still hold a few images.
+CALIBRATION_BINS = 10
+#: Two-sided 95 % intervals.
+CI_LEVEL = 0.95
+
+
+class MetricsInputError(ValueError):
+    """Labels, probabilities or patient ids given to a metric are malformed (wrong shape, range or values)."""
+
+
+def _check_inputs(y_true: np.ndarray, prob: np.ndarray, what: str = "predictions") -> tuple[np.ndarray, np.ndarray]:
+    y = np.asarray(y_true)
+    p = np.asarray(prob, dtype=float)
+    if y.ndim != 1 or p.ndim != 1 or len(y) != len(p):
+        raise MetricsInputError(f"{what}: y_true {y.shape} and prob {p.shape} must be 1-D arrays of equal length")
+    if len(y) == 0:
+        raise MetricsInputError(f"{what}: no predictions to score")
+    bad_labels = sorted(set(np.unique(y).tolist()) - {0, 1})
+    if bad_labels:
+        raise MetricsInputError(f"{what}: y_true must hold 0/1 only, found {bad_labels[:5]}")
+    if not np.all(np.isfinite(p)) or p.min() < 0.0 or p.max() > 1.0:
+        raise MetricsInputError(f"{what}: prob must be finite and within [0, 1], got range [{p.min()}, {p.max()}]")
+    return y.astype(int), p
+
+
+def point_metrics(
+    y_true: Sequence[int] | np.ndarray, prob: Sequence[float] | np.ndarray, threshold: float
+) -> dict[str, float]:
+    """All :data:`METRIC_KEYS` from scikit-learn; ``nan`` where a metric is undefined for these labels.
+
+    Undefined (nan) means: a metric conditioned on a true class that the set lacks - recall, specificity, balanced
+    accuracy, ROC-AUC, PR-AUC on a set with a single true class. Metrics with an empty *predicted* margin keep
+    scikit-learn's default conventions: precision (and F1) 0 when nothing is predicted positive, MCC 0 when a margin
+    is empty. A model that predicts one class for everything thus scores 0, not "undefined".
+
+    Args:
+        y_true: 0/1 labels (1 = osteoporosis).
+        prob: predicted probability of class 1.
+        threshold: ``prob >= threshold`` predicts class 1.
+    """
+    y, p = _check_inputs(y_true, prob)
+    pred = (p >= threshold).astype(int)
+    both = len(np.unique(y)) == 2
+    nan = float("nan")
+    with warnings.catch_warnings():
+        # Undefined cases are set explicitly (zero_division, `has`, `both`); the warning adds nothing.
+        warnings.simplefilter("ignore", UndefinedMetricWarning)
+        # matthews_corrcoef on a one-class set: its 0 is scikit-learn's documented convention, not an error.
+        warnings.filterwarnings("ignore", message="A single label was found", category=UserWarning)
+        precision, recall, f1, _ = skm.precision_recall_fscore_support(y, pred, labels=[0, 1], zero_division=0.0)
+        has = {c: bool((y == c).any()) for c in (0, 1)}
+        return {
+            "accuracy": float(skm.accuracy_score(y, pred)),
+            "precision": float(precision[1]),
+            "recall": float(recall[1]) if has[1] else nan,
+            "specificity": float(recall[0]) if has[0] else nan,  # specificity is the recall of the negative class
+            "f1": float(f1[1]),
+            "balanced_accuracy": float(skm.balanced_accuracy_score(y, pred)) if both else nan,
+            "mcc": float(skm.matthews_corrcoef(y, pred)),
+            "roc_auc": float(skm.roc_auc_score(y, p)) if both else nan,
+            "pr_auc": float(skm.average_precision_score(y, p)) if both else nan,
+            "brier": float(skm.brier_score_loss(y, p, pos_label=1)),
+        }
+
+
+def confusion_counts(y_true: np.ndarray, prob: np.ndarray, threshold: float) -> dict[str, int]:
+    """``tp, fp, tn, fn`` at ``threshold`` (scikit-learn's confusion matrix)."""
+    y, p = _check_inputs(y_true, prob)
+    tn, fp, fn, tp = skm.confusion_matrix(y, (p >= threshold).astype(int), labels=[0, 1]).ravel()
+    return {"tp": int(tp), "fp": int(fp), "tn": int(tn), "fn": int(fn)}
+
+
+# --- patient-level (cluster) bootstrap ------------------------------------------------------------------------------
+#
+# A bootstrap resample of patients is the original test set with integer weights: the weight of an image is the
+# number of times its patient was drawn. Evaluating all resamples at once as a (resamples x images) weight matrix
+# makes 1000 resamples take milliseconds; calling scikit-learn once per resample and metric took 25-50 ms per
+# resample on the project's shared 2-core CPU (measured), i.e. most of a minute per model. The weighted formulas
+# below are the textbook definitions that scikit-learn implements; tests/test_metrics.py checks them against
+# point_metrics() on replicated resamples, so the point estimates and the intervals share one definition.
+
+
+def patient_bootstrap_weights(patient_ids: Sequence[str] | np.ndarray, n_resamples: int, seed: int) -> np.ndarray:
+    """Image weights of a cluster bootstrap over patients, shape ``(n_resamples, n_images)``.
+
+    Each resample draws as many patients as there are, with replacement; every image of a drawn patient enters the
+    resample (a patient drawn twice contributes all its images twice, a patient not drawn none). Passing one
+    distinct id per image gives the ordinary image-level bootstrap.
+    """
+    if n_resamples < 1:
+        raise MetricsInputError(f"bootstrap: n_resamples must be >= 1, got {n_resamples}")
+    codes, uniques = pd.factorize(np.asarray(patient_ids))
+    if (codes < 0).any():
+        raise MetricsInputError("bootstrap: patient_ids contain missing values")
+    rng = np.random.default_rng(seed)
+    drawn = rng.integers(0, len(uniques), size=(n_resamples, len(uniques)))
+    per_patient = np.apply_along_axis(np.bincount, 1, drawn, minlength=len(uniques))
+    return per_patient[:, codes].astype(float)
+
+
+def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    """``num / den`` with nan where ``den == 0``."""
+    out = np.full(np.broadcast(num, den).shape, np.nan)
+    np.divide(num, den, out=out, where=den != 0)
+    return out
+
+
+def weighted_auc(y: np.ndarray, prob: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """ROC-AUC and average precision per weight row (nan for rows holding a single class).
+
+    ROC-AUC is the weighted Mann-Whitney statistic (ties count one half); average precision is
+    ``sum_k (R_k - R_{k-1}) P_k`` over distinct score thresholds, as in ``sklearn.metrics.average_precision_score``.
+    """
+    levels, inverse = np.unique(prob, return_inverse=True)  # ascending distinct scores
+    onehot = np.zeros((len(prob), len(levels)))
+    onehot[np.arange(len(prob)), inverse] = 1.0
+    pos = (weights * y) @ onehot  # resamples x levels: positive weight at each score level
+    neg = (weights * (1 - y)) @ onehot
+    n_pos, n_neg = pos.sum(axis=1), neg.sum(axis=1)
+    neg_below = np.cumsum(neg, axis=1) - neg
+    roc_auc = _ratio((pos * (neg_below + 0.5 * neg)).sum(axis=1), n_pos * n_neg)
+    tp = np.cumsum(pos[:, ::-1], axis=1)  # thresholds from the highest score down
+    fp = np.cumsum(neg[:, ::-1], axis=1)
+    precision = np.nan_to_num(_ratio(tp, tp + fp))  # 0/0 only where the recall step is 0 too
+    ap = _ratio((pos[:, ::-1] * precision).sum(axis=1), n_pos)
+    undefined = (n_pos == 0) | (n_neg == 0)
+    roc_auc[undefined] = np.nan
+    ap[undefined] = np.nan
+    return roc_auc, ap
+
+
+def weighted_metrics(
+    y_true: np.ndarray, prob: np.ndarray, weights: np.ndarray, threshold: float
+) -> dict[str, np.ndarray]:
+    """Every :data:`METRIC_KEYS` entry for each row of ``weights`` (shape ``resamples x images``).
+
+    Same definitions and undefined cases as :func:`point_metrics`: a row of integer weights gives the values
+    point_metrics returns on the images repeated that many times.
+    """
+    y, p = _check_inputs(y_true, prob)
+    w = np.atleast_2d(np.asarray(weights, dtype=float))
+    pred = (p >= threshold).astype(float)
+    tp, fp = w @ (y * pred), w @ ((1 - y) * pred)
+    fn, tn = w @ (y * (1 - pred)), w @ ((1 - y) * (1 - pred))
+    total = tp + fp + fn + tn
+    recall, specificity = _ratio(tp, tp + fn), _ratio(tn, tn + fp)
+    mcc_den = np.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
+    mcc = np.zeros_like(tp)  # scikit-learn returns 0 when a margin is empty
+    np.divide(tp * tn - fp * fn, mcc_den, out=mcc, where=mcc_den != 0)
+    roc_auc, pr_auc = weighted_auc(y, p, w)
+    return {
+        "accuracy": _ratio(tp + tn, total),
+        "precision": np.nan_to_num(_ratio(tp, tp + fp)),  # 0 with nothing predicted positive, as scikit-learn
+        "recall": recall,
+        "specificity": specificity,
+        "f1": np.nan_to_num(_ratio(2 * tp, 2 * tp + fp + fn)),
+        "balanced_accuracy": (recall + specificity) / 2.0,  # nan when either class is absent
+        "mcc": mcc,
+        "roc_auc": roc_auc,
+        "pr_auc": pr_auc,
+        "brier": _ratio(w @ (p - y) ** 2, total),
+    }
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A percentile bootstrap interval; ``low``/``high`` are ``None`` when no resample gave a defined value."""
+
+    low: float | None
+    high: float | None
+    n_used: int
+    n_skipped: int
+
+
+def percentile_interval(values: np.ndarray, level: float = CI_LEVEL) -> Interval:
+    """Percentile interval of the finite ``values``; non-finite entries (undefined resamples) are counted as skipped."""
+    values = np.asarray(values, dtype=float)
+    finite = values[np.isfinite(values)]
+    skipped = int(len(values) - len(finite))
+    if len(finite) == 0:
+        return Interval(None, None, 0, skipped)
+    tail = (1.0 - level) / 2.0 * 100.0
+    low, high = np.percentile(finite, [tail, 100.0 - tail])
+    return Interval(float(low), float(high), int(len(finite)), skipped)
+
+
+def bootstrap_intervals(
+    y_true: np.ndarray,
+    prob: np.ndarray,
+    patient_ids: Sequence[str] | np.ndarray,
+    *,
+    threshold: float,
+    n_resamples: int,
+    seed: int,
+) -> dict[str, Interval]:
+    """95 % percentile intervals of every :data:`METRIC_KEYS` entry from a patient-level (cluster) bootstrap.
+
+    Resamples in which a metric is undefined (e.g. a single class for ROC-AUC) are skipped for that metric and
+    counted in :attr:`Interval.n_skipped`.
+    """
+    if len(patient_ids) != len(y_true):
+        raise MetricsInputError(f"bootstrap: {len(patient_ids)} patient ids for {len(y_true)} predictions")
+    weights = patient_bootstrap_weights(patient_ids, n_resamples, seed)
+    draws = weighted_metrics(y_true, prob, weights, threshold)
+    return {k: percentile_interval(draws[k]) for k in METRIC_KEYS}
+
+
+def _finite_or_none(x: float) -> float | None:
+    return float(x) if x is not None and math.isfinite(x) else None
+
+
+def summarize(
+    y_true: np.ndarray,
+    prob: np.ndarray,
+    patient_ids: Sequence[str] | np.ndarray,
+    *,
+    threshold: float,
+    n_resamples: int,
+    seed: int,
+) -> dict[str, float | int | None]:
+    """The flat metrics record of docs/CONTRACTS.md (without the model identity keys).
+
+    Keys: each metric, ``<metric>_ci_low``, ``<metric>_ci_high``, ``<metric>_ci_skipped``; ``tp, fp, tn, fn,
+    n_test, n_test_patients, threshold, bootstrap_resamples, bootstrap_seed``. Undefined values are ``None`` so that
+    the JSON stays strict (no NaN).
+    """
+    point = point_metrics(y_true, prob, threshold)
+    cis = bootstrap_intervals(y_true, prob, patient_ids, threshold=threshold, n_resamples=n_resamples, seed=seed)
+    out: dict[str, float | int | None] = {}
+    for key in METRIC_KEYS:
+        out[key] = _finite_or_none(point[key])
+        out[f"{key}_ci_low"] = cis[key].low
+        out[f"{key}_ci_high"] = cis[key].high
+        out[f"{key}_ci_skipped"] = cis[key].n_skipped
+    out.update(confusion_counts(y_true, prob, threshold))
+    out.update(
+        n_test=int(len(y_true)),
+        n_test_patients=int(pd.Series(np.asarray(patient_ids)).nunique()),
+        threshold=float(threshold),
+        bootstrap_resamples=int(n_resamples),
+        bootstrap_seed=int(seed),
+    )
+    return out
+
+
+# --- curves -------------------------------------------------------------------------------------------------------
+
+
+def roc_table(y_true: np.ndarray, prob: np.ndarray) -> pd.DataFrame:
+    """ROC curve points ``fpr, tpr, threshold`` (scikit-learn; the first threshold is ``inf``: nothing positive)."""
+    y, p = _check_inputs(y_true, prob)
+    fpr, tpr, thr = skm.roc_curve(y, p, drop_intermediate=False)
+    return pd.DataFrame({"fpr": fpr, "tpr": tpr, "threshold": thr})
+
+
+def pr_table(y_true: np.ndarray, prob: np.ndarray) -> pd.DataFrame:
+    """Precision-recall points ``recall, precision, threshold``; the final (recall 0, precision 1) point has none."""
+    y, p = _check_inputs(y_true, prob)
+    precision, recall, thr = skm.precision_recall_curve(y, p)
+    return pd.DataFrame({"recall": recall, "precision": precision, "threshold": np.append(thr, np.nan)})
+
+
+def calibration_table(y_true: np.ndarray, prob: np.ndarray, n_bins: int = CALIBRATION_BINS) -> pd.DataFrame:
+    """Reliability diagram ``mean_predicted, fraction_positive, count`` over non-empty equal-width bins."""
+    y, p = _check_inputs(y_true, prob)
+    fraction_positive, mean_predicted = calibration_curve(y, p, n_bins=n_bins, strategy="uniform")
+    # calibration_curve drops empty bins but does not return counts: bin the same way it does (searchsorted on the
+    # inner edges of np.linspace(0, 1, n_bins + 1)) and keep the non-empty bins, in the same order.
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    counts = np.bincount(np.searchsorted(edges[1:-1], p), minlength=n_bins)
+    counts = counts[counts > 0]
+    return pd.DataFrame({"mean_predicted": mean_predicted, "fraction_positive": fraction_positive, "count": counts})
+
+
+# --- output files shared by evaluate and baseline ------------------------------------------------------------------
+
+
+def predictions_frame(
+    sources: Sequence[str],
+    patient_ids: Sequence[str],
+    y_true: np.ndarray,
+    prob: np.ndarray,
+    *,
+    classes: Sequence[str],
+    threshold: float,
+) -> pd.DataFrame:
+    """The per-image predictions table (:data:`PREDICTION_COLUMNS`); ``actual``/``predicted`` are class names."""
+    y, p = _check_inputs(y_true, prob)
+    pred = (p >= threshold).astype(int)
+    names = np.asarray(classes, dtype=object)
+    return pd.DataFrame(
+        {
+            "source": list(sources),
+            "patient_id": list(patient_ids),
+            "label": names[y],
+            "y_true": y,
+            "prob": p,
+            "pred": pred,
+            "actual": names[y],
+            "predicted": names[pred],
+        },
+        columns=list(PREDICTION_COLUMNS),
+    )
+
+
+def write_evaluation(
+    predictions: pd.DataFrame,
+    record: Mapping[str, object],
+    *,
+    metrics_path: str | Path,
+    predictions_path: str | Path,
+    plots_dir: str | Path,
+) -> None:
+    """Write the metrics JSON, the predictions CSV and ``roc.csv``/``pr.csv``/``calibration.csv`` (all atomic)."""
+    y, p = predictions["y_true"].to_numpy(), predictions["prob"].to_numpy()
+    plots_dir = Path(plots_dir)
+    plots_dir.mkdir(parents=True, exist_ok=True)
+    tables = {"roc.csv": roc_table(y, p), "pr.csv": pr_table(y, p), "calibration.csv": calibration_table(y, p)}
+    for name, table in tables.items():
+        write_text_atomic(plots_dir / name, table.to_csv(index=False))
+    write_text_atomic(predictions_path, predictions.to_csv(index=False))
+    write_json_atomic(metrics_path, dict(record))
+
+
+def read_predictions(path: str | Path) -> pd.DataFrame:
+    """Read a predictions CSV and check its columns and values.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        MetricsInputError: a column is missing or ``y_true``/``prob`` hold invalid values.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: predictions file not found")
+    df = pd.read_csv(path, dtype={"source": str, "patient_id": str, "label": str})
+    missing = [c for c in PREDICTION_COLUMNS if c not in df.columns]
+    if missing:
+        raise MetricsInputError(f"{path}: missing column(s) {missing}; expected {list(PREDICTION_COLUMNS)}")
+    _check_inputs(df["y_true"].to_numpy(), df["prob"].to_numpy(), what=str(path))
+    return df
+
+
+# --- paired comparisons ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class McNemarResult:
+    """Exact McNemar test: ``b`` = A right/B wrong, ``c`` = A wrong/B right."""
+
+    both_right: int
+    b: int
+    c: int
+    both_wrong: int
+    p_value: float
+
+
+def mcnemar_exact(y_true: np.ndarray, pred_a: np.ndarray, pred_b: np.ndarray) -> McNemarResult:
+    """Exact (binomial) McNemar test of two classifiers' thresholded predictions on the same images (statsmodels)."""
+    y = np.asarray(y_true).astype(int)
+    a_right = np.asarray(pred_a).astype(int) == y
+    b_right = np.asarray(pred_b).astype(int) == y
+    if not (len(y) == len(a_right) == len(b_right)):
+        raise MetricsInputError(f"mcnemar: lengths differ: y {len(y)}, a {len(a_right)}, b {len(b_right)}")
+    table = np.array(
+        [
+            [np.sum(a_right & b_right), np.sum(a_right & ~b_right)],
+            [np.sum(~a_right & b_right), np.sum(~a_right & ~b_right)],
+        ]
+    )
+    result = mcnemar(table, exact=True)
+    return McNemarResult(int(table[0, 0]), int(table[0, 1]), int(table[1, 0]), int(table[1, 1]), float(result.pvalue))
+
+
+@dataclass(frozen=True)
+class DeLongResult:
+    """DeLong test of ``auc_a - auc_b`` on paired predictions; ``p_value``/``z`` are nan when the variance is 0."""
+
+    auc_a: float
+    auc_b: float
+    difference: float
+    se: float
+    z: float
+    p_value: float
+    ci_low: float
+    ci_high: float
+
+
+def delong_covariance(y_true: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """AUCs of ``k`` score vectors and their DeLong covariance matrix, by the fast algorithm of Sun & Xu (2014).
+
+    Sun X, Xu W. "Fast implementation of DeLong's algorithm for comparing the areas under correlated receiver
+    operating characteristic curves." IEEE Signal Processing Letters 21(11):1389-1393, 2014. Midranks replace the
+    O(m n) kernel comparisons of DeLong, DeLong & Clarke-Pearson (1988): the structural components are
+    ``V10_i = (Tz_i - Tx_i) / n`` for the m positives and ``V01_j = 1 - (Tz_j - Ty_j) / m`` for the n negatives.
+
+    Args:
+        y_true: 0/1 labels, both classes present.
+        scores: array ``k x N`` (one row per classifier).
+
+    Returns:
+        ``(aucs, cov)`` with shapes ``(k,)`` and ``(k, k)``.
+    """
+    y = np.asarray(y_true).astype(int)
+    s = np.atleast_2d(np.asarray(scores, dtype=float))
+    if s.shape[1] != len(y):
+        raise MetricsInputError(f"delong: scores have {s.shape[1]} columns for {len(y)} labels")
+    pos, neg = s[:, y == 1], s[:, y == 0]
+    m, n = pos.shape[1], neg.shape[1]
+    if m < 2 or n < 2:
+        raise MetricsInputError(f"delong: needs at least 2 positives and 2 negatives, got {m} and {n}")
+    tx = stats.rankdata(pos, axis=1)  # midranks ("average") within the positives ...
+    ty = stats.rankdata(neg, axis=1)  # ... within the negatives ...
+    tz = stats.rankdata(np.hstack([pos, neg]), axis=1)  # ... and in the pooled sample
+    aucs = tz[:, :m].sum(axis=1) / (m * n) - (m + 1.0) / (2.0 * n)
+    v10 = (tz[:, :m] - tx) / n
+    v01 = 1.0 - (tz[:, m:] - ty) / m
+    cov = np.atleast_2d(np.cov(v10)) / m + np.atleast_2d(np.cov(v01)) / n
+    return aucs, cov
+
+
+def delong_test(y_true: np.ndarray, prob_a: np.ndarray, prob_b: np.ndarray, level: float = CI_LEVEL) -> DeLongResult:
+    """Two-sided DeLong test of equal ROC-AUC for two classifiers scored on the same images.
+
+    DeLong treats images as independent; with repeat scans of a patient the true variance is somewhat larger, which
+    is why the report also gives the paired patient bootstrap of the difference (:func:`paired_bootstrap_auc`).
+    """
+    aucs, cov = delong_covariance(y_true, np.vstack([prob_a, prob_b]))
+    diff = float(aucs[0] - aucs[1])
+    var = float(cov[0, 0] + cov[1, 1] - 2.0 * cov[0, 1])
+    if var <= 1e-15:  # identical rankings, or both AUCs at 0 or 1: no sampling variance to test against
+        return DeLongResult(float(aucs[0]), float(aucs[1]), diff, 0.0, float("nan"), float("nan"), diff, diff)
+    se = math.sqrt(var)
+    z = diff / se
+    q = stats.norm.ppf(0.5 + level / 2.0)
+    return DeLongResult(
+        float(aucs[0]), float(aucs[1]), diff, se, z, float(2.0 * stats.norm.sf(abs(z))), diff - q * se, diff + q * se
+    )
+
+
+@dataclass(frozen=True)
+class PairedBootstrapResult:
+    """Paired patient bootstrap of ``auc_a - auc_b``: point difference, its bootstrap SE, interval, p-value."""
+
+    difference: float
+    se: float | None
+    interval: Interval
+    p_value: float | None
+
+
+def paired_bootstrap_auc(
+    y_true: np.ndarray,
+    prob_a: np.ndarray,
+    prob_b: np.ndarray,
+    patient_ids: Sequence[str] | np.ndarray,
+    *,
+    n_resamples: int,
+    seed: int,
+) -> PairedBootstrapResult:
+    """Bootstrap the ROC-AUC difference of two classifiers, resampling patients (both models see the same resample).
+
+    Resamples with a single class are skipped and counted. The p-value is the usual percentile-bootstrap one:
+    twice the smaller share of differences on either side of 0 (bounded by 1).
+    """
+    y, pa = _check_inputs(y_true, prob_a)
+    _, pb = _check_inputs(y_true, prob_b)
+    if len(pa) != len(pb):
+        raise MetricsInputError(f"paired bootstrap: {len(pa)} and {len(pb)} predictions differ in length")
+    diff = float(skm.roc_auc_score(y, pa) - skm.roc_auc_score(y, pb))
+    weights = patient_bootstrap_weights(patient_ids, n_resamples, seed)
+    draws = weighted_auc(y, pa, weights)[0] - weighted_auc(y, pb, weights)[0]
+    interval = percentile_interval(draws)
+    finite = draws[np.isfinite(draws)]
+    if len(finite) == 0:
+        return PairedBootstrapResult(diff, None, interval, None)
+    se = float(np.std(finite, ddof=1)) if len(finite) > 1 else None
+    p_value = float(min(1.0, 2.0 * min(np.mean(finite <= 0.0), np.mean(finite >= 0.0))))
+    return PairedBootstrapResult(diff, se, interval, p_value)

@@ -1,0 +1,53 @@
+"""evaluate: score one trained model on the held-out test split (evaluate@<model>, a DVC matrix stage).
+
+Reads:  --model-dir (models/<model>/model.pt + meta.json), --splits (data/split/splits.csv: test rows only) and
+        the images they name under --images (data/ingested).
+Writes: --metrics (reports/metrics/<model>.json: flat keys, 95 % patient-bootstrap CIs; docs/CONTRACTS.md),
+        --predictions (reports/predictions/<model>.csv: one row per test image),
+        --plots (reports/plots/<model>/roc.csv, pr.csv, calibration.csv),
+        --gradcam (reports/figures/gradcam_<model>.png),
+        and the same metrics (prefixed test_) plus these files as artifacts into the model's MLflow training run.
+Params: data.classes, evaluate (seed, bootstrap, threshold, gradcam_images), train.device,
+        train.<model>.image_size, mlflow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from spinedxa.config import MODEL_NAMES, load_params
+from spinedxa.evaluate import EvaluatePaths, evaluate_model
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", type=Path, required=True)
+    parser.add_argument("--model", required=True, choices=MODEL_NAMES)
+    parser.add_argument("--model-dir", type=Path, required=True)
+    parser.add_argument("--splits", type=Path, required=True)
+    parser.add_argument("--images", type=Path, required=True)
+    parser.add_argument("--metrics", type=Path, required=True)
+    parser.add_argument("--predictions", type=Path, required=True)
+    parser.add_argument("--plots", type=Path, required=True)
+    parser.add_argument("--gradcam", type=Path, required=True)
+    args = parser.parse_args(argv)
+    # force: importing mlflow has already put a handler on the root logger.
+    logging.basicConfig(
+        level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True
+    )
+    paths = EvaluatePaths(
+        args.model_dir, args.splits, args.images, args.metrics, args.predictions, args.plots, args.gradcam
+    )
+    record = evaluate_model(load_params(args.params), args.model, paths)
+    logging.getLogger("evaluate").info(
+        "%s: test ROC-AUC %s [%s, %s], accuracy %s on %d images of %d patients",
+        args.model, record["roc_auc"], record["roc_auc_ci_low"], record["roc_auc_ci_high"],
+        record["accuracy"], record["n_test"], record["n_test_patients"],
+    )
+
+
+if __name__ == "__main__":
+    main()
