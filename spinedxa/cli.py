@@ -1,0 +1,131 @@
+"""The ``spinedxa`` command: workflows that use the pipeline's results.
+
+    spinedxa profile profiles/tiny.yaml             merge a profile into params.yaml (validated)
+    spinedxa audit reports/metrics/resnet50.json    lineage of a metric back to the raw files, every hash verified
+    spinedxa audit --leakage                        patients, files, near-duplicates or augmentations across splits
+    spinedxa predict --model models/resnet50/model.pt scan.dcm scans/ [--csv out.csv] [--gradcam-dir DIR]
+
+Exit codes: 0 success; 1 the audit found a mismatch or a leak, or predict could use none of the files; 2 the command
+could not run (bad arguments, a missing or malformed input, invalid params), with a message naming the file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from spinedxa.config import ConfigError, apply_profile, load_params
+
+EXIT_OK, EXIT_FAILED, EXIT_ERROR = 0, 1, 2
+
+
+def _profile(args: argparse.Namespace) -> int:
+    apply_profile(args.params, args.profile)
+    print(f"{args.params}: profile {args.profile} applied")
+    return EXIT_OK
+
+
+def _audit(args: argparse.Namespace) -> int:
+    from spinedxa import audit
+
+    root = Path(args.root)
+    results: dict[str, object] = {}
+    ok = True
+    if args.metrics is not None:
+        lineage = audit.audit_lineage(args.metrics, root, args.params, check_mlflow=args.mlflow)
+        results["lineage"] = lineage.to_dict()
+        ok &= lineage.ok
+        if not args.json:
+            print(audit.format_lineage(lineage))
+    if args.leakage:
+        params = load_params(root / args.params)
+        defaults = audit.default_leakage_paths(root)
+        augmented = None if args.no_augmented else Path(args.augmented or defaults["augmented"])
+        leakage = audit.audit_leakage(
+            args.splits or defaults["splits"], args.manifest or defaults["manifest"], augmented, params.validate
+        )
+        results["leakage"] = leakage.to_dict()
+        ok &= leakage.ok
+        if not args.json:
+            print(audit.format_leakage(leakage))
+    if args.json:
+        print(json.dumps({**results, "ok": ok}, indent=2, sort_keys=True, default=str))
+    return EXIT_OK if ok else EXIT_FAILED
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from spinedxa import predict
+
+    params = load_params(args.params)
+    files = predict.collect_files(args.inputs)
+    if not files:
+        raise FileNotFoundError(f"no files found in {args.inputs}")
+    rows = predict.predict_files(args.model, files, params, gradcam_dir=args.gradcam_dir, device=args.device)
+    for row in rows:
+        if row.status != "ok":
+            print(f"error: {row.file}: {row.error}", file=sys.stderr)
+    if args.csv:
+        predict.write_csv(args.csv, rows)
+        n_ok = sum(r.status == "ok" for r in rows)
+        print(f"{args.csv}: {n_ok} of {len(rows)} file(s) predicted")
+    else:
+        sys.stdout.write(predict.to_csv(rows))
+    return EXIT_OK if any(r.status == "ok" for r in rows) else EXIT_FAILED
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``spinedxa`` command."""
+    parser = argparse.ArgumentParser(
+        prog="spinedxa", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("profile", help="merge a profile (e.g. profiles/tiny.yaml) into params.yaml, validated")
+    p.add_argument("profile", help="profile YAML to merge")
+    p.add_argument("--params", default="params.yaml", help="params file to update in place (default: params.yaml)")
+    p.set_defaults(func=_profile)
+
+    a = sub.add_parser("audit", help="verify a metric's lineage, or check the splits for leakage")
+    a.add_argument("metrics", nargs="?", help="metrics JSON written by evaluate, e.g. reports/metrics/resnet50.json")
+    a.add_argument("--leakage", action="store_true", help="check the splits for leakage")
+    a.add_argument("--json", action="store_true", help="machine-readable output")
+    a.add_argument("--root", default=".", help="repository root (default: the working directory)")
+    a.add_argument("--params", default="params.yaml", help="params file relative to --root")
+    a.add_argument("--mlflow", action="store_true", help="also check that the MLflow run exists in the store")
+    a.add_argument("--splits", help="splits CSV (default: data/split/splits.csv)")
+    a.add_argument("--manifest", help="ingest manifest (default: data/ingested/manifest.csv)")
+    a.add_argument("--augmented", help="augmentation index (default: data/augmented/index.csv)")
+    a.add_argument("--no-augmented", action="store_true", help="skip the augmentation check")
+    a.set_defaults(func=_audit)
+
+    r = sub.add_parser("predict", help="probability of osteoporosis for new DICOM/PNG/JPEG/TIFF files")
+    r.add_argument("--model", required=True, help="models/<model>/model.pt (meta.json must lie beside it)")
+    r.add_argument("inputs", nargs="+", metavar="FILE_OR_DIR", help="files, or directories searched recursively")
+    r.add_argument("--csv", help="write the rows to this CSV instead of standard output")
+    r.add_argument("--gradcam-dir", help="write a Grad-CAM overlay PNG per file into this directory")
+    r.add_argument("--params", default="params.yaml", help="params file (ingest settings, threshold)")
+    r.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    r.set_defaults(func=_predict)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``spinedxa`` command; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "audit" and args.metrics is None and not args.leakage:
+        parser.error("audit: give a metrics file (reports/metrics/<model>.json), --leakage, or both")  # exits 2
+    try:
+        return args.func(args)
+    except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as exc:
+        # Inputs the command cannot use (AuditError, DagError and a model that does not load are ValueError or
+        # RuntimeError): one line naming the file instead of a traceback.
+        print(f"spinedxa {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,183 @@
+"""The ``spinedxa`` command line: subcommands, exit codes (0 ok, 1 found a problem, 2 could not run), messages."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+from conftest import VENV_BIN, run
+from PIL import Image
+
+from spinedxa.cli import main
+from spinedxa.models import get_model
+
+
+@pytest.fixture
+def params_copy(tmp_path: Path, repo_root: Path) -> Path:
+    return Path(shutil.copy(repo_root / "params.yaml", tmp_path / "params.yaml"))
+
+
+def test_console_script_is_installed() -> None:
+    out = run([str(VENV_BIN / "spinedxa"), "--help"], Path.cwd()).stdout
+    assert all(cmd in out for cmd in ("profile", "audit", "predict"))
+
+
+# ---------------------------------------------------------------------------------------------------- profile
+
+
+def test_profile_merges_into_params(params_copy: Path, repo_root: Path, capsys) -> None:
+    assert main(["profile", str(repo_root / "profiles/tiny.yaml"), "--params", str(params_copy)]) == 0
+    merged = yaml.safe_load(params_copy.read_text())
+    assert merged["synthesize"]["n_scans"] == 40 and merged["train"]["cnn21"]["epochs"] == 1
+    assert merged["train"]["cnn21"]["lr"] == 0.001  # keys the profile does not set are kept
+    assert "profiles/tiny.yaml applied" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("overlay", "message"),
+    [
+        ({"train": {"cnn21": {"lr": "fast"}}}, "train.cnn21.lr: expected a number"),
+        ({"split": {"shuffle": True}}, "unknown key(s) ['split.shuffle']"),
+        ({"split": {"train": 0.9}}, "split: train + val + test must be 1.0"),
+    ],
+)
+def test_invalid_profile_changes_nothing(params_copy: Path, tmp_path: Path, overlay: dict, message: str,
+                                         capsys) -> None:
+    before = params_copy.read_text()
+    profile = tmp_path / "bad.yaml"
+    profile.write_text(yaml.safe_dump(overlay))
+    assert main(["profile", str(profile), "--params", str(params_copy)]) == 2
+    err = capsys.readouterr().err
+    assert "bad.yaml" in err and message in err
+    assert params_copy.read_text() == before
+
+
+def test_missing_profile_names_the_file(params_copy: Path, tmp_path: Path, capsys) -> None:
+    assert main(["profile", str(tmp_path / "nope.yaml"), "--params", str(params_copy)]) == 2
+    assert "nope.yaml" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------- audit
+
+
+def test_audit_needs_something_to_audit(capsys) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["audit"])
+    assert info.value.code == 2
+    assert "--leakage" in capsys.readouterr().err
+
+
+def _leakage_repo(root: Path, params: Path, test_patient: str) -> Path:
+    """Default-located splits/manifest/index for two images; the test image belongs to ``test_patient``."""
+    root.mkdir()
+    shutil.copy(params, root / "params.yaml")
+    for rel in ("data/split", "data/ingested", "data/augmented"):
+        (root / rel).mkdir(parents=True)
+    pd.DataFrame([
+        {"source": "a.dcm", "sha256": "s1", "patient_id": "P1", "label": "normal", "image": "i/a.png", "split": "train"},
+        {"source": "b.dcm", "sha256": "s2", "patient_id": test_patient, "label": "normal", "image": "i/b.png",
+         "split": "test"},
+    ]).to_csv(root / "data/split/splits.csv", index=False)
+    pd.DataFrame([
+        {"source": "a.dcm", "sha256": "s1", "status": "accepted", "patient_id": "P1", "phash": "0f0f0f0f0f0f0f0f"},
+        {"source": "b.dcm", "sha256": "s2", "status": "accepted", "patient_id": test_patient,
+         "phash": "f0f0f0f0f0f0f0f0"},
+    ]).to_csv(root / "data/ingested/manifest.csv", index=False)
+    pd.DataFrame([{"image": "images/s1_aug1.png", "parent_source": "a.dcm", "parent_sha256": "s1",
+                   "parent_image": "i/a.png", "patient_id": "P1", "label": "normal", "k": 1}]).to_csv(
+        root / "data/augmented/index.csv", index=False)
+    return root
+
+
+@pytest.mark.parametrize(("test_patient", "code", "last_line"), [("P2", 0, "OK"), ("P1", 1, "FAILED")])
+def test_audit_leakage_exit_code(tmp_path: Path, params_copy: Path, test_patient: str, code: int, last_line: str,
+                                 capsys) -> None:
+    root = _leakage_repo(tmp_path / "repo", params_copy, test_patient)
+    assert main(["audit", "--leakage", "--root", str(root)]) == code
+    out = capsys.readouterr().out
+    assert out.rstrip().splitlines()[-1].startswith(last_line)
+    if code:
+        assert "LEAK patient P1 in test+train: a.dcm, b.dcm" in out
+
+
+def test_audit_leakage_json(tmp_path: Path, params_copy: Path, capsys) -> None:
+    root = _leakage_repo(tmp_path / "repo", params_copy, "P1")
+    assert main(["audit", "--leakage", "--json", "--root", str(root)]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert report["ok"] is False
+    assert report["leakage"]["patients"] == [{"patient_id": "P1", "splits": ["test", "train"],
+                                             "sources": ["a.dcm", "b.dcm"]}]
+
+
+def test_audit_missing_input_is_an_error(tmp_path: Path, params_copy: Path, capsys) -> None:
+    assert main(["audit", "--leakage", "--root", str(tmp_path)]) == 2
+    assert "splits.csv: not found" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------- predict
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    model_dir = tmp_path_factory.mktemp("models") / "cnn21"
+    model_dir.mkdir()
+    torch.save(get_model("cnn21", 2).state_dict(), model_dir / "model.pt")
+    (model_dir / "meta.json").write_text(json.dumps({"model": "cnn21", "image_size": 32,
+                                                     "classes": ["normal", "osteoporosis"]}))
+    return model_dir / "model.pt"
+
+
+def _scan(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.tile(np.arange(40, dtype=np.uint16) * 1600, (48, 1))).save(path)
+    return path
+
+
+def test_predict_prints_csv_and_reports_bad_files(tmp_path: Path, model_file: Path, repo_root: Path,
+                                                  capsys) -> None:
+    scans = tmp_path / "scans"
+    _scan(scans / "a.png")
+    (scans / "broken.dcm").write_bytes(b"\0" * 10)
+    code = main(["predict", "--model", str(model_file), str(scans), "--params", str(repo_root / "params.yaml")])
+    captured = capsys.readouterr()
+    assert code == 0
+    rows = list(csv.DictReader(io.StringIO(captured.out)))
+    assert [(Path(r["file"]).name, r["status"]) for r in rows] == [("a.png", "ok"), ("broken.dcm", "error")]
+    assert f"error: {scans / 'broken.dcm'}: " in captured.err
+
+
+def test_predict_writes_csv_and_gradcam(tmp_path: Path, model_file: Path, repo_root: Path, capsys) -> None:
+    scan = _scan(tmp_path / "a.png")
+    args = ["predict", "--model", str(model_file), str(scan), "--csv", str(tmp_path / "out.csv"),
+            "--gradcam-dir", str(tmp_path / "cam"), "--params", str(repo_root / "params.yaml")]
+    assert main(args) == 0
+    assert "1 of 1 file(s) predicted" in capsys.readouterr().out
+    assert pd.read_csv(tmp_path / "out.csv")["status"].tolist() == ["ok"]
+    assert (tmp_path / "cam" / "a.gradcam.png").is_file()
+
+
+@pytest.mark.parametrize(
+    ("model", "inputs", "code", "message"),
+    [
+        ("model", ["broken.dcm"], 1, "error: "),  # no file usable: exit 1, each named on stderr
+        ("nowhere/model.pt", ["broken.dcm"], 2, "model not found"),
+        ("model", ["empty_dir"], 2, "no files found"),
+    ],
+)
+def test_predict_exit_codes(tmp_path: Path, model_file: Path, repo_root: Path, model: str, inputs: list[str],
+                            code: int, message: str, capsys) -> None:
+    (tmp_path / "broken.dcm").write_bytes(b"\0" * 10)
+    (tmp_path / "empty_dir").mkdir()
+    model_arg = str(model_file) if model == "model" else str(tmp_path / model)
+    args = ["predict", "--model", model_arg, *[str(tmp_path / i) for i in inputs],
+            "--params", str(repo_root / "params.yaml")]
+    assert main(args) == code
+    assert message in capsys.readouterr().err
