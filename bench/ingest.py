@@ -3,12 +3,19 @@
 For each size (default 1,000 and 5,000 files) it writes that many small DICOMs (copies of synthetic 256 x 192 scans
 with varied PatientIDs, so each is a distinct file and patient), then, over the same files:
 
-* bare:   ``pydicom.dcmread(f).pixel_array`` in a loop, one process (one core);
+* bare:   ``pydicom.dcmread(f).pixel_array`` in a loop, one process (one core), run just before and just after
+  ingest (the mean of the two is reported, so a change in machine load during the run biases neither side);
 * ingest: :func:`spinedxa.ingest.run_ingest` with ``--workers`` processes, in a child process whose whole process tree
   has its RSS sampled every 20 ms (psutil) for the peak.
 
-Goals: ingest files/s per worker >= 0.5 x bare files/s; peak RSS flat in the file count. Prints a side-by-side table
-and writes ``reports/bench/ingest.json``. Usage::
+Both read the same files, from a warm page cache (they were just written). On a shared machine wall-clock rates
+move with the load, so the comparison is per CPU second: the bare loop's own CPU time against the CPU time of the
+whole ingest process tree (``getrusage(RUSAGE_CHILDREN)``: the child and its workers). That ingest figure is given
+all-in and "steady", i.e. without the child's interpreter start-up and imports (measured inside the child just
+before ``run_ingest``; the bare loop's imports are not timed either, and forked workers inherit them).
+
+Goals: ingest files per CPU second >= 0.5 x bare files per CPU second; peak RSS flat in the file count. Prints a
+side-by-side table and writes ``reports/bench/ingest.json``. Usage::
 
     python bench/ingest.py [--sizes 1000 5000] [--workers 2] [--out reports/bench/ingest.json]
 """
@@ -27,7 +34,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import psutil
 import pydicom
 
 REPO = Path(__file__).resolve().parents[1]
@@ -99,6 +105,8 @@ def _children_cpu() -> float:
 
 def ingest_run(source: Path, out: Path, workers: int) -> dict[str, float]:
     """Run ingest in a child process; return its own timing and the peak RSS of its process tree."""
+    import psutil  # the parent's sampler only: kept out of the child's measured start-up
+
     cmd = [sys.executable, __file__, "--child", str(source), str(out), str(workers)]
     cpu_before = _children_cpu()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
@@ -128,12 +136,14 @@ def child(source: Path, out: Path, workers: int) -> None:
 
     params = load_params(REPO / "params.yaml")
     settings = dataclasses.replace(params.ingest, workers=workers)
+    startup = resource.getrusage(resource.RUSAGE_SELF)  # interpreter start-up and imports, before any file
     start = time.perf_counter()
     summary = run_ingest(source, out, out.parent / "ingest.json", classes=params.data.classes, settings=settings,
                          progress=False)
     seconds = time.perf_counter() - start
     print(json.dumps({"seconds": round(seconds, 3), "files_per_s": round(summary["n_files"] / seconds, 1),
-                      "n_accepted": summary["n_accepted"]}))
+                      "n_accepted": summary["n_accepted"],
+                      "startup_cpu_seconds": round(startup.ru_utime + startup.ru_stime, 3)}))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -156,8 +166,11 @@ def main(argv: list[str] | None = None) -> int:
         for n in args.sizes:
             source = work / f"source_{n}"
             paths = make_source(bases, n, source)
-            bare, bare_cpu = bare_rate(paths)
+            before = bare_rate(paths)
             ing = ingest_run(source, work / f"out_{n}" / "ingested", args.workers)
+            after = bare_rate(paths)
+            bare, bare_cpu = (before[0] + after[0]) / 2, (before[1] + after[1]) / 2
+            steady_cpu = ing["cpu_seconds"] - ing["startup_cpu_seconds"]
             rows.append({
                 "n_files": n,
                 "bare_files_per_s": round(bare, 1),
@@ -166,8 +179,12 @@ def main(argv: list[str] | None = None) -> int:
                 "per_core_ratio": round(ing["files_per_s"] / args.workers / bare, 3),
                 # Contention-free view on a shared machine: files per CPU second, ingest tree vs bare loop.
                 "bare_files_per_cpu_s": round(bare_cpu, 1),
+                "bare_files_per_cpu_s_before_after": [round(before[1], 1), round(after[1], 1)],
                 "ingest_files_per_cpu_s": round(n / ing["cpu_seconds"], 1),
                 "per_cpu_ratio": round(n / ing["cpu_seconds"] / bare_cpu, 3),
+                "ingest_startup_cpu_s": ing["startup_cpu_seconds"],
+                "ingest_files_per_cpu_s_steady": round(n / steady_cpu, 1),
+                "per_cpu_ratio_steady": round(n / steady_cpu / bare_cpu, 3),
                 "ingest_seconds": ing["seconds"],
                 "ingest_peak_rss_mib": ing["peak_rss_mib"],
                 "n_accepted": ing["n_accepted"],
@@ -180,17 +197,23 @@ def main(argv: list[str] | None = None) -> int:
         "cpu": {"logical_cores": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 2)},
         "image": "256 x 192, 16-bit, Explicit VR Little Endian (synthetic DXA)",
         "rows": rows,
-        "goal_per_core_ratio_met": all(r["per_core_ratio"] >= 0.5 for r in rows),
+        "goal_per_core_ratio_met": all(r["per_core_ratio"] >= 0.5 for r in rows),  # wall clock: load-dependent
+        "goal_per_cpu_ratio_met": all(r["per_cpu_ratio"] >= 0.5 for r in rows),
+        "goal_per_cpu_ratio_steady_met": all(r["per_cpu_ratio_steady"] >= 0.5 for r in rows),
         "peak_rss_growth": round(max(peaks) / min(peaks), 3),
     }
     print(f"{'files':>6} {'bare f/s':>9} {'ingest f/s':>11} {'per worker':>11} {'ratio':>6} "
-          f"{'bare f/cpu-s':>13} {'ingest f/cpu-s':>15} {'ratio':>6} {'peak MiB':>9}")
+          f"{'bare f/cpu-s':>13} {'ingest f/cpu-s':>15} {'ratio':>6} {'steady f/cpu-s':>15} {'ratio':>6} "
+          f"{'peak MiB':>9}")
     for r in rows:
         print(f"{r['n_files']:>6} {r['bare_files_per_s']:>9} {r['ingest_files_per_s']:>11} "
               f"{r['ingest_files_per_s_per_worker']:>11} {r['per_core_ratio']:>6} {r['bare_files_per_cpu_s']:>13} "
-              f"{r['ingest_files_per_cpu_s']:>15} {r['per_cpu_ratio']:>6} {r['ingest_peak_rss_mib']:>9}")
+              f"{r['ingest_files_per_cpu_s']:>15} {r['per_cpu_ratio']:>6} {r['ingest_files_per_cpu_s_steady']:>15} "
+              f"{r['per_cpu_ratio_steady']:>6} {r['ingest_peak_rss_mib']:>9}")
     print(f"workers={args.workers}, load average {result['cpu']['load_avg_1m']}, "
-          f"peak RSS growth x{result['peak_rss_growth']}, per-core goal met: {result['goal_per_core_ratio_met']}")
+          f"peak RSS growth x{result['peak_rss_growth']}, goal (per CPU second) met: all-in "
+          f"{result['goal_per_cpu_ratio_met']}, steady {result['goal_per_cpu_ratio_steady_met']}; "
+          f"wall-clock per-core goal met: {result['goal_per_core_ratio_met']}")
     write_json_atomic(args.out, result)
     return 0
 

@@ -16,7 +16,6 @@ birthday-collision probability of about n^2 / 2^49, i.e. ~2e-6 for 25,000 patien
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import os
 import secrets
@@ -40,6 +39,8 @@ KEPT_FACTS: dict[str, tuple[str, ...]] = {
     "bits_stored": ("BitsStored",),
     "frames": ("NumberOfFrames",),
 }
+# The only header elements a pseudonym is derived from (:func:`dicom_pseudonym`); none is ever output in clear.
+PATIENT_KEYWORDS: tuple[str, ...] = ("PatientID", "PatientName", "PatientBirthDate")
 
 # Identifier namespaces: a labels.csv patient_id and a DICOM PatientID name the same thing (so they share "id:"); the
 # other fallbacks live in their own namespaces so that they can never collide with a real ID.
@@ -105,7 +106,7 @@ def pseudonym(identifier: str) -> str:
     """
     if not identifier:
         raise ValueError("pseudonym(): the identifier is empty")
-    digest = hmac.new(load_key(), identifier.encode("utf-8"), hashlib.sha256).hexdigest()
+    digest = hmac.digest(load_key(), identifier.encode("utf-8"), "sha256").hex()  # one-shot C path of hmac.new
     return "P" + digest[:PSEUDONYM_HEX]
 
 
@@ -122,7 +123,9 @@ def file_pseudonym(sha256: str) -> str:
 def dicom_pseudonym(ds: Any) -> str | None:
     """Pseudonym from a DICOM header: PatientID, else PatientName + PatientBirthDate, else ``None``.
 
-    ``ds`` is a :class:`pydicom.Dataset`; only the three keywords above are read and nothing is returned in clear.
+    ``ds`` is a :class:`pydicom.Dataset`, or a mapping ``{keyword: value}`` of its elements (what
+    :mod:`spinedxa.imaging` reads once per file); only :data:`PATIENT_KEYWORDS` are read and nothing is returned in
+    clear.
     """
     patient_id = str(ds.get("PatientID", "") or "").strip()
     if patient_id:
@@ -137,7 +140,8 @@ def dicom_pseudonym(ds: Any) -> str | None:
 def kept_facts(ds: Any) -> dict[str, Any]:
     """Return the allow-listed acquisition facts of a DICOM header (:data:`KEPT_FACTS`), typed for the manifest.
 
-    Missing facts come back as ``None`` (``frames`` defaults to 1, the DICOM default for single-frame objects).
+    ``ds`` is a :class:`pydicom.Dataset` or a mapping ``{keyword: value}`` of its elements. Missing facts come back
+    as ``None`` (``frames`` defaults to 1, the DICOM default for single-frame objects).
     """
     out: dict[str, Any] = {}
     for field, keywords in KEPT_FACTS.items():

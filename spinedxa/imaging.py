@@ -19,11 +19,12 @@ can quote element values, e.g. an invalid date) are silenced, and header-parsing
 
 from __future__ import annotations
 
+import io
 import logging
 import re
 import struct
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -32,8 +33,10 @@ import numpy as np
 import pydicom
 from PIL import Image, UnidentifiedImageError
 from pydicom.dataelem import RawDataElement
+from pydicom.datadict import tag_for_keyword
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut, apply_voi_lut, get_decoder
+from pydicom.tag import BaseTag
 from pydicom.uid import (
     UID,
     DeflatedExplicitVRLittleEndian,
@@ -41,12 +44,14 @@ from pydicom.uid import (
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
 )
-from skimage.color import rgb2gray
 
 from spinedxa import deid
 
 # pydicom logs (and warns about) invalid element values verbatim, e.g. a malformed PatientBirthDate: keep them out.
+# Its modules log to child loggers ("pydicom.pixels.decoders.base" logs a traceback per failed decoding plugin), whose
+# records would still reach the root handlers through "pydicom" unless it stops propagating them.
 logging.getLogger("pydicom").disabled = True
+logging.getLogger("pydicom").propagate = False
 
 REASONS: tuple[str, ...] = (
     "zero_byte",
@@ -146,7 +151,8 @@ class Decoded:
 
 
 def decode_file(
-    path: str | Path, *, max_pixels: int, multiframe: Multiframe, pseudonymise: bool = False
+    path: str | Path, *, max_pixels: int, multiframe: Multiframe, pseudonymise: bool = False,
+    data: bytes | None = None,
 ) -> Decoded:
     """Decode one image file into bone-bright float32 pixels.
 
@@ -156,6 +162,8 @@ def decode_file(
         multiframe: which frame of a multi-frame file to keep: ``first``, ``middle`` (index frames // 2) or
             ``reject`` the file.
         pseudonymise: also derive the patient pseudonym from the DICOM header (needs the de-identification key).
+        data: the file's content when the caller has already read it (ingest reads each file once, for its sha256
+            and for decoding); ``path`` is then not opened. None: read from ``path``, large pixel data lazily.
 
     Raises:
         QuarantineError: the file cannot or must not be used; ``reason`` is one of :data:`REASONS`.
@@ -166,25 +174,29 @@ def decode_file(
     if max_pixels < 1:
         raise ValueError(f"max_pixels={max_pixels}; expected a positive pixel count")
     path = Path(path)
-    try:
-        size = path.stat().st_size
-        with path.open("rb") as fh:
-            head = fh.read(132)
-    except OSError as exc:
-        raise QuarantineError("unreadable", f"{type(exc).__name__}: {exc.strerror}") from exc
+    if data is not None:
+        size, head = len(data), data[:132]
+    else:
+        try:
+            size = path.stat().st_size
+            with path.open("rb") as fh:
+                head = fh.read(132)
+        except OSError as exc:
+            raise QuarantineError("unreadable", f"{type(exc).__name__}: {exc.strerror}") from exc
     if size == 0:
         raise QuarantineError("zero_byte", "file is empty")
+    source: Path | io.BytesIO = path if data is None else io.BytesIO(data)
     if head[128:132] == b"DICM":
-        return _decode_dicom(path, max_pixels, multiframe, pseudonymise, force=False)
+        return _decode_dicom(source, size, max_pixels, multiframe, pseudonymise, force=False)
     kind = next((k for magic, k in _SIGNATURES if head.startswith(magic)), None)
     if kind is not None:
-        return _decode_pil(path, kind, max_pixels, multiframe)
+        return _decode_pil(source, kind, max_pixels, multiframe)
     other = next((name for magic, name in _OTHER_IMAGES if head.startswith(magic)), None)
     if other is not None:
         raise QuarantineError("unsupported_format", f"{other}; expected DICOM, PNG, JPEG or TIFF")
     if head[:2] in (b"\x08\x00", b"\x02\x00", b"\x00\x08", b"\x00\x02") and size > 8:
         # Legacy DICOM without the Part 10 preamble starts with a group 0002 or 0008 element (either endianness).
-        return _decode_dicom(path, max_pixels, multiframe, pseudonymise, force=True)
+        return _decode_dicom(source, size, max_pixels, multiframe, pseudonymise, force=True)
     raise QuarantineError("not_an_image", f"{size} bytes with no DICOM/PNG/JPEG/TIFF signature")
 
 
@@ -204,22 +216,27 @@ def _check_size(rows: int, cols: int, frames: int, max_pixels: int) -> None:
         )
 
 
-def _decode_dicom(path: Path, max_pixels: int, multiframe: Multiframe, pseudonymise: bool, force: bool) -> Decoded:
+def _decode_dicom(
+    source: Path | io.BytesIO, size: int, max_pixels: int, multiframe: Multiframe, pseudonymise: bool, force: bool
+) -> Decoded:
     with warnings.catch_warnings(record=True) as caught:
         # pydicom warnings can quote element values (names, dates): record them (never shown) instead of printing.
         warnings.simplefilter("always")
         try:
-            ds = pydicom.dcmread(path, defer_size=_DEFER_SIZE, force=force)
+            # Content already in memory is parsed as is; from a path, pixel data larger than _DEFER_SIZE stays on
+            # disk until the header checks have passed.
+            ds = pydicom.dcmread(source, defer_size=_DEFER_SIZE if isinstance(source, Path) else None, force=force)
         except EOFError as exc:
             raise QuarantineError("truncated", "DICOM header ends early") from exc
         except _HEADER_ERRORS as exc:
             # The message may quote header bytes, so only the exception type is reported.
             raise QuarantineError("corrupt" if not force else "not_an_image",
                                   f"DICOM header could not be parsed ({type(exc).__name__})") from exc
-        if _is_truncated(ds, path.stat().st_size, caught):
-            raise QuarantineError("truncated", "the file ends inside a DICOM element")
         try:
-            return _decode_dataset(ds, max_pixels, multiframe, pseudonymise)
+            tsyntax = _transfer_syntax(ds)
+            if _is_truncated(ds, size, tsyntax, caught):
+                raise QuarantineError("truncated", "the file ends inside a DICOM element")
+            return _decode_dataset(ds, tsyntax, max_pixels, multiframe, pseudonymise)
         except QuarantineError:
             raise
         except (ValueError, TypeError, AttributeError, KeyError, IndexError, OverflowError) as exc:
@@ -227,42 +244,68 @@ def _decode_dicom(path: Path, max_pixels: int, multiframe: Multiframe, pseudonym
             raise QuarantineError("corrupt", f"invalid DICOM element value ({type(exc).__name__})") from exc
 
 
-def _is_truncated(ds: pydicom.Dataset, size: int, caught: list[warnings.WarningMessage]) -> bool:
-    """True when the file ends before the data it declares: pydicom reads short values silently (or only warns)."""
+def _is_truncated(ds: pydicom.Dataset, size: int, tsyntax: UID, caught: list[warnings.WarningMessage]) -> bool:
+    """True when the file ends before the data it declares: pydicom reads short values silently (or only warns).
+
+    Runs before any element of ``ds`` is read: only elements still in their raw (as read) form carry file offsets.
+    """
     if any("end of file" in str(w.message).lower() for w in caught):
         return True
     group_length = ds.file_meta.get("FileMetaInformationGroupLength") if hasattr(ds, "file_meta") else None
     if group_length is not None and ds.preamble is not None and 132 + 12 + int(group_length) > size:
         return True  # 128-byte preamble + "DICM" + the 12-byte group length element itself (PS3.10 7.1)
-    if _transfer_syntax(ds) == DeflatedExplicitVRLittleEndian:
+    if tsyntax == DeflatedExplicitVRLittleEndian:
         return False  # element offsets refer to the inflated stream, not to the file
-    end = 0
-    for elem in ds.elements():
-        if isinstance(elem, RawDataElement) and elem.length != _UNDEFINED_LENGTH:
-            end = max(end, elem.value_tell + elem.length)
+    # ds.values() is the elements as stored, like ds.elements() without its per-element lookup by tag.
+    end = max((elem.value_tell + elem.length for elem in ds.values()
+               if isinstance(elem, RawDataElement) and elem.length != _UNDEFINED_LENGTH), default=0)
     # A value cut short, or 1-7 stray bytes after the last element: the start of an element header (8 bytes, PS3.5
     # 7.1.2) that pydicom drops silently.
     return end > size or 0 < size - end < 8
 
 
-def _decode_dataset(ds: pydicom.Dataset, max_pixels: int, multiframe: Multiframe, pseudonymise: bool) -> Decoded:
-    if not any(k in ds for k in _PIXEL_KEYWORDS):
+def _tags(keywords: Iterable[str]) -> tuple[tuple[str, BaseTag], ...]:
+    return tuple((keyword, BaseTag(tag_for_keyword(keyword))) for keyword in keywords)
+
+
+# The header elements decoding reads, each looked up once per file by its tag into a plain dict (_header), instead
+# of ~30 Dataset.get("Keyword") calls per file, each of which maps the keyword to a tag and, for an absent element,
+# raises and catches an AttributeError (pydicom 3.0).
+_PIXEL_TAGS = tuple(tag for _, tag in _tags(_PIXEL_KEYWORDS))
+_IMAGE_TAGS = _tags((
+    "Rows", "Columns", "NumberOfFrames", "PhotometricInterpretation", "BurnedInAnnotation", "RescaleSlope",
+    "RescaleIntercept", "ModalityLUTSequence", "VOILUTSequence", "VOILUTFunction", "WindowCenter", "WindowWidth",
+))
+# Read only after the pixels decoded, as before this lookup existed: a file with several problems keeps its reason.
+_FACT_TAGS = _tags(dict.fromkeys(k for keywords in deid.KEPT_FACTS.values() for k in keywords))
+_PATIENT_TAGS = _tags(deid.PATIENT_KEYWORDS)
+
+
+def _header(ds: pydicom.Dataset, tags: tuple[tuple[str, BaseTag], ...]) -> dict[str, Any]:
+    """``{keyword: value}`` of the elements of ``tags`` present in ``ds`` (the values ``ds.get(keyword)`` returns)."""
+    return {keyword: ds[tag].value for keyword, tag in tags if tag in ds}
+
+
+def _decode_dataset(
+    ds: pydicom.Dataset, tsyntax: UID, max_pixels: int, multiframe: Multiframe, pseudonymise: bool
+) -> Decoded:
+    if not any(tag in ds for tag in _PIXEL_TAGS):
         raise QuarantineError("no_pixel_data", "no (7FE0,0010) Pixel Data element")
-    if str(ds.get("BurnedInAnnotation", "")).strip().upper() == "YES":
+    header = _header(ds, _IMAGE_TAGS)
+    if str(header.get("BurnedInAnnotation", "")).strip().upper() == "YES":
         # Burned-in text (name, date of birth) is a known PHI risk of DXA exports; unflagged text is NOT detected.
         raise QuarantineError("burned_in_annotation", "BurnedInAnnotation=YES")
-    rows, cols = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
+    rows, cols = int(header.get("Rows") or 0), int(header.get("Columns") or 0)
     if rows < 1 or cols < 1:
         raise QuarantineError("corrupt", f"Rows={rows} Columns={cols}")
-    frames = int(ds.get("NumberOfFrames") or 1)
+    frames = int(header.get("NumberOfFrames") or 1)
     _check_size(rows, cols, frames, max_pixels)
-    photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
+    photometric = str(header.get("PhotometricInterpretation", "")).strip().upper()
     if photometric not in _GRAY + _COLOR:
         raise QuarantineError(
             "unsupported_photometric", f"{photometric or '(missing)'}; expected one of {', '.join(_GRAY + _COLOR)}"
         )
     index = _frame_index(frames, multiframe)
-    tsyntax = _transfer_syntax(ds)
     try:
         decoder = get_decoder(tsyntax)
     except NotImplementedError as exc:
@@ -281,12 +324,12 @@ def _decode_dataset(ds: pydicom.Dataset, max_pixels: int, multiframe: Multiframe
 
     converted = photometric in _COLOR or arr.ndim == 3
     if converted:
-        pixels = rgb2gray(arr[..., :3]) if arr.ndim == 3 else arr.astype(np.float64)
+        pixels = _luma(arr[..., :3]) if arr.ndim == 3 else arr.astype(np.float64)
     else:
-        pixels = _apply_voi(_apply_modality(arr, ds), ds)
+        pixels = _apply_voi(_apply_modality(arr, header, ds), header, ds)
         if photometric == "MONOCHROME1":
             pixels = _invert(pixels)
-    meta = deid.kept_facts(ds)
+    meta = deid.kept_facts(_header(ds, _FACT_TAGS))
     meta.update(orig_height=int(pixels.shape[0]), orig_width=int(pixels.shape[1]), frames=frames,
                 photometric=photometric)
     return Decoded(
@@ -294,21 +337,22 @@ def _decode_dataset(ds: pydicom.Dataset, max_pixels: int, multiframe: Multiframe
         meta=meta,
         format="dicom",
         converted_from_color=converted,
-        patient_id=deid.dicom_pseudonym(ds) if pseudonymise else None,
+        patient_id=deid.dicom_pseudonym(_header(ds, _PATIENT_TAGS)) if pseudonymise else None,
     )
 
 
-def _apply_modality(arr: np.ndarray, ds: pydicom.Dataset) -> np.ndarray:
+def _apply_modality(arr: np.ndarray, header: dict[str, Any], ds: pydicom.Dataset) -> np.ndarray:
     """Modality LUT or Rescale Slope/Intercept (PS3.3 C.11.1), in float32.
 
     A Modality LUT Sequence goes through :func:`pydicom.pixels.apply_modality_lut`. A rescale is computed here in
     float32 (exact for the 16-bit stored values times the small slopes of DXA exports) instead of pydicom's float64:
     half the memory traffic, ~0.5 ms less per 256 x 192 image (measured), and an identity rescale costs nothing.
     """
-    if ds.get("ModalityLUTSequence"):
+    if header.get("ModalityLUTSequence"):
         return apply_modality_lut(arr, ds).astype(np.float32)
     pixels = arr.astype(np.float32)
-    slope, intercept = float(ds.get("RescaleSlope", 1.0) or 1.0), float(ds.get("RescaleIntercept", 0.0) or 0.0)
+    slope = float(header.get("RescaleSlope", 1.0) or 1.0)
+    intercept = float(header.get("RescaleIntercept", 0.0) or 0.0)
     if slope != 1.0:
         pixels *= np.float32(slope)
     if intercept != 0.0:
@@ -316,7 +360,7 @@ def _apply_modality(arr: np.ndarray, ds: pydicom.Dataset) -> np.ndarray:
     return pixels
 
 
-def _apply_voi(pixels: np.ndarray, ds: pydicom.Dataset) -> np.ndarray:
+def _apply_voi(pixels: np.ndarray, header: dict[str, Any], ds: pydicom.Dataset) -> np.ndarray:
     """Apply the first VOI LUT or window of ``ds`` (PS3.3 C.11.2), if any.
 
     A LINEAR window maps [c - 0.5 - (w - 1) / 2, c - 0.5 + (w - 1) / 2] linearly onto the output range and clips
@@ -326,12 +370,12 @@ def _apply_voi(pixels: np.ndarray, ds: pydicom.Dataset) -> np.ndarray:
     sequences and the non-linear SIGMOID / LINEAR_EXACT functions go through pydicom. A window width below 1 is
     invalid (PS3.3 C.11.2.1.2) and ignored rather than failing the image.
     """
-    function = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR").strip().upper()
-    if ds.get("VOILUTSequence") or function != "LINEAR":
+    function = str(header.get("VOILUTFunction", "LINEAR") or "LINEAR").strip().upper()
+    if header.get("VOILUTSequence") or function != "LINEAR":
         return apply_voi_lut(pixels, ds, index=0)
-    if ds.get("WindowCenter") is None or ds.get("WindowWidth") is None:
+    if header.get("WindowCenter") is None or header.get("WindowWidth") is None:
         return pixels
-    center, width = (_first(ds.WindowCenter), _first(ds.WindowWidth))
+    center, width = _first(header["WindowCenter"]), _first(header["WindowWidth"])
     if width < 1:
         return pixels
     return np.clip(pixels, center - 0.5 - (width - 1) / 2, center - 0.5 + (width - 1) / 2, out=pixels)
@@ -359,6 +403,17 @@ def _invert(pixels: np.ndarray) -> np.ndarray:
     return pixels.max() + pixels.min() - pixels
 
 
+def _luma(rgb: np.ndarray) -> np.ndarray:
+    """ITU-R BT.709 luma of an RGB array, by :func:`skimage.color.rgb2gray` (values scaled to 0..1).
+
+    Imported on first use: scikit-image pulls in scipy.linalg, ~0.45 s of start-up (python -X importtime) that the
+    grayscale files of a DXA export never need.
+    """
+    from skimage.color import rgb2gray
+
+    return rgb2gray(rgb)
+
+
 def _as_float2d(pixels: np.ndarray) -> np.ndarray:
     out = np.ascontiguousarray(pixels, dtype=np.float32)
     if out.ndim != 2:
@@ -368,13 +423,13 @@ def _as_float2d(pixels: np.ndarray) -> np.ndarray:
     return out
 
 
-def _decode_pil(path: Path, kind: str, max_pixels: int, multiframe: Multiframe) -> Decoded:
+def _decode_pil(source: Path | io.BytesIO, kind: str, max_pixels: int, multiframe: Multiframe) -> Decoded:
     try:
         with warnings.catch_warnings():
             # Our own max_pixels check below is the bomb guard (it runs on the header, before decoding). PIL's
             # DecompressionBombError (at 2 x Image.MAX_IMAGE_PIXELS) stays as a backstop and maps to too_large.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path, formats=[_PIL_FORMATS[kind]]) as img:
+            with Image.open(source, formats=[_PIL_FORMATS[kind]]) as img:
                 width, height = img.size
                 frames = int(getattr(img, "n_frames", 1))
                 _check_size(height, width, frames, max_pixels)
@@ -402,7 +457,7 @@ def _from_pil(img: Image.Image, kind: str, frames: int) -> Decoded:
         raise QuarantineError("unsupported_photometric", f"{kind} mode {mode}")
     converted = mode in _PIL_COLOR_MODES
     if converted:
-        pixels = rgb2gray(np.asarray(img.convert("RGB")))
+        pixels = _luma(np.asarray(img.convert("RGB")))
     elif mode in ("LA", "1"):
         pixels = np.asarray(img.convert("L"))  # drop alpha / expand bilevel; grayscale either way
     else:
@@ -464,6 +519,7 @@ def normalise(pixels: np.ndarray, max_side: int) -> np.ndarray:
     lo, hi = np.percentile(_percentile_sample(img), WINDOW_PERCENTILES)
     if hi <= lo:
         return np.zeros(img.shape, dtype=np.uint16)
-    out = (img - np.float32(lo)) * np.float32(U16_MAX / (hi - lo))
+    out = np.subtract(img, np.float32(lo))  # one float32 buffer, updated in place (same values as out-of-place)
+    out *= np.float32(U16_MAX / (hi - lo))
     np.clip(out, 0, U16_MAX, out=out)
-    return np.rint(out).astype(np.uint16)
+    return np.rint(out, out=out).astype(np.uint16)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
 import re
 import stat
@@ -34,6 +36,19 @@ def test_pseudonym_format_and_determinism() -> None:
     assert PSEUDONYM.match(first)
     assert deid.patient_pseudonym("PID-1") == first == deid.patient_pseudonym("  PID-1 ")
     assert deid.patient_pseudonym("PID-2") != first
+
+
+@pytest.mark.parametrize("make, namespaced", [
+    (deid.patient_pseudonym, "id:PID-1"),
+    (deid.file_pseudonym, "sha256:" + "ab" * 32),
+    (deid.pseudonym, "name+dob:Zyxwvut^Quintessa|19510423"),
+])
+def test_pseudonym_is_the_documented_hmac(monkeypatch: pytest.MonkeyPatch, make, namespaced: str) -> None:
+    """P + the first 12 hex digits of HMAC-SHA256(key, namespaced identifier): pseudonyms must never drift."""
+    monkeypatch.setenv(deid.KEY_ENV, "known-key")
+    identifier = namespaced if make is deid.pseudonym else namespaced.split(":", 1)[1]
+    expected = "P" + hmac.new(b"known-key", namespaced.encode(), hashlib.sha256).hexdigest()[:12]
+    assert make(identifier) == expected
 
 
 def test_namespaces_do_not_collide() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -360,3 +361,75 @@ def test_normalise_constant_image_is_zero() -> None:
 def test_decode_file_rejects_bad_arguments(tmp_path: Path, kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         decode(write_dicom(tmp_path / "a.dcm"), **kwargs)
+
+
+# --- decoding from bytes already read (ingest reads each file once) ------------------------------------------------
+
+def _window_m1(path: Path) -> Path:
+    return write_dicom(path, photometric="MONOCHROME1", extra={"WindowCenter": 2048, "WindowWidth": 1024,
+                                                               "RescaleSlope": 2, "RescaleIntercept": -10})
+
+
+@pytest.mark.parametrize("make", [
+    lambda p: write_dicom(p),
+    _window_m1,
+    lambda p: write_dicom(p, compress=RLELossless),
+    lambda p: write_dicom(p, np.stack([gradient(), gradient()[::-1]])),
+    lambda p: write_dicom(p, RGB, photometric="RGB"),
+    lambda p: save(p, Image.fromarray(GRAY16), format="PNG"),
+    lambda p: save(p, Image.fromarray(GRAY8), format="JPEG"),
+    lambda p: save(p, Image.fromarray(RGB), format="TIFF"),
+    lambda p: save(p, [Image.fromarray(f.astype(np.uint8)) for f in FRAMES], format="TIFF"),  # multi-page
+    lambda p: truncate(write_dicom(p.with_suffix(".full")), p, 0.8),
+    lambda p: truncate(write_dicom(p.with_suffix(".full"), compress=RLELossless), p, 0.8),
+    lambda p: write_no_pixels(p),
+    _burned,
+    lambda p: p.write_bytes(b""),
+    lambda p: p.write_text("not an image, just text\n"),
+])
+def test_decoding_bytes_equals_decoding_the_path(tmp_path: Path, make) -> None:
+    path = tmp_path / "x.bin"
+    make(path)
+    results = []
+    for data in (None, path.read_bytes()):
+        try:
+            d = decode(path, pseudonymise=True, data=data, multiframe="middle")
+            results.append((d.pixels.tobytes(), d.pixels.shape, d.meta, d.format, d.converted_from_color,
+                            d.patient_id))
+        except QuarantineError as exc:
+            results.append(str(exc))
+    assert results[0] == results[1]
+
+
+def test_bytes_are_decoded_without_opening_the_path(tmp_path: Path) -> None:
+    data = write_dicom(tmp_path / "a.dcm").read_bytes()
+    decoded = decode(tmp_path / "never_written.dcm", data=data)  # the path only names the file
+    np.testing.assert_array_equal(decoded.pixels, gradient().astype(np.float32))
+
+
+class _Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.names: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.names.append(record.name)
+
+
+def test_pydicom_log_records_stay_out_of_the_logs(tmp_path: Path) -> None:
+    """pydicom logs a traceback per failed decoding plugin on a child logger: none may reach the root handlers.
+
+    (pytest's caplog also listens on non-propagating loggers, so a plain root handler is the witness here.)
+    """
+    data = bytearray(write_dicom(tmp_path / "j.dcm", compress=JPEG2000Lossless).read_bytes())
+    data[-200:-100] = b"\xff" * 100  # a damaged codestream, same length: every JPEG 2000 plugin fails
+    (tmp_path / "j.dcm").write_bytes(bytes(data))
+    root, witness = logging.getLogger(), _Collect()
+    root.addHandler(witness)
+    try:
+        assert reason_of(tmp_path / "j.dcm") == "corrupt"
+        logging.getLogger("pydicom.pixels.decoders.base").error("a record from pydicom")
+        logging.getLogger("spinedxa.test").error("a record from elsewhere")  # the witness works
+    finally:
+        root.removeHandler(witness)
+    assert witness.names == ["spinedxa.test"]

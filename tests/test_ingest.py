@@ -8,16 +8,17 @@ import json
 import re
 from pathlib import Path
 
+import imagehash
 import numpy as np
 import pytest
 from PIL import Image
 from pydicom.uid import RLELossless
 
 from dicom_factory import gradient, write_dicom
-from spinedxa import deid
+from spinedxa import deid, ingest
 from spinedxa.config import IngestConfig
 from spinedxa.files import sha256_file
-from spinedxa.ingest import MANIFEST_COLUMNS, IngestError, LabelsError, read_labels, run_ingest
+from spinedxa.ingest import MANIFEST_COLUMNS, IngestError, LabelsError, phash16, read_labels, run_ingest
 
 CLASSES = ("normal", "osteoporosis")
 REPO = Path(__file__).resolve().parents[1]
@@ -255,3 +256,44 @@ def test_stage_cli(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "s.json").read_text())["n_accepted"] == 2
     assert main([*args, "--source", str(tmp_path / "nowhere")]) == 1
     assert "does not exist" in json.loads((tmp_path / "s.json").read_text())["error"]
+
+
+# --- pHash and the read-once path ---------------------------------------------------------------------------------
+
+def _u16(a: np.ndarray) -> np.ndarray:
+    return np.clip(a, 0, 65535).astype(np.uint16)
+
+
+_RNG = np.random.default_rng(7)
+PHASH_IMAGES = {
+    "noise": _u16(_RNG.integers(0, 65536, (64, 48))),
+    "scan": _u16(scan(3).astype(np.float64) * 16),
+    "dxa_size": _u16(np.kron(scan(4), np.ones((6, 6))) * 16.0 + _RNG.normal(0, 900, (240, 192))),
+    "constant": np.full((40, 32), 30000, np.uint16),
+    "black": np.zeros((32, 32), np.uint16),
+    "mirror_symmetric": _u16(np.abs(np.linspace(-1, 1, 48))[None, :] * np.linspace(0, 65535, 64)[:, None]),
+    "checkerboard": _u16((np.indices((64, 64)).sum(0) % 2) * 65535.0),
+    "one_pixel": np.full((1, 1), 12345, np.uint16),
+    "thin": _u16(_RNG.integers(0, 65536, (3, 200))),
+    "landscape": _u16(np.linspace(0, 65535, 256)[None, :].repeat(100, 0)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PHASH_IMAGES))
+def test_phash16_is_imagehash_phash(name: str) -> None:
+    """The direct implementation gives imagehash's exact hex (validate's thresholds were set on imagehash values)."""
+    image = PHASH_IMAGES[name]
+    assert phash16(image) == str(imagehash.phash(Image.fromarray((image >> 8).astype(np.uint8))))
+
+
+def test_large_files_stream_to_the_same_outputs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Files over the in-memory limit are hashed in chunks and decoded from disk, with byte-identical outputs."""
+    source = tmp_path / "source"
+    folder_source(source)
+    digests = []
+    for limit in (ingest._IN_MEMORY_MAX, 0):
+        monkeypatch.setattr(ingest, "_IN_MEMORY_MAX", limit)
+        out = tmp_path / f"out_{limit}"
+        run_ingest(source, out, tmp_path / f"{limit}.json", classes=CLASSES, settings=settings(), progress=False)
+        digests.append({p.relative_to(out): sha256_file(p) for p in out.rglob("*") if p.is_file()})
+    assert digests[0] == digests[1] and len(digests[0]) == 1 + 8  # manifest + the eight accepted images
