@@ -66,6 +66,27 @@ def repo_root() -> Path:
     return REPO
 
 
+@pytest.fixture(scope="session")
+def _empty_mlflow_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An empty MLflow sqlite store, created once per session (its schema migrations take seconds)."""
+    from spinedxa import tracking
+
+    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    tracking.init_store(f"sqlite:///{path}")
+    return path
+
+
+@pytest.fixture
+def mlflow_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, _empty_mlflow_db: Path) -> str:
+    """A fresh MLflow store for one test (a copy of the empty one) at ``tmp_path/mlflow.db``, set as
+    ``MLFLOW_TRACKING_URI``. Experiments created in it keep their artifacts under the test's working directory."""
+    db = tmp_path / "mlflow.db"
+    shutil.copyfile(_empty_mlflow_db, db)
+    uri = f"sqlite:///{db}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return uri
+
+
 @pytest.fixture
 def tiny_repo(tmp_path: Path) -> Path:
     """A fresh temporary git+DVC copy of the project with the tiny profile applied."""

@@ -1,0 +1,47 @@
+"""train: train one model (train@<model>, a DVC matrix stage) and record it in MLflow.
+
+Reads:  --splits (data/split/splits.csv: train and val rows), the images they name under --images (data/ingested),
+        and --augmented (data/augmented: offline copies of the training images, index.csv).
+Writes: --out (models/<model>/model.pt: the best epoch's state dict; meta.json: keys in docs/CONTRACTS.md),
+        --curves (reports/train/<model>.csv: epoch, train_loss, val_loss, val_auc, val_accuracy, lr, seconds),
+        --checkpoints (checkpoints/<model>/last.pt while training; removed once the training finishes),
+        and one MLflow run (store: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working directory).
+Params: data.classes, augment, train.{seed, device, fast, threads, class_weighting, monitor, patience, num_workers},
+        train.<model>, mlflow.experiment. $SPINEDXA_THREADS overrides train.threads.
+
+Several processes: ``torchrun --nproc_per_node N --standalone stages/train.py ...`` trains with DDP.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from spinedxa.config import MODEL_NAMES, load_params
+from spinedxa.train import TrainPaths, train_model
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", type=Path, required=True)
+    parser.add_argument("--model", required=True, choices=MODEL_NAMES)
+    parser.add_argument("--splits", type=Path, required=True)
+    parser.add_argument("--images", type=Path, required=True)
+    parser.add_argument("--augmented", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--curves", type=Path, required=True)
+    parser.add_argument("--checkpoints", type=Path, required=True)
+    args = parser.parse_args(argv)
+    # force: importing mlflow has already put a handler on the root logger.
+    logging.basicConfig(
+        level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True
+    )
+
+    paths = TrainPaths(args.splits, args.images, args.augmented, args.out, args.curves, args.checkpoints)
+    train_model(load_params(args.params), args.model, paths)
+
+
+if __name__ == "__main__":
+    main()
