@@ -80,7 +80,7 @@ def test_mlflow_store_has_one_finished_run_per_model(pipeline):
 
     repo = pipeline["repo"]
     params = load_params(repo / "params.yaml")
-    runs = tracking.find_runs(params.mlflow.experiment, tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+    runs = tracking.find_runs(params.mlflow.experiment, uri=f"sqlite:///{repo / 'mlflow.db'}")
     by_model = {}
     for r in runs:
         by_model.setdefault(r["run_name"], []).append(r)
@@ -91,7 +91,10 @@ def test_mlflow_store_has_one_finished_run_per_model(pipeline):
         assert r["status"] == "FINISHED"
         assert r["params"]["lr"] == str(params.train.model(model).lr)
         assert "val_loss" in r["metrics"] and "test_roc_auc" in r["metrics"]
-        assert r["dataset_digests"], f"{model}: no dataset input logged"
+        lock = yaml.safe_load((repo / "dvc.lock").read_text())
+        split_md5 = next(o["md5"] for o in lock["stages"]["split"]["outs"] if o["path"] == "data/split/splits.csv")
+        assert split_md5 in {d["digest"] for d in r["datasets"]}, f"{model}: split not logged with its DVC hash"
+        assert r["models"], f"{model}: no model logged"
         assert r["tags"]["dvc_stage"] == f"train@{model}"
 
 

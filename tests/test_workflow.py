@@ -26,7 +26,7 @@ import yaml
 from conftest import REPO, VENV_BIN, make_repo_copy, run
 
 from spinedxa import dag
-from spinedxa.config import MODEL_NAMES
+from spinedxa.config import MODEL_NAMES, load_params
 from spinedxa.files import sha256_file
 
 SNAKEMAKE = str(VENV_BIN / "snakemake")
@@ -239,7 +239,8 @@ def test_load_stages_lets_dvc_resolve_matrix_templating_and_outputs(mini_repo: P
     )
     assert ev.cmd.endswith("reports/figures/gradcam_vgg16.png")
     assert ev.dep_paths == ("step.py", "data/ingested/manifest.csv")
-    assert ev.params == {"train.vgg16.image_size": 96}  # the value in params.yaml, read by DVC
+    expected = load_params(mini_repo / "params.yaml").train.vgg16.image_size
+    assert ev.params == {"train.vgg16.image_size": expected}  # the value in params.yaml, read by DVC
     assert (ev.verb, ev.item, ev.rule) == ("evaluate", "vgg16", "evaluate_vgg16")
 
 
