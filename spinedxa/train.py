@@ -32,7 +32,6 @@ import pickle
 import random
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,7 +52,7 @@ from spinedxa import tracking
 from spinedxa.augment import build_transform
 from spinedxa.config import ConfigError, ModelTrainConfig, Params
 from spinedxa.data import DXADataset, load_split, load_training_items
-from spinedxa.files import atomic_dir, atomic_path, md5_file, sha256_file, write_json_atomic, write_text_atomic
+from spinedxa.files import atomic_dir, atomic_path, sha256_file, write_json_atomic, write_text_atomic
 from spinedxa.models import ModelSpec, get_model, get_spec
 
 log = logging.getLogger(__name__)
@@ -310,25 +309,15 @@ def _gather(ctx: Distributed, obj: Any) -> list[Any] | None:
 def dvc_md5(path: str | Path) -> str:
     """The hash DVC 3 records in dvc.lock for ``path``: md5 of a file, or ``<md5>.dir`` of a directory.
 
-    Directories are hashed with DVC's own object builder (dvc-data), so the value equals ``dvc.lock`` exactly.
-    ``.dvcignore`` is not applied (the stage outputs hashed here contain no ignored files).
+    Delegates to :func:`spinedxa.dag.dvc_hash` (DVC's own hashing, with the repository's ``.dvcignore`` applied, so
+    Snakemake's ``.snakemake_timestamp`` markers do not change the digest), run from the repository root.
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
     """
-    from dvc_data.hashfile.build import build
-    from dvc_data.hashfile.db import HashFileDB
-    from dvc_objects.fs.local import LocalFileSystem
+    from spinedxa.dag import dvc_hash
 
-    path = Path(path)
-    if path.is_file():
-        return md5_file(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"{path}: no such file or directory to hash")
-    fs = LocalFileSystem()
-    with tempfile.TemporaryDirectory(prefix="spinedxa-dvc-") as odb_dir:  # dry_run: nothing is written to it
-        _, _, obj = build(HashFileDB(fs, odb_dir), str(path.resolve()), fs, "md5", dry_run=True)
-    return obj.hash_info.value
+    return dvc_hash(path)
 
 
 def display_path(path: Path) -> str:
