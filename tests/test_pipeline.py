@@ -1,5 +1,6 @@
 """End-to-end: the whole DAG under `dvc repro` on the tiny profile, in a temporary git copy of the repository.
 
+Part of `make test` (not marked slow): this is the issue's whole-DAG smoke test, about 5 minutes on 2 cores.
 The steps share one repository (building it costs a few minutes on 2 cores), so they run in file order:
 first repro → nothing to do on the second → one model's learning rate re-runs only that model →
 metrics/plots diff across commits → `dvc exp run -S`.
@@ -17,8 +18,6 @@ import yaml
 
 from conftest import make_repo_copy, run
 from spinedxa.config import load_params
-
-pytestmark = pytest.mark.slow
 
 STAGE_RAN = re.compile(r"Running stage '([^']+)'")
 
