@@ -128,7 +128,9 @@ def predict_files(
             tensor = torch.from_numpy(np.stack([images[i] for i in order]))[:, None]
             probs = dict(zip(order, predict_proba(model, name, tensor, device=device).tolist()))
             if gradcam_dir is not None:
-                maps = gradcam(model, name, tensor, device=device)
+                from spinedxa.evaluate import gradcam_maps  # heavy (matplotlib, mlflow): only when asked for
+
+                maps = gradcam_maps(model, name, tensor, target_class=POSITIVE)  # model is on `device` already
                 for k, i in enumerate(order):
                     save_overlay(Path(gradcam_dir) / cam_names[batch[i]], images[i], maps[k])
         for i, path in enumerate(batch):
@@ -138,18 +140,6 @@ def predict_files(
             else:
                 results.append(Prediction(str(path), None, "", "error", errors[i]))
     return results
-
-
-def gradcam(model: torch.nn.Module, name: str, images: torch.Tensor, *, device: str = "cpu") -> np.ndarray:
-    """Grad-CAM maps (``N x S x S`` in [0, 1]) for the osteoporosis logit, at the model's registered layer."""
-    from pytorch_grad_cam import GradCAM
-    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
-
-    model = model.to(device).eval()
-    layer = get_spec(name).gradcam_layer(model)
-    with GradCAM(model=model, target_layers=[layer]) as cam:
-        maps = cam(input_tensor=images.to(device), targets=[ClassifierOutputTarget(POSITIVE)] * len(images))
-    return np.asarray(maps, dtype=np.float32)
 
 
 def save_overlay(path: Path, image: np.ndarray, heat: np.ndarray) -> None:
