@@ -25,7 +25,7 @@ from spinedxa.config import Params
 from spinedxa.data import letterbox
 from spinedxa.files import atomic_path, write_text_atomic
 from spinedxa.imaging import QuarantineError, decode_file, normalise
-from spinedxa.models import get_spec, load_trained, predict_proba
+from spinedxa.models import load_trained, predict_proba
 
 U16_MAX = 65535.0  # normalise() windows to the full 16-bit range, as the ingested PNGs the models trained on
 POSITIVE = 1  # index of "osteoporosis" in data.classes (docs/CONTRACTS.md)
