@@ -15,9 +15,16 @@ all-in and "steady", i.e. without the child's interpreter start-up and imports (
 before ``run_ingest``; the bare loop's imports are not timed either, and forked workers inherit them).
 
 Goals: ingest files per CPU second >= 0.5 x bare files per CPU second; peak RSS flat in the file count. Prints a
-side-by-side table and writes ``reports/bench/ingest.json``. Usage::
+side-by-side table and writes ``reports/bench/ingest.json``.
+
+Hostile files (``--hostile``): each small file of ``tests/dicom_factory.HOSTILE`` (deflate bombs, codestreams and
+headers that lie about their size; a few kB to 1 MB on disk) is ingested on its own, beside two ordinary scans, with
+the repo's params and ``--workers`` workers, then all of them together. For each run: the peak RSS of the ingest
+process tree sampled by psutil, and the exact peaks the kernel recorded (``ru_maxrss`` of the ingest process and of
+its largest worker), with the bound ``parent + workers x largest worker``. Goal: well under 1 GiB. Usage::
 
     python bench/ingest.py [--sizes 1000 5000] [--workers 2] [--out reports/bench/ingest.json]
+    python bench/ingest.py --hostile [--workers 2] [--out reports/bench/ingest_hostile.json]
 """
 
 from __future__ import annotations
@@ -141,21 +148,81 @@ def child(source: Path, out: Path, workers: int) -> None:
     summary = run_ingest(source, out, out.parent / "ingest.json", classes=params.data.classes, settings=settings,
                          progress=False)
     seconds = time.perf_counter() - start
+    kib = 1024  # ru_maxrss is in KiB on Linux
     print(json.dumps({"seconds": round(seconds, 3), "files_per_s": round(summary["n_files"] / seconds, 1),
-                      "n_accepted": summary["n_accepted"],
-                      "startup_cpu_seconds": round(startup.ru_utime + startup.ru_stime, 3)}))
+                      "n_accepted": summary["n_accepted"], "per_reason": summary["per_reason"],
+                      "startup_cpu_seconds": round(startup.ru_utime + startup.ru_stime, 3),
+                      "maxrss_parent_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / kib, 1),
+                      "maxrss_worker_mib": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / kib, 1)}))
+
+
+def hostile(workers: int, out: Path) -> int:
+    """Peak memory of ingest on each hostile fixture alone, then on all of them together (see the module docstring)."""
+    sys.path.insert(0, str(REPO / "tests"))  # the fixtures are the tests' own (tests/dicom_factory.py)
+    from dicom_factory import HOSTILE
+
+    from spinedxa.files import write_json_atomic
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="spinedxa-bench-hostile-") as tmp:
+        for name in [*HOSTILE, "all"]:
+            source = Path(tmp) / name / "source"
+            # Written by a child process: Linux keeps a process's peak RSS across fork and exec (getrusage(2)), so
+            # the buffers of fixture generation in this process would show up in every ingest child's ru_maxrss.
+            made = subprocess.run([sys.executable, __file__, "--make-hostile", str(source), name], check=True,
+                                  capture_output=True, text=True)
+            expected = json.loads(made.stdout)
+            size = sum(p.stat().st_size for p in source.rglob("*") if p.is_file() and p.parent.name == "normal")
+            run = ingest_run(source, Path(tmp) / name / "ingested", workers)
+            bound = run["maxrss_parent_mib"] + workers * run["maxrss_worker_mib"]
+            rows.append({"fixture": name, "bytes_on_disk": size, "expected": sorted(set(expected.values())),
+                         "per_reason": run["per_reason"], "peak_rss_tree_sampled_mib": run["peak_rss_mib"],
+                         "maxrss_parent_mib": run["maxrss_parent_mib"],
+                         "maxrss_largest_worker_mib": run["maxrss_worker_mib"], "bound_mib": round(bound, 1),
+                         "seconds": run["seconds"]})
+            shutil.rmtree(Path(tmp) / name)
+    result = {"workers": workers, "cpu": {"model": _cpu_model(), "logical_cores": os.cpu_count(),
+                                          "load_avg_1m": round(os.getloadavg()[0], 2)},
+              "rows": rows, "goal_under_1_gib": all(r["bound_mib"] < 1024 for r in rows)}
+    print(f"{'fixture':<30} {'bytes':>9} {'tree MiB':>9} {'parent':>7} {'worker':>7} {'bound':>7}  reasons")
+    for r in rows:
+        print(f"{r['fixture']:<30} {r['bytes_on_disk']:>9} {r['peak_rss_tree_sampled_mib']:>9} "
+              f"{r['maxrss_parent_mib']:>7} {r['maxrss_largest_worker_mib']:>7} {r['bound_mib']:>7}  "
+              f"{r['per_reason']}")
+    write_json_atomic(out, result)
+    return 0
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as fh:
+            return next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), "unknown")
+    except OSError:
+        return "unknown"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 5000])
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=REPO / "reports" / "bench" / "ingest.json")
+    parser.add_argument("--out", type=Path, default=None, help="default: reports/bench/ingest[_hostile].json")
+    parser.add_argument("--hostile", action="store_true", help="peak memory on hostile files instead")
     parser.add_argument("--child", nargs=3, metavar=("SOURCE", "OUT", "WORKERS"), help=argparse.SUPPRESS)
+    parser.add_argument("--make-hostile", nargs=2, metavar=("SOURCE", "NAME"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         child(Path(args.child[0]), Path(args.child[1]), int(args.child[2]))
         return 0
+    if args.make_hostile:
+        sys.path.insert(0, str(REPO / "tests"))
+        from dicom_factory import hostile_corpus
+
+        name = args.make_hostile[1]
+        print(json.dumps(hostile_corpus(Path(args.make_hostile[0]), None if name == "all" else [name])))
+        return 0
+    if args.hostile:
+        return hostile(args.workers, args.out or REPO / "reports" / "bench" / "ingest_hostile.json")
+    args.out = args.out or REPO / "reports" / "bench" / "ingest.json"
 
     from spinedxa.files import write_json_atomic
 

@@ -68,9 +68,14 @@ class IngestConfig:
     max_side: int
     max_pixels: int
     multiframe: Literal["first", "middle", "reject"] = "first"
+    # Address space each ingest worker may add to its size at start-up (RLIMIT_AS; spinedxa/ingest.py _init_worker).
+    # Decoding and normalising a grayscale image needs ~8 bytes a pixel (measured: +380 MB for 49 M pixels), so 1024
+    # fits the default max_pixels (50 M) with room to spare; a file needing more is quarantined too_large instead of
+    # the worker being OOM-killed.
+    worker_memory_mb: int = 1024
 
     def __post_init__(self) -> None:
-        for name in ("workers", "max_side", "max_pixels"):
+        for name in ("workers", "max_side", "max_pixels", "worker_memory_mb"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"ingest.{name}: {getattr(self, name)} must be >= 1")
 

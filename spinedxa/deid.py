@@ -17,6 +17,7 @@ birthday-collision probability of about n^2 / 2^49, i.e. ~2e-6 for 25,000 patien
 from __future__ import annotations
 
 import hmac
+import math
 import os
 import secrets
 from collections.abc import Sequence
@@ -39,6 +40,22 @@ KEPT_FACTS: dict[str, tuple[str, ...]] = {
     "bits_stored": ("BitsStored",),
     "frames": ("NumberOfFrames",),
 }
+# Modality is written only as one of its defined terms (DICOM PS3.3 C.7.3.1.1.1, current and retired), anything else
+# as "other": a free-text value (a name typed into the wrong field) must never reach the manifest.
+MODALITY_TERMS: frozenset[str] = frozenset((
+    "ANN", "AR", "ASMT", "AU", "BDUS", "BI", "BMD", "CFM", "CR", "CT", "CTPROTOCOL", "DG", "DMS", "DOC", "DX", "ECG",
+    "EEG", "EMG", "EOG", "EPS", "ES", "FID", "GM", "HC", "HD", "IO", "IOL", "IVOCT", "IVUS", "KER", "KO", "LEN", "LS",
+    "M3D", "MG", "MR", "NM", "OAM", "OCT", "OP", "OPM", "OPT", "OPTBSV", "OPTENF", "OPV", "OSS", "OT", "PA", "PLAN",
+    "POS", "PR", "PT", "PX", "REG", "RESP", "RF", "RG", "RTDOSE", "RTIMAGE", "RTINTENT", "RTPLAN", "RTRAD",
+    "RTRECORD", "RTSEGANN", "RTSTRUCT", "RWV", "SEG", "SM", "SMR", "SR", "SRF", "STAIN", "TEXTUREMAP", "TG", "US",
+    "VA", "XA", "XAPROTOCOL", "XC",
+    # retired
+    "AS", "CD", "CF", "CP", "CS", "DD", "DF", "DM", "DS", "EC", "FA", "FS", "LP", "MA", "MS", "OPR", "ST", "VF",
+))
+MODALITY_OTHER = "other"
+# Plausible ranges of the numeric facts; a value outside (or not a number) is written as missing, never verbatim.
+_PIXEL_SPACING_MM = (1e-3, 100.0)  # detector pixels from 1 um to 10 cm
+_BITS_STORED = (1, 64)             # PS3.5 8.1.1: BitsStored <= BitsAllocated <= 64
 # The only header elements a pseudonym is derived from (:func:`dicom_pseudonym`); none is ever output in clear.
 PATIENT_KEYWORDS: tuple[str, ...] = ("PatientID", "PatientName", "PatientBirthDate")
 
@@ -141,7 +158,8 @@ def kept_facts(ds: Any) -> dict[str, Any]:
     """Return the allow-listed acquisition facts of a DICOM header (:data:`KEPT_FACTS`), typed for the manifest.
 
     ``ds`` is a :class:`pydicom.Dataset` or a mapping ``{keyword: value}`` of its elements. Missing facts come back
-    as ``None`` (``frames`` defaults to 1, the DICOM default for single-frame objects).
+    as ``None`` (``frames`` defaults to 1, the DICOM default for single-frame objects). Nothing is copied verbatim:
+    ``modality`` is a defined term or ``"other"``, numbers are parsed and range-checked (else ``None``).
     """
     out: dict[str, Any] = {}
     for field, keywords in KEPT_FACTS.items():
@@ -155,11 +173,29 @@ def _typed(field: str, value: Any) -> Any:
         return int(value) if value not in (None, "") else 1
     if value is None:
         return None
+    if field == "modality":
+        term = str(value).strip().upper()
+        return term if term in MODALITY_TERMS else MODALITY_OTHER
     if field == "pixel_spacing_mm":
         # PixelSpacing is "row\\column" (PS3.3 C.7.6.2.1.1); DXA detectors are square, so the row spacing stands
         # for both. It describes the original image (orig_width x orig_height), not the resized PNG.
         first = value[0] if isinstance(value, Sequence) and not isinstance(value, str) else value
-        return float(first)
-    if field in ("orig_height", "orig_width", "bits_stored"):
+        return _in_range(_number(first, float), _PIXEL_SPACING_MM)
+    if field == "bits_stored":
+        return _in_range(_number(value, int), _BITS_STORED)
+    if field in ("orig_height", "orig_width"):
         return int(value)
     return str(value)
+
+
+def _number(value: Any, kind: type) -> float | int | None:
+    """``value`` as a finite ``kind`` (int or float), or None if it is not one (free text in a numeric element)."""
+    try:
+        number = kind(float(value)) if kind is int else float(value)
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _in_range(number: float | int | None, bounds: tuple[float, float]) -> float | int | None:
+    return number if number is not None and bounds[0] <= number <= bounds[1] else None

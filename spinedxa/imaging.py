@@ -14,16 +14,31 @@ MONOCHROME1 inverted so that bone is bright. Colour images (RGB, YBR_* secondary
 :func:`skimage.color.rgb2gray`) and are flagged ``converted_from_color``.
 
 Header values that could be PHI never reach an exception message or a log: pydicom's warnings and log records (they
-can quote element values, e.g. an invalid date) are silenced, and header-parsing errors are reported by type only.
+can quote element values, e.g. an invalid date) are silenced, header-parsing and codec errors are reported by type and
+a fixed description only, and a coded value (Photometric Interpretation, Transfer Syntax) is named only when it is one
+of the DICOM defined terms; anything else is described, never quoted.
+
+Memory stays bounded whatever a file claims (each check runs before the memory it protects is allocated):
+
+* rows x columns x frames against ``max_pixels``, from the header (PIL: from the image header);
+* a deflated data set (Deflated Explicit VR Little Endian) is inflated once, streamed and discarded, up to
+  :func:`inflate_limit` bytes before pydicom inflates it for real;
+* native Pixel Data may not be much longer than Rows x Columns x Frames x Samples x BitsAllocated declare (checked on
+  the element's length, before its value is read);
+* a JPEG / JPEG-LS / JPEG 2000 frame's own size (its SOF / SIZ marker) must fit ``max_pixels`` and equal
+  Rows x Columns, checked on the codestream before any codec sees it (a decoder allocates what the codestream says).
 """
 
 from __future__ import annotations
 
 import io
 import logging
+import os
 import re
+import stat
 import struct
 import warnings
+import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,15 +49,23 @@ import pydicom
 from PIL import Image, UnidentifiedImageError
 from pydicom.dataelem import RawDataElement
 from pydicom.datadict import tag_for_keyword
+from pydicom.encaps import get_frame
 from pydicom.errors import InvalidDicomError
+from pydicom.filebase import DicomBytesIO
+from pydicom.filereader import _read_file_meta_info, read_dataset, read_preamble
 from pydicom.pixels import apply_modality_lut, apply_voi_lut, get_decoder
+from pydicom.pixels.utils import _get_jpg_parameters, get_expected_length
 from pydicom.tag import BaseTag
 from pydicom.uid import (
     UID,
+    UID_dictionary,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
+    JPEG2000TransferSyntaxes,
+    JPEGLSTransferSyntaxes,
+    JPEGTransferSyntaxes,
 )
 
 from spinedxa import deid
@@ -68,12 +91,21 @@ REASONS: tuple[str, ...] = (
     "burned_in_annotation",
     "no_label",
     "unknown_label",
+    "symlink_dangling",
+    "symlink_outside_source",
+    "symlink_repeat",
 )
 """The fixed vocabulary of quarantine reasons (the part of ``manifest.reason`` before the colon)."""
 
 Multiframe = Literal["first", "middle", "reject"]
 FORMATS: tuple[str, ...] = ("dicom", "png", "jpeg", "tiff")
 
+# The defined terms of Photometric Interpretation (DICOM PS3.3 C.7.6.3.1.2, current and retired): the only values
+# of that element a message may name; anything else is described without being quoted.
+PHOTOMETRIC_TERMS: tuple[str, ...] = (
+    "MONOCHROME1", "MONOCHROME2", "PALETTE COLOR", "RGB", "HSV", "ARGB", "CMYK", "YBR_FULL", "YBR_FULL_422",
+    "YBR_PARTIAL_422", "YBR_PARTIAL_420", "YBR_ICT", "YBR_RCT", "XYB",
+)
 _GRAY = ("MONOCHROME1", "MONOCHROME2")
 # pydicom converts YBR_FULL / YBR_FULL_422 to RGB on decoding; JPEG 2000 decoders undo YBR_ICT / YBR_RCT themselves.
 _COLOR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT")
@@ -82,6 +114,21 @@ _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 # never has its (possibly huge) pixel data read into memory.
 _DEFER_SIZE = "16 MB"
 _UNDEFINED_LENGTH = 0xFFFFFFFF  # sequences / encapsulated pixel data (PS3.5 7.1.1)
+# Inflation bound of a deflated data set: the pixel data of max_pixels 16-bit samples (DXA stores 16-bit grayscale;
+# an 8-bit RGB image of up to 2/3 of max_pixels fits too) plus 8 MiB for the rest of the header (private groups of
+# DXA exports are tens of kB). pydicom inflates the whole data set in memory and copies the pixel data once more,
+# so a deflated file costs at most about twice this limit (~216 MB at the default max_pixels of 50 M).
+INFLATE_BYTES_PER_PIXEL = 2
+INFLATE_HEADER_BYTES = 8 * 2**20
+_INFLATE_CHUNK = 2**20  # compressed bytes read, and inflated bytes produced, per step of the bounded inflation
+# The first inflated bytes are parsed for the header (up to the pixel data), which then bounds the inflation more
+# tightly (_declared_end); 256 kB hold the headers of DXA exports, private groups included, many times over.
+_INFLATE_HEAD = 256 * 2**10
+_INFLATE_TAIL_BYTES = 2**20  # elements after the pixel data (signatures, trailing padding)
+# Native Pixel Data may exceed what the header declares by padding (one byte to even length; some writers pad to a
+# block): more than twice the declared size plus 64 kB is a file whose header does not describe its pixel data.
+_PIXEL_EXCESS_FACTOR = 2
+_PIXEL_EXCESS_BYTES = 64 * 2**10
 # Exceptions pydicom raises on malformed headers (it has no common base class for them).
 _HEADER_ERRORS = (InvalidDicomError, EOFError, OSError, ValueError, TypeError, KeyError, IndexError,
                   AttributeError, OverflowError, struct.error, NotImplementedError)
@@ -177,12 +224,7 @@ def decode_file(
     if data is not None:
         size, head = len(data), data[:132]
     else:
-        try:
-            size = path.stat().st_size
-            with path.open("rb") as fh:
-                head = fh.read(132)
-        except OSError as exc:
-            raise QuarantineError("unreadable", f"{type(exc).__name__}: {exc.strerror}") from exc
+        size, head = _head(path)
     if size == 0:
         raise QuarantineError("zero_byte", "file is empty")
     source: Path | io.BytesIO = path if data is None else io.BytesIO(data)
@@ -200,6 +242,94 @@ def decode_file(
     raise QuarantineError("not_an_image", f"{size} bytes with no DICOM/PNG/JPEG/TIFF signature")
 
 
+def _head(path: Path) -> tuple[int, bytes]:
+    """Size and first 132 bytes of a regular file (a FIFO, socket or device is refused unopened: it could block).
+
+    Raises:
+        QuarantineError: ``unreadable`` (missing, not a regular file, no permission).
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # a FIFO would block a plain open()
+    except OSError as exc:
+        raise QuarantineError("unreadable", f"{type(exc).__name__}: {exc.strerror}") from exc
+    with os.fdopen(fd, "rb") as fh:
+        info = os.fstat(fd)
+        check_regular(info.st_mode)
+        try:
+            return info.st_size, fh.read(132)
+        except OSError as exc:
+            raise QuarantineError("unreadable", f"{type(exc).__name__}: {exc.strerror}") from exc
+
+
+def check_regular(mode: int) -> None:
+    """Raise ``unreadable`` unless ``mode`` (an ``st_mode``) is a regular file: never read a FIFO, socket or device."""
+    if not stat.S_ISREG(mode):
+        kind = "a directory" if stat.S_ISDIR(mode) else "a FIFO, socket or device"
+        raise QuarantineError("unreadable", f"not a regular file ({kind})")
+
+
+def inflate_limit(max_pixels: int) -> int:
+    """Bytes a deflated DICOM data set may inflate to (see :data:`INFLATE_BYTES_PER_PIXEL`)."""
+    return max_pixels * INFLATE_BYTES_PER_PIXEL + INFLATE_HEADER_BYTES
+
+
+def _check_inflation(fp: Any, limit: int) -> None:
+    """Inflate the raw deflate stream from ``fp``'s position, discarding the output, and stop past the limit.
+
+    The limit is ``limit`` (from ``max_pixels``), tightened once the first :data:`_INFLATE_HEAD` inflated bytes
+    are in, if they hold the header up to the pixel data: then the data set may not inflate to much more than that
+    header declares (:func:`_declared_end`), so a file whose header says 1 x 1 is stopped after a few MB. Memory is
+    bounded by :data:`_INFLATE_CHUNK` whatever the stream holds (deflate expands up to ~1032:1, so a 1 MB file can
+    hold 1 GB).
+
+    Raises:
+        QuarantineError: ``too_large`` past the limit, ``corrupt`` past what the header declares or for an invalid
+            stream, ``truncated`` if it ends early.
+    """
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)  # raw deflate, as PS3.5 A.5 and pydicom's reader use
+    total, head, declared = 0, bytearray(), None
+    try:
+        while not inflater.eof and (chunk := fp.read(_INFLATE_CHUNK)):
+            while chunk:
+                out = inflater.decompress(chunk, _INFLATE_CHUNK)
+                total += len(out)
+                if len(head) < _INFLATE_HEAD:
+                    head += out[:_INFLATE_HEAD - len(head)]
+                    if len(head) == _INFLATE_HEAD:
+                        declared = _declared_end(bytes(head))
+                if declared is not None and total > declared:
+                    raise QuarantineError(
+                        "corrupt", f"the deflated data set inflates to more than {declared} bytes, far more than "
+                        "its header declares for its pixel data")
+                if total > limit:
+                    raise QuarantineError(
+                        "too_large", f"the deflated data set inflates to more than {limit} bytes (the limit for "
+                        f"ingest.max_pixels x {INFLATE_BYTES_PER_PIXEL} bytes + {INFLATE_HEADER_BYTES} bytes)")
+                chunk = inflater.unconsumed_tail
+    except zlib.error as exc:
+        raise QuarantineError("corrupt", "the deflated data set is not a valid deflate stream") from exc
+    if not inflater.eof:
+        raise QuarantineError("truncated", "the deflated data set ends early")
+
+
+def _declared_end(head: bytes) -> int | None:
+    """Where an inflated data set should end at the most, from its first bytes: the offset of its pixel data plus
+    :data:`_PIXEL_EXCESS_FACTOR` times the size Rows x Columns x ... declare, plus :data:`_INFLATE_TAIL_BYTES` for
+    elements after the pixel data. None when ``head`` does not reach the pixel data or lacks what the size needs."""
+    fp = DicomBytesIO(head)
+    fp.is_little_endian, fp.is_implicit_VR = True, False  # PS3.5 A.5: deflated data sets are Explicit VR LE
+    try:
+        ds = read_dataset(fp, is_implicit_VR=False, is_little_endian=True,
+                          stop_when=lambda tag, vr, length: tag in _PIXEL_TAGS)
+        start = fp.tell()
+        if struct.unpack("<HH", head[start:start + 4]) not in ((t.group, t.elem) for t in _PIXEL_TAGS):
+            return None  # the header did not fit in head
+        expected = get_expected_length(ds, "bytes")
+    except _HEADER_ERRORS:
+        return None  # pydicom's own parse decides what is wrong with the header
+    return start + _PIXEL_EXCESS_FACTOR * expected + _INFLATE_TAIL_BYTES
+
+
 def _frame_index(frames: int, multiframe: Multiframe) -> int:
     if frames <= 1:
         return 0
@@ -208,12 +338,15 @@ def _frame_index(frames: int, multiframe: Multiframe) -> int:
     return 0 if multiframe == "first" else frames // 2
 
 
-def _check_size(rows: int, cols: int, frames: int, max_pixels: int) -> None:
+def _check_size(rows: int, cols: int, frames: int, max_pixels: int, what: str = "rows x columns x frames") -> None:
     n = rows * cols * frames
     if n > max_pixels:
-        raise QuarantineError(
-            "too_large", f"rows x columns x frames = {rows} x {cols} x {frames} = {n} > ingest.max_pixels {max_pixels}"
-        )
+        raise QuarantineError("too_large", f"{what} = {rows} x {cols} x {frames} = {n} > ingest.max_pixels {max_pixels}")
+
+
+def _ts_name(tsyntax: UID) -> str:
+    """The transfer syntax's registered name; a UID that is not in the DICOM registry is described, not quoted."""
+    return tsyntax.name if tsyntax in UID_dictionary else "a transfer syntax that is not in the DICOM registry"
 
 
 def _decode_dicom(
@@ -223,6 +356,7 @@ def _decode_dicom(
         # pydicom warnings can quote element values (names, dates): record them (never shown) instead of printing.
         warnings.simplefilter("always")
         try:
+            _bound_inflation(source, force, max_pixels)
             # Content already in memory is parsed as is; from a path, pixel data larger than _DEFER_SIZE stays on
             # disk until the header checks have passed.
             ds = pydicom.dcmread(source, defer_size=_DEFER_SIZE if isinstance(source, Path) else None, force=force)
@@ -242,6 +376,31 @@ def _decode_dicom(
         except (ValueError, TypeError, AttributeError, KeyError, IndexError, OverflowError) as exc:
             # An element pydicom could not convert (e.g. Rows "abc"): type only, the value may be anything.
             raise QuarantineError("corrupt", f"invalid DICOM element value ({type(exc).__name__})") from exc
+
+
+def _bound_inflation(source: Path | io.BytesIO, force: bool, max_pixels: int) -> None:
+    """For a deflated data set, check its inflated size (:func:`_check_inflation`) before pydicom inflates it whole.
+
+    The file meta is read the way :func:`pydicom.dcmread` reads it (its own preamble and file-meta readers; the public
+    ``read_file_meta_info`` only takes a path), so the transfer syntax seen here is the one pydicom acts on, and the
+    stream starts where pydicom's inflation starts. Header errors are left to :func:`pydicom.dcmread`, which reports
+    them in the usual way.
+    """
+    fp = source.open("rb") if isinstance(source, Path) else source
+    try:
+        read_preamble(fp, force)
+        meta = _read_file_meta_info(fp)
+        if meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
+            _check_inflation(fp, inflate_limit(max_pixels))
+    except QuarantineError:
+        raise
+    except _HEADER_ERRORS:
+        pass  # the same parse fails again in dcmread, which maps the error to a reason
+    finally:
+        if isinstance(source, Path):
+            fp.close()
+        else:
+            fp.seek(0)
 
 
 def _is_truncated(ds: pydicom.Dataset, size: int, tsyntax: UID, caught: list[warnings.WarningMessage]) -> bool:
@@ -273,7 +432,8 @@ def _tags(keywords: Iterable[str]) -> tuple[tuple[str, BaseTag], ...]:
 # raises and catches an AttributeError (pydicom 3.0).
 _PIXEL_TAGS = tuple(tag for _, tag in _tags(_PIXEL_KEYWORDS))
 _IMAGE_TAGS = _tags((
-    "Rows", "Columns", "NumberOfFrames", "PhotometricInterpretation", "BurnedInAnnotation", "RescaleSlope",
+    "Rows", "Columns", "NumberOfFrames", "SamplesPerPixel", "PhotometricInterpretation", "BurnedInAnnotation",
+    "RescaleSlope",
     "RescaleIntercept", "ModalityLUTSequence", "VOILUTSequence", "VOILUTFunction", "WindowCenter", "WindowWidth",
 ))
 # Read only after the pixels decoded, as before this lookup existed: a file with several problems keeps its reason.
@@ -299,28 +459,38 @@ def _decode_dataset(
     if rows < 1 or cols < 1:
         raise QuarantineError("corrupt", f"Rows={rows} Columns={cols}")
     frames = int(header.get("NumberOfFrames") or 1)
+    if frames < 1:
+        raise QuarantineError("corrupt", f"NumberOfFrames={frames}; expected a positive count")
     _check_size(rows, cols, frames, max_pixels)
     photometric = str(header.get("PhotometricInterpretation", "")).strip().upper()
     if photometric not in _GRAY + _COLOR:
-        raise QuarantineError(
-            "unsupported_photometric", f"{photometric or '(missing)'}; expected one of {', '.join(_GRAY + _COLOR)}"
-        )
+        raise QuarantineError("unsupported_photometric", _photometric_detail(photometric))
     index = _frame_index(frames, multiframe)
+    name = _ts_name(tsyntax)
     try:
         decoder = get_decoder(tsyntax)
     except NotImplementedError as exc:
-        raise QuarantineError("unsupported_transfer_syntax", f"{tsyntax.name}: no decoder") from exc
+        raise QuarantineError("unsupported_transfer_syntax", f"{name}: no decoder") from exc
     if not decoder.is_available:
         missing = "; ".join(decoder.missing_dependencies) or "no decoding plugin installed"
-        raise QuarantineError("unsupported_transfer_syntax", f"{tsyntax.name}: {missing}")
+        raise QuarantineError("unsupported_transfer_syntax", f"{name}: {missing}")
+    if tsyntax.is_encapsulated:
+        _check_codestream(ds, tsyntax, index, frames, (rows, cols, int(header.get("SamplesPerPixel") or 1)),
+                          max_pixels)
+    else:
+        _check_native_length(ds)
     try:
-        arr, _ = decoder.as_array(ds, index=index)
+        # view_only: native pixel data comes back as a read-only view on the element's bytes instead of a copy (every
+        # path below makes its own float copy), 2 bytes a pixel less at the peak.
+        arr, _ = decoder.as_array(ds, index=index, view_only=True)
     except ValueError as exc:
-        reason = "truncated" if "less than expected" in str(exc) else "corrupt"
-        raise QuarantineError(reason, f"{tsyntax.name}: {str(exc).splitlines()[0][:200]}") from exc
+        # pydicom's messages can quote element values: only the kind of problem is reported.
+        if "less than expected" in str(exc):
+            raise QuarantineError("truncated", f"{name}: the pixel data is shorter than the header declares") from exc
+        raise QuarantineError("corrupt", f"{name}: the pixel data could not be decoded ({type(exc).__name__})") from exc
     except (RuntimeError, OSError, EOFError) as exc:
-        # Codec errors (pylibjpeg, openjpeg, RLE) describe the codestream, never header values.
-        raise QuarantineError("corrupt", f"{tsyntax.name}: {str(exc).splitlines()[-1].strip()[:200]}") from exc
+        raise QuarantineError("corrupt", f"{name}: the codec could not decode the pixel data "
+                                         f"({type(exc).__name__})") from exc
 
     converted = photometric in _COLOR or arr.ndim == 3
     if converted:
@@ -339,6 +509,124 @@ def _decode_dataset(
         converted_from_color=converted,
         patient_id=deid.dicom_pseudonym(_header(ds, _PATIENT_TAGS)) if pseudonymise else None,
     )
+
+
+def _photometric_detail(photometric: str) -> str:
+    """Why a Photometric Interpretation is refused, naming it only if it is a DICOM defined term (else it could be
+    anything a writer put there, a patient's name included)."""
+    expected = ", ".join(_GRAY + _COLOR)
+    if not photometric:
+        return f"PhotometricInterpretation is missing; expected one of {expected}"
+    if photometric in PHOTOMETRIC_TERMS:
+        return f"{photometric} is not supported; expected one of {expected}"
+    return (f"PhotometricInterpretation is not one of the DICOM defined terms (value not shown); "
+            f"expected one of {expected}")
+
+
+def _pixel_element_length(ds: pydicom.Dataset) -> int | None:
+    """Length in bytes of the pixel data element as stored (None: undefined length), without reading a deferred value.
+
+    ``Dataset.get_item`` returns the element as read (a RawDataElement, whose value a deferred read has not loaded);
+    indexing ``ds[tag]`` would read the value.
+    """
+    tag = next(tag for tag in _PIXEL_TAGS if tag in ds)
+    elem = ds.get_item(tag)
+    if isinstance(elem, RawDataElement):
+        return None if elem.length == _UNDEFINED_LENGTH else elem.length
+    value = elem.value
+    return len(value) if isinstance(value, (bytes, bytearray)) else None
+
+
+def _check_native_length(ds: pydicom.Dataset) -> None:
+    """Refuse native pixel data much longer than the header declares, before it is read (see the module docstring)."""
+    length = _pixel_element_length(ds)
+    if length is None:
+        return
+    expected = get_expected_length(ds, "bytes")
+    if length > _PIXEL_EXCESS_FACTOR * expected + _PIXEL_EXCESS_BYTES:
+        raise QuarantineError(
+            "corrupt", f"the pixel data holds {length} bytes, far more than the {expected} bytes that "
+            "Rows x Columns x NumberOfFrames x SamplesPerPixel x BitsAllocated declare")
+
+
+def _check_codestream(
+    ds: pydicom.Dataset, tsyntax: UID, index: int, frames: int, header_shape: tuple[int, int, int], max_pixels: int
+) -> None:
+    """Check the frame's codestream's own size (JPEG / JPEG-LS SOF, JPEG 2000 SIZ) before a codec allocates it.
+
+    A codec allocates what its codestream declares, whatever Rows and Columns say, so both the limit and agreement
+    with the header are checked on the codestream itself. Other encapsulated syntaxes (RLE, deflate-based, video)
+    decode into the header's size.
+
+    Raises:
+        QuarantineError: ``too_large`` (the codestream's pixels exceed ``max_pixels``) or ``corrupt`` (no frame, no
+            readable size marker, or a size or component count different from Rows, Columns, SamplesPerPixel).
+    """
+    if tsyntax in JPEG2000TransferSyntaxes:
+        marker, parse = "SIZ", j2k_size
+    elif tsyntax in JPEGTransferSyntaxes or tsyntax in JPEGLSTransferSyntaxes:
+        marker, parse = "SOF", jpeg_size
+    else:
+        return
+    try:
+        frame = get_frame(ds.PixelData, index, number_of_frames=frames)
+    except (ValueError, KeyError, IndexError, TypeError, struct.error) as exc:
+        raise QuarantineError("corrupt", f"encapsulated pixel data: frame {index} cannot be located "
+                                         f"({type(exc).__name__})") from exc
+    size = parse(frame)
+    if size is None:
+        raise QuarantineError("corrupt", f"{_ts_name(tsyntax)}: the codestream has no readable {marker} marker")
+    rows, cols, components = size
+    _check_size(rows, cols, frames, max_pixels, what=f"the codestream's own size ({marker}) x frames")
+    if (rows, cols, components) != header_shape:
+        raise QuarantineError(
+            "corrupt", f"the codestream's own size ({marker}) {rows} x {cols} x {components} differs from "
+            f"Rows x Columns x SamplesPerPixel {header_shape[0]} x {header_shape[1]} x {header_shape[2]}")
+
+
+_JP2_SIGNATURE = b"\x00\x00\x00\x0cjP  \r\n\x87\n"  # ISO/IEC 15444-1 I.5.1: the first box of a JP2 file
+
+
+def j2k_size(codestream: bytes) -> tuple[int, int, int] | None:
+    """``(rows, columns, components)`` from a JPEG 2000 codestream's SIZ marker (ISO/IEC 15444-1 A.5.1), else None.
+
+    :func:`pydicom.pixels.utils.get_j2k_parameters` finds the same marker (and skips a JP2 wrapper, which some
+    writers put in DICOM against PS3.5 A.4.4) but returns only precision and sign, so the size fields are read here:
+    SOC, SIZ, Lsiz, Rsiz, then Xsiz, Ysiz, XOsiz, YOsiz (32-bit), four tile fields, Csiz (16-bit). The image is
+    (Xsiz - XOsiz) x (Ysiz - YOsiz). Reads a few bytes; allocates nothing.
+    """
+    offset = 0
+    if codestream.startswith(_JP2_SIGNATURE):
+        offset = 12
+        while offset + 8 <= len(codestream):  # boxes: 32-bit length, 4-byte type; find the contiguous codestream
+            length = int.from_bytes(codestream[offset:offset + 4], "big")
+            if codestream[offset + 4:offset + 8] == b"jp2c":
+                offset += 8
+                break
+            if length < 8:
+                return None  # 0 (to the end) or 1 (64-bit length) before jp2c: not a layout DICOM writers use
+            offset += length
+    siz = codestream[offset:offset + 42]
+    if len(siz) < 42 or siz[:4] != b"\xff\x4f\xff\x51":
+        return None
+    xsiz, ysiz, xosiz, yosiz = struct.unpack(">4I", siz[8:24])
+    (csiz,) = struct.unpack(">H", siz[40:42])
+    if xsiz <= xosiz or ysiz <= yosiz:
+        return None
+    return ysiz - yosiz, xsiz - xosiz, csiz
+
+
+def jpeg_size(codestream: bytes) -> tuple[int, int, int] | None:
+    """``(rows, columns, components)`` from a JPEG or JPEG-LS frame header (SOF), by pydicom's own marker parser.
+
+    ``pydicom.pixels.utils._get_jpg_parameters`` is what pydicom's decoders use to read JPEG parameters (private but
+    pinned with pydicom < 4; tests/test_imaging.py covers it). A height of 0 (defined later by a DNL marker) cannot
+    be checked and gives None.
+    """
+    info = _get_jpg_parameters(codestream)
+    if not info.get("height") or not info.get("width"):
+        return None
+    return int(info["height"]), int(info["width"]), int(info.get("components", 0))
 
 
 def _apply_modality(arr: np.ndarray, header: dict[str, Any], ds: pydicom.Dataset) -> np.ndarray:
@@ -418,9 +706,15 @@ def _as_float2d(pixels: np.ndarray) -> np.ndarray:
     out = np.ascontiguousarray(pixels, dtype=np.float32)
     if out.ndim != 2:
         raise QuarantineError("corrupt", f"decoded pixel array has shape {out.shape}; expected 2-D")
-    if not np.isfinite(out).all():
+    if not _all_finite(out):
         raise QuarantineError("corrupt", "pixel values include NaN or infinity")
     return out
+
+
+def _all_finite(pixels: np.ndarray) -> bool:
+    """No NaN or infinity in ``pixels``: min and max propagate NaN, so two reductions decide it without the 1-byte-a-
+    pixel temporary of ``np.isfinite(pixels).all()``."""
+    return pixels.size == 0 or bool(np.isfinite(pixels.min()) and np.isfinite(pixels.max()))
 
 
 def _decode_pil(source: Path | io.BytesIO, kind: str, max_pixels: int, multiframe: Multiframe) -> Decoded:
@@ -441,13 +735,14 @@ def _decode_pil(source: Path | io.BytesIO, kind: str, max_pixels: int, multifram
     except QuarantineError:
         raise
     except Image.DecompressionBombError as exc:
-        raise QuarantineError("too_large", f"{kind}: {exc}") from exc
+        raise QuarantineError("too_large", f"{kind}: more pixels than Pillow's decompression-bomb limit") from exc
     except UnidentifiedImageError as exc:
         raise QuarantineError("corrupt", f"{kind} signature but the header cannot be parsed") from exc
     except (OSError, SyntaxError, ValueError, EOFError, struct.error) as exc:
-        message = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
-        reason = "truncated" if "truncat" in message.lower() or isinstance(exc, EOFError) else "corrupt"
-        raise QuarantineError(reason, f"{kind}: {message}") from exc
+        # Pillow's messages can quote bytes of the file (e.g. a TIFF header): only the kind of problem is reported.
+        if "truncat" in str(exc).lower() or isinstance(exc, EOFError):
+            raise QuarantineError("truncated", f"{kind}: the image data ends early") from exc
+        raise QuarantineError("corrupt", f"{kind}: the image data could not be decoded ({type(exc).__name__})") from exc
 
 
 def _from_pil(img: Image.Image, kind: str, frames: int) -> Decoded:
@@ -510,12 +805,14 @@ def normalise(pixels: np.ndarray, max_side: int) -> np.ndarray:
     if max_side < 1:
         raise ValueError(f"normalise: max_side={max_side}; expected >= 1")
     img = np.asarray(pixels, dtype=np.float32)
-    if not np.isfinite(img).all():
+    if not _all_finite(img):
         raise ValueError("normalise: pixels include NaN or infinity")
     height, width = img.shape
     new_h, new_w = target_size(height, width, max_side)
     if (new_h, new_w) != (height, width):
-        img = np.asarray(Image.fromarray(img).resize((new_w, new_h), Image.Resampling.LANCZOS))
+        # frombuffer shares the float32 buffer with Pillow (Image.fromarray would copy it: 4 bytes a pixel more).
+        source = Image.frombuffer("F", (width, height), np.ascontiguousarray(img), "raw", "F", 0, 1)
+        img = np.asarray(source.resize((new_w, new_h), Image.Resampling.LANCZOS))
     lo, hi = np.percentile(_percentile_sample(img), WINDOW_PERCENTILES)
     if hi <= lo:
         return np.zeros(img.shape, dtype=np.uint16)

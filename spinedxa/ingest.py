@@ -4,6 +4,12 @@ Every file under the source is an input and gets exactly one manifest row (docs/
 with a reason; the only exception is a top-level ``labels.csv``, which is the labelling, not an input. Hidden files
 count too (a ``.DS_Store`` is quarantined as ``not_an_image``).
 
+Links and special files (docs/CONTRACTS.md): directory symlinks are followed when they lead out of the tree being
+walked (a class folder linked from another disk), each real directory once, so a loop or a second link to a folder
+gets one ``symlink_repeat`` row instead of an endless walk; a file symlink is read only if its target lies inside
+``data.source`` (or inside the linked folder it sits in), else ``symlink_outside_source``, unread; a dangling link is
+``symlink_dangling``; a FIFO, socket or device is ``unreadable`` and never opened (reading one could block forever).
+
 Labelling: if ``<source>/labels.csv`` exists it is the only labelling (``path,label[,patient_id]``, paths relative to
 the source, ``/``-separated); otherwise a file's top-level folder under the source is its label (``normal/``,
 ``osteoporosis/``; names from ``data.classes``). A file with no label is quarantined ``no_label``; a label that is
@@ -12,38 +18,48 @@ not a class, ``unknown_label``.
 Streaming: the directory is walked lazily and fed to a process pool in chunks with a bounded number in flight, rows
 are appended to a temporary CSV as they arrive and sorted once at the end, when only the small rows (not images) are
 held in memory. Each file is read once: its bytes give the sha256 and are decoded from memory. Per-file problems
-never stop the run; systemic ones (source missing, labels.csv malformed, no file accepted) raise
-:class:`IngestError` after the summary has been written.
+never stop the run; systemic ones (source missing, labels.csv malformed, a worker process killed, no file accepted)
+raise :class:`IngestError` after the summary has been written.
+
+Workers: :class:`concurrent.futures.ProcessPoolExecutor`, which notices a worker that dies (the OOM killer's
+SIGKILL, a crash in a codec) and fails its pending tasks with ``BrokenProcessPool``; ``multiprocessing.Pool`` never
+reports such a task and would wait forever. Each worker caps its own address space (``ingest.worker_memory_mb`` above
+its size at start-up), so a file that needs more memory than any sane image is quarantined ``too_large`` from the
+``MemoryError`` instead of getting the worker, or the machine, killed.
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
 import hashlib
+import io
 import itertools
 import logging
 import multiprocessing
 import os
 import posixpath
+import resource
+import stat
 import time
 from collections import Counter, deque
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
-from multiprocessing.pool import AsyncResult
 from pathlib import Path
 from typing import Any
 
-import cv2
+import imagehash
 import numpy as np
-import scipy.fftpack
 from PIL import Image
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from spinedxa import deid
 from spinedxa.config import IngestConfig
-from spinedxa.files import atomic_dir, sha256_file, write_json_atomic
-from spinedxa.imaging import Multiframe, QuarantineError, decode_file, normalise
+from spinedxa.files import atomic_dir, write_json_atomic
+from spinedxa.imaging import Multiframe, QuarantineError, check_regular, decode_file, normalise
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +74,8 @@ MANIFEST_COLUMNS: tuple[str, ...] = (
 _LABEL_COLUMNS = ("path", "label", "patient_id")
 _CHUNKSIZE = 16         # files per task sent to a worker: amortises IPC for ~ms-per-file work
 _CHUNKS_PER_WORKER = 4  # chunks in flight per worker: bounds memory while keeping workers busy
+# labels.csv is read whole (to report the line of a decoding error); a labelling of 10^6 files is ~50 MB.
+_LABELS_MAX_BYTES = 256 * 2**20
 # Files up to this size are read into memory once, for their sha256 and for decoding (pydicom parsing a path makes
 # ~120 small reads per file: ~0.15 ms more per 100 kB DICOM than parsing the same bytes in memory, measured). Larger files are hashed
 # in chunks and decoded from disk, so a worker's memory stays bounded whatever the source holds.
@@ -80,6 +98,16 @@ class SourceItem:
     label: str = ""
     label_problem: str = ""  # "" or a quarantine reason string ("no_label: ...", "unknown_label: ...")
     patient_hint: str = ""   # labels.csv patient_id (PHI: only ever hashed)
+    walk_problem: str = ""   # "" or a reason decided by the walk (links, special files): the file is never opened
+
+
+@dataclass(frozen=True)
+class FoundFile:
+    """One entry of :func:`iter_files`: a ``/``-separated path relative to the walked root, and why it must not be
+    read (``""``: read it), as a quarantine reason ``<code>: <detail>``."""
+
+    rel: str
+    problem: str = ""
 
 
 @dataclass(frozen=True)
@@ -91,20 +119,28 @@ class FileJob:
     max_side: int
     max_pixels: int
     multiframe: Multiframe
+    worker_memory_mb: int = 0  # the workers' address-space allowance (for the quarantine message)
 
 
 def read_labels(path: Path, classes: Sequence[str]) -> dict[str, tuple[str, str]]:
     """Read ``labels.csv`` into ``{relative posix path: (label, patient_id)}``.
 
+    Encoding: UTF-8 (with or without a byte-order mark, as Excel's "CSV UTF-8" writes it) or UTF-16 with a
+    byte-order mark (Excel's "Unicode Text"; the mark makes it unambiguous). Anything else, e.g. latin-1, is refused
+    with the line of the first undecodable byte rather than guessed: a wrong guess would silently change paths.
+
     Raises:
-        LabelsError: wrong header, wrong number of fields, an empty, absolute or escaping path, or a duplicate path.
+        LabelsError: unreadable or too large, not UTF-8 / UTF-16 with BOM, a NUL character, a field over the csv
+            module's limit (131,072 characters), wrong header, wrong number of fields, an empty, absolute or
+            escaping path, or a duplicate path. Every message names the file, and the line where there is one.
     """
     out: dict[str, tuple[str, str]] = {}
-    with path.open(newline="", encoding="utf-8-sig") as fh:
-        reader = csv.DictReader(fh)
+    reader = csv.DictReader(io.StringIO(_labels_text(path), newline=""))
+    try:
         header = [h.strip() for h in (reader.fieldnames or [])]
         if header[:2] != ["path", "label"] or not set(header) <= set(_LABEL_COLUMNS) or len(set(header)) != len(header):
-            raise LabelsError(f"{path}: header must be 'path,label' or 'path,label,patient_id'; got {header}")
+            raise LabelsError(f"{path}:1: header must be 'path,label' or 'path,label,patient_id'; got "
+                              f"{len(header)} column(s) that are not these")
         reader.fieldnames = header
         for record in reader:
             line = reader.line_num
@@ -116,7 +152,38 @@ def read_labels(path: Path, classes: Sequence[str]) -> dict[str, tuple[str, str]
             if rel in out:
                 raise LabelsError(f"{path}:{line}: duplicate path {rel!r}")
             out[rel] = (record["label"].strip(), (record.get("patient_id") or "").strip())
+    except csv.Error as exc:
+        # The csv module's messages are fixed texts ("field larger than field limit (131072)"), never content.
+        # DictReader.line_num is only updated after a successful row; its csv.reader knows the line that failed.
+        raise LabelsError(f"{path}:{max(reader.reader.line_num, 1)}: {exc}; paths and labels are short, one record per "
+                          "line") from exc
     return out
+
+
+def _labels_text(path: Path) -> str:
+    """The text of labels.csv: UTF-8 (BOM optional) or UTF-16 with a BOM (see :func:`read_labels`)."""
+    try:
+        with path.open("rb") as fh:
+            raw = fh.read(_LABELS_MAX_BYTES + 1)
+    except OSError as exc:
+        raise LabelsError(f"{path}: cannot read: {exc.strerror}") from exc
+    if len(raw) > _LABELS_MAX_BYTES:
+        raise LabelsError(f"{path}: larger than {_LABELS_MAX_BYTES // 2**20} MiB; a labelling is a few bytes a file")
+    utf16 = raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)) and not raw.startswith(codecs.BOM_UTF32_LE)
+    encoding, name = ("utf-16", "UTF-16") if utf16 else ("utf-8-sig", "UTF-8")
+    try:
+        text = raw.decode(encoding)
+    except UnicodeDecodeError as exc:
+        line = raw[:exc.start].decode(encoding, errors="replace").count("\n") + 1
+        hint = " (NUL bytes: UTF-16 without a byte-order mark?)" if not utf16 and b"\x00" in raw[:4096] else ""
+        raise LabelsError(
+            f"{path}:{line}: not valid {name} (undecodable byte at offset {exc.start}){hint}; save labels.csv as "
+            "UTF-8 (e.g. Excel's 'CSV UTF-8') or as UTF-16 with a byte-order mark; latin-1 / Windows-1252 is not read"
+        ) from exc
+    if (nul := text.find("\x00")) >= 0:  # the csv module reads NUL as a character (Python >= 3.11)
+        raise LabelsError(f"{path}:{text.count(chr(10), 0, nul) + 1}: contains a NUL character (UTF-16 or UTF-32 "
+                          "without a byte-order mark?); save labels.csv as UTF-8")
+    return text
 
 
 def _clean_relpath(raw: str, labels: Path, line: int) -> str:
@@ -127,27 +194,78 @@ def _clean_relpath(raw: str, labels: Path, line: int) -> str:
     return norm
 
 
-def iter_files(source: Path) -> Iterator[str]:
-    """Yield every file under ``source`` lazily, as ``/``-separated paths relative to it (hidden files included).
+_REPEAT = ("symlink_repeat: directory link to a folder that is already walked (a loop, or a second link to it); "
+           "its files have rows under their first path")
+_OUTSIDE = ("symlink_outside_source: file link whose target is outside data.source (and outside the linked folder it "
+            "is in); not read")
+
+
+def iter_files(source: Path) -> Iterator[FoundFile]:
+    """Yield every entry under ``source`` that is not a walked directory, lazily, sorted by name per directory.
+
+    Hidden files are included. Directory symlinks that lead out of the tree being walked are followed, each real
+    directory once; a link back into it (a loop or a second name), a file link pointing outside it, a dangling link
+    and a special file are yielded with a ``problem`` (see the module docstring), never opened. "The tree being
+    walked" is the real ``source`` plus the real targets of the directory links above the entry.
 
     Raises:
-        IngestError: a directory under ``source`` cannot be listed (files would be missed silently otherwise).
+        IngestError: a directory cannot be listed (files would be missed silently otherwise).
     """
-    def fail(exc: OSError) -> None:
-        raise IngestError(f"cannot list {exc.filename}: {exc.strerror}") from exc
+    def key(info: os.stat_result) -> tuple[int, int]:
+        return info.st_dev, info.st_ino
 
-    for dirpath, dirnames, filenames in os.walk(source, onerror=fail):
-        dirnames.sort()
-        rel_dir = Path(dirpath).relative_to(source).as_posix()
-        for name in sorted(filenames):
-            yield name if rel_dir == "." else f"{rel_dir}/{name}"
+    root = os.path.realpath(source)
+    seen = {key(os.stat(source))}  # real directories already walked or queued
+    stack: list[tuple[str, str, tuple[str, ...]]] = [("", os.fspath(source), (root,))]
+    while stack:
+        rel_dir, path, roots = stack.pop()
+        try:
+            with os.scandir(path) as listing:
+                entries = sorted(listing, key=lambda e: e.name)
+        except OSError as exc:
+            raise IngestError(f"cannot list {path}: {exc.strerror}") from exc
+        subdirs = []
+        for entry in entries:
+            rel = f"{rel_dir}/{entry.name}" if rel_dir else entry.name
+            link = entry.is_symlink()
+            try:
+                info = os.stat(entry.path) if link else entry.stat(follow_symlinks=False)
+            except OSError as exc:
+                problem = "a cycle of links" if link and exc.errno == 40 else "its target does not exist"  # ELOOP
+                yield FoundFile(rel, f"symlink_dangling: {problem}" if link else
+                                f"unreadable: {type(exc).__name__}: {exc.strerror}")
+                continue
+            if stat.S_ISDIR(info.st_mode):
+                real = os.path.realpath(entry.path)
+                if key(info) in seen or (link and any(_within(real, r) for r in roots)):
+                    yield FoundFile(rel, _REPEAT)
+                    continue
+                seen.add(key(info))
+                subdirs.append((rel, entry.path, (*roots, real) if link else roots))
+            elif link and not any(_within(os.path.realpath(entry.path), r) for r in roots):
+                yield FoundFile(rel, _OUTSIDE)
+            elif not stat.S_ISREG(info.st_mode):
+                yield FoundFile(rel, "unreadable: not a regular file (a FIFO, socket or device); not opened")
+            else:
+                yield FoundFile(rel)
+        stack.extend(reversed(subdirs))  # depth first, in name order
+
+
+def _within(path: str, root: str) -> bool:
+    """``path`` is ``root`` or lies under it (both real, absolute paths)."""
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
 
 
 def iter_sources(
     source: Path, classes: Sequence[str], labels: dict[str, tuple[str, str]] | None
 ) -> Iterator[SourceItem]:
     """Yield a labelled :class:`SourceItem` per input file (``labels`` from :func:`read_labels`; None: folders)."""
-    for rel in iter_files(source):
+    for found in iter_files(source):
+        rel = found.rel
+        if found.problem:
+            if rel != LABELS_FILE or labels is None:
+                yield SourceItem(rel, walk_problem=found.problem)
+            continue
         if labels is not None:
             if rel == LABELS_FILE:
                 continue
@@ -174,15 +292,25 @@ def _labelled(rel: str, label: str, classes: Sequence[str], patient: str, where:
 
 
 def process_file(item: SourceItem, job: FileJob) -> dict[str, Any]:
-    """Process one input file (in a worker) and return its manifest row. Never raises for per-file problems."""
+    """Process one input file (in a worker) and return its manifest row. Never raises for per-file problems.
+
+    The accepted path is decode -> normalise -> (checks of the normalised image) -> encode -> write: any step may
+    raise :class:`QuarantineError`, and nothing is written before all of them have passed.
+    """
     row: dict[str, Any] = dict.fromkeys(MANIFEST_COLUMNS, "")
     row.update(source=item.source, label=item.label, status="quarantined")
     path = job.source_dir / item.source
+    unread_patient = deid.pseudonym("unreadable:" + item.source)  # nothing read: the file is its own patient
+    if item.walk_problem:
+        row.update(reason=item.walk_problem, patient_id=unread_patient)
+        return row
     try:
         row["sha256"], data = _read(path)
     except OSError as exc:
-        row.update(reason=f"unreadable: {type(exc).__name__}: {exc.strerror}",
-                   patient_id=deid.pseudonym("unreadable:" + item.source))
+        row.update(reason=f"unreadable: {type(exc).__name__}: {exc.strerror}", patient_id=unread_patient)
+        return row
+    except QuarantineError as exc:  # not a regular file (replaced by a FIFO after the walk)
+        row.update(reason=str(exc), patient_id=unread_patient)
         return row
     if item.label_problem:
         row.update(reason=item.label_problem, patient_id=_fallback_patient(item, row["sha256"]))
@@ -190,12 +318,22 @@ def process_file(item: SourceItem, job: FileJob) -> dict[str, Any]:
     try:
         decoded = decode_file(path, max_pixels=job.max_pixels, multiframe=job.multiframe,
                               pseudonymise=not item.patient_hint, data=data)
+        del data  # the file's bytes are not needed past decoding: free them before the float copies below
+        image = normalise(decoded.pixels, job.max_side)
+        # Checks on the normalised image (e.g. burned-in text) belong here, raising QuarantineError.
+        png = encode_png16(image)
     except QuarantineError as exc:
         row.update(reason=str(exc), patient_id=_fallback_patient(item, row["sha256"]))
         return row
-    image = normalise(decoded.pixels, job.max_side)
+    except MemoryError:
+        # Only under the workers' address-space cap (_init_worker): this file needs more memory than any image
+        # within ingest.max_pixels should. Quarantined, so one hostile file does not stop the stage.
+        reason = QuarantineError("too_large", f"decoding needs more memory than a worker may use "
+                                              f"(ingest.worker_memory_mb = {job.worker_memory_mb})")
+        row.update(reason=str(reason), patient_id=_fallback_patient(item, row["sha256"]))
+        return row
     name = f"{IMAGES_DIR}/{row['sha256'][:16]}.png"
-    write_png16(job.out_dir / name, image)
+    write_png16(job.out_dir / name, png)
     meta = decoded.meta
     row.update(
         status="accepted",
@@ -206,8 +344,8 @@ def process_file(item: SourceItem, job: FileJob) -> dict[str, Any]:
         orig_width=meta["orig_width"],
         orig_height=meta["orig_height"],
         format=decoded.format,
-        modality=meta["modality"] or "",
-        photometric=meta["photometric"] or "",
+        modality=meta["modality"] or "",  # a DICOM defined term or "other" (deid.MODALITY_TERMS)
+        photometric=meta["photometric"] or "",  # one of the supported values (imaging)
         bits_stored=meta["bits_stored"] if meta["bits_stored"] is not None else "",
         pixel_spacing_mm=meta["pixel_spacing_mm"] if meta["pixel_spacing_mm"] is not None else "",
         frames=meta["frames"],
@@ -227,12 +365,23 @@ def _fallback_patient(item: SourceItem, sha256: str) -> str:
 
 
 def _read(path: Path) -> tuple[str, bytes | None]:
-    """Return the sha256 of ``path`` and its content, or None for the content of a file over ``_IN_MEMORY_MAX``."""
-    with path.open("rb") as fh:
-        if os.fstat(fh.fileno()).st_size <= _IN_MEMORY_MAX:
+    """Return the sha256 of ``path`` and its content, or None for the content of a file over ``_IN_MEMORY_MAX``.
+
+    Opened without blocking and checked to be a regular file first (a FIFO put in place of a file after the walk
+    would block a plain open forever).
+
+    Raises:
+        OSError: the file cannot be opened or read.
+        QuarantineError: ``unreadable``: not a regular file.
+    """
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    with os.fdopen(fd, "rb") as fh:
+        info = os.fstat(fd)
+        check_regular(info.st_mode)
+        if info.st_size <= _IN_MEMORY_MAX:
             data = fh.read()
             return hashlib.sha256(data).hexdigest(), data
-    return sha256_file(path), None
+        return hashlib.file_digest(fh, "sha256").hexdigest(), None
 
 
 def process_chunk(items: Sequence[SourceItem], job: FileJob) -> list[dict[str, Any]]:
@@ -240,14 +389,29 @@ def process_chunk(items: Sequence[SourceItem], job: FileJob) -> list[dict[str, A
     return [process_file(item, job) for item in items]
 
 
-# PNG settings: stored (level 0) deflate, no row filter. Measured on 256 x 192 16-bit images (CPU time per image):
-# OpenCV level 0 0.15 ms; level 1 1.8-3.5 ms for only 10-20 % smaller files (16-bit detector noise hardly compresses);
-# Pillow level 0 2.3 ms, level 1 5.6 ms. The bare DICOM decode is ~1.4 ms, so compression would dominate ingest.
-_PNG_PARAMS = [cv2.IMWRITE_PNG_COMPRESSION, 0, cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_NONE]
+# PNG: Pillow at zlib level 0 (stored). Pillow filters every row adaptively whatever the level (libImaging
+# ZipEncode.c has no option to turn that off), so level 0 only skips compression. Measured on 256 x 192 16-bit
+# detector-noise images, CPU time per image (AMD EPYC, 2 cores): Pillow level 0 1.9 ms, level 1 4.2 ms for 11 %
+# smaller files; OpenCV level 0 without filter 0.12 ms. Pillow writes no timestamp or text chunk, so equal arrays give
+# byte-identical files.
+PNG_COMPRESS_LEVEL = 0
 
 
-def write_png16(path: Path, image: np.ndarray) -> None:
-    """Write a uint16 2-D array as a 16-bit grayscale PNG (no text chunks).
+def encode_png16(image: np.ndarray) -> bytes:
+    """Encode a uint16 2-D array as a 16-bit grayscale PNG (Pillow mode ``I;16``, no ancillary chunks).
+
+    Raises:
+        ValueError: ``image`` is not a 2-D uint16 array.
+    """
+    if image.ndim != 2 or image.dtype != np.uint16:
+        raise ValueError(f"expected a 2-D uint16 image, got {image.dtype} {image.shape}")
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
+    return buffer.getvalue()
+
+
+def write_png16(path: Path, image: np.ndarray | bytes) -> None:
+    """Write a uint16 2-D array (or its :func:`encode_png16` bytes) as a 16-bit grayscale PNG.
 
     The file is created exclusively: two identical inputs share one sha256 and so one image name, and the second
     writer (possibly another worker) finds the first one's identical file and leaves it. The output directory as a
@@ -256,11 +420,7 @@ def write_png16(path: Path, image: np.ndarray) -> None:
     Raises:
         ValueError: ``image`` is not a 2-D uint16 array.
     """
-    if image.ndim != 2 or image.dtype != np.uint16:
-        raise ValueError(f"{path}: expected a 2-D uint16 image, got {image.dtype} {image.shape}")
-    ok, encoded = cv2.imencode(".png", image, _PNG_PARAMS)
-    if not ok:
-        raise OSError(f"{path}: OpenCV could not encode the PNG")
+    encoded = image if isinstance(image, bytes) else encode_png16(image)
     try:
         with path.open("xb") as fh:
             fh.write(encoded)
@@ -268,24 +428,15 @@ def write_png16(path: Path, image: np.ndarray) -> None:
         pass  # identical content (same sha256 of the same source bytes) is already there
 
 
-PHASH_SIZE = 8        # imagehash.phash defaults: an 8 x 8 = 64-bit hash ...
-PHASH_HIGHFREQ = 4    # ... from the DCT of a 32 x 32 thumbnail
-
-
 def phash16(image: np.ndarray) -> str:
-    """64-bit perceptual hash (16 hex chars) of a uint16 image: the same hex as ``str(imagehash.phash(img8))``.
+    """64-bit perceptual hash (16 hex chars) of a uint16 image: ``str(imagehash.phash(img8))`` with its defaults.
 
     ``img8`` is the top byte of each pixel: imagehash works on 8-bit mode "L", and Pillow clips (not scales) 16-bit
-    values when converting. The steps are imagehash 4.3's ``phash`` with its defaults: Lanczos resize to 32 x 32,
-    2-D DCT-II (scipy.fftpack), the 8 x 8 lowest frequencies compared with their median, bits row-major with the
-    first as the most significant. Computed here without imagehash's ImageHash object and bit-string formatting
-    (~0.15 ms less per image, measured); tests/test_ingest.py checks the hex against imagehash's on varied images.
+    values when converting. imagehash costs ~0.1 ms per image more than an in-house copy of its algorithm (0.41 vs
+    0.31 ms, 256 x 192, measured), ~2 % of ingest's time per file: one implementation, the one validate's thresholds
+    were set on.
     """
-    side = PHASH_SIZE * PHASH_HIGHFREQ
-    thumb = Image.fromarray((image >> 8).astype(np.uint8)).resize((side, side), Image.Resampling.LANCZOS)
-    dct = scipy.fftpack.dct(scipy.fftpack.dct(np.asarray(thumb), axis=0), axis=1)
-    low = dct[:PHASH_SIZE, :PHASH_SIZE]
-    return np.packbits(low > np.median(low)).tobytes().hex()
+    return str(imagehash.phash(Image.fromarray((image >> 8).astype(np.uint8))))
 
 
 def _chunks(items: Iterator[SourceItem], size: int) -> Iterator[list[SourceItem]]:
@@ -293,24 +444,73 @@ def _chunks(items: Iterator[SourceItem], size: int) -> Iterator[list[SourceItem]
         yield chunk
 
 
+def _address_space() -> int | None:
+    """This process's virtual memory size in bytes (Linux ``/proc/self/statm``), or None where unavailable."""
+    try:
+        with open("/proc/self/statm", encoding="ascii") as fh:
+            return int(fh.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _init_worker(memory_mb: int) -> None:
+    """Worker start-up: one BLAS thread (the workers are the parallelism) and an address-space cap.
+
+    The cap (``RLIMIT_AS``) is the worker's size at start-up plus ``memory_mb``: relative, because what the imports
+    already map (libraries, BLAS buffers) differs between machines. Past it, allocations fail with ``MemoryError``,
+    which :func:`process_file` turns into a ``too_large`` row. Where ``RLIMIT_AS`` or ``/proc`` do not exist, no cap.
+    """
+    from threadpoolctl import threadpool_limits  # a scikit-learn dependency; only workers need it
+
+    threadpool_limits(1)
+    current = _address_space()
+    if memory_mb and current is not None and hasattr(resource, "RLIMIT_AS"):
+        _, hard = resource.getrlimit(resource.RLIMIT_AS)
+        limit = current + memory_mb * 2**20
+        resource.setrlimit(resource.RLIMIT_AS, (limit if hard == resource.RLIM_INFINITY else min(limit, hard), hard))
+
+
 def _rows(items: Iterator[SourceItem], job: FileJob, workers: int) -> Iterator[dict[str, Any]]:
     """Process items in-process (workers == 1) or in a pool, with a bounded number in flight so memory stays flat.
 
-    Pool.imap would drain the whole (lazy) walk into its task queue; here at most ``workers x _CHUNKS_PER_WORKER``
-    chunks are pending, and a new chunk is submitted as soon as the oldest is collected, so workers never wait for
-    a whole batch to finish. The walk runs in this process, so its errors raise here.
+    At most ``workers x _CHUNKS_PER_WORKER`` chunks are pending (the walk is lazy and never drained into a queue),
+    and a new chunk is submitted as soon as the oldest is collected, so workers never wait for a whole batch. The walk
+    runs in this process, so its errors raise here.
+
+    Raises:
+        IngestError: a worker process died (naming the files that were in flight).
     """
     if workers == 1:
         yield from (process_file(item, job) for item in items)
         return
-    with multiprocessing.get_context().Pool(workers) as pool:
-        pending: deque[AsyncResult[list[dict[str, Any]]]] = deque()
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(), initializer=_init_worker,
+                               initargs=(job.worker_memory_mb,))
+    pending: deque[tuple[list[SourceItem], Future[list[dict[str, Any]]]]] = deque()
+    try:
         for chunk in _chunks(items, _CHUNKSIZE):
-            pending.append(pool.apply_async(process_chunk, (chunk, job)))
+            pending.append((chunk, pool.submit(process_chunk, chunk, job)))
             if len(pending) >= workers * _CHUNKS_PER_WORKER:
-                yield from pending.popleft().get()
+                yield from pending[0][1].result()
+                pending.popleft()
         while pending:
-            yield from pending.popleft().get()
+            yield from pending[0][1].result()
+            pending.popleft()
+    except BrokenProcessPool as exc:
+        raise IngestError(_broken_pool_message(pending)) from exc
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _broken_pool_message(pending: deque[tuple[list[SourceItem], Future[list[dict[str, Any]]]]]) -> str:
+    """Name the files whose chunks were lost with a dead worker (all of them in the log, the first few here)."""
+    lost = [item.source for chunk, future in pending
+            if not future.done() or future.cancelled() or future.exception() is not None for item in chunk]
+    log.error("ingest: a worker died while these %d file(s) were in flight: %s", len(lost), ", ".join(lost))
+    shown = ", ".join(lost[:5]) + (f" and {len(lost) - 5} more (all listed in the log)" if len(lost) > 5 else "")
+    return (f"a worker process died (killed by a signal, e.g. by the out-of-memory killer, or crashed) while "
+            f"ingesting one of {len(lost)} file(s): {shown}. No manifest was written. Run ingest again; if a worker "
+            f"dies again on these files, move them out of data.source or lower ingest.worker_memory_mb so that a "
+            f"file needing too much memory is quarantined instead")
 
 
 def summarise(counts: dict[str, Counter], classes: Sequence[str], labelling: str, error: str | None) -> dict[str, Any]:
@@ -384,7 +584,8 @@ def _ingest_into(
     labels: dict[str, tuple[str, str]] | None, counts: dict[str, Counter], progress: bool,
 ) -> None:
     (out / IMAGES_DIR).mkdir()
-    job = FileJob(source.resolve(), out, settings.max_side, settings.max_pixels, settings.multiframe)
+    job = FileJob(source.resolve(), out, settings.max_side, settings.max_pixels, settings.multiframe,
+                  settings.worker_memory_mb)
     unsorted = out / f".{MANIFEST}.unsorted"
     seen_labelled = 0
     with unsorted.open("w", newline="", encoding="utf-8") as fh, logging_redirect_tqdm(), \

@@ -6,12 +6,17 @@ TIFF, sniffed by content; header values are never read out, so nothing identifyi
 model's ``image_size`` from the ``meta.json`` next to ``model.pt``. The output is one row per file: ``file,
 prob_osteoporosis, predicted, status, error``; a file that cannot be used gets ``status=error`` and a reason, and
 does not stop the others. Optionally a Grad-CAM overlay per file shows which regions drove the osteoporosis score.
+
+Directories are walked as ingest walks ``data.source`` (``ingest.iter_files``: directory links followed, loop-safe,
+each real directory once), hidden files skipped. Unlike ingest, predict reads a file link wherever it points: the
+files are the user's own, and nothing of them but a probability is output. A dangling link gets an error row.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import pickle
 import re
 from dataclasses import astuple, dataclass, fields
 from pathlib import Path
@@ -25,6 +30,7 @@ from spinedxa.config import Params
 from spinedxa.data import letterbox
 from spinedxa.files import atomic_path, write_text_atomic
 from spinedxa.imaging import QuarantineError, decode_file, normalise
+from spinedxa.ingest import iter_files
 from spinedxa.models import load_trained, predict_proba
 
 U16_MAX = 65535.0  # normalise() windows to the full 16-bit range, as the ingested PNGs the models trained on
@@ -49,14 +55,17 @@ class Prediction:
 
 def collect_files(inputs: Iterable[str | Path]) -> list[Path]:
     """The files to predict on: each input file as given, each directory's files recursively (sorted, hidden files
-    skipped). A path that does not exist is kept, so that it gets an error row rather than vanishing."""
+    skipped). A path that does not exist, a dangling link or a special file is kept, so that it gets an error row
+    rather than vanishing; a directory link back into the walked tree is skipped (its files are listed once).
+
+    Raises:
+        IngestError: a directory cannot be listed.
+    """
     files: list[Path] = []
     for item in map(Path, inputs):
         if item.is_dir():
-            files.extend(
-                p for p in sorted(item.rglob("*"))
-                if p.is_file() and not any(part.startswith(".") for part in p.relative_to(item).parts)
-            )
+            found = (f for f in iter_files(item) if not f.problem.startswith("symlink_repeat:"))
+            files.extend(sorted(item / f.rel for f in found if not any(p.startswith(".") for p in f.rel.split("/"))))
         else:
             files.append(item)
     return files
@@ -70,6 +79,8 @@ def prepare_image(path: Path, params: Params, image_size: int) -> np.ndarray:
         BlankImageError: the image has (almost) no contrast: std below ``validate.min_std``.
         ValueError: the decoded pixels are not finite.
     """
+    if path.is_symlink() and not path.exists():
+        raise QuarantineError("symlink_dangling", "its target does not exist")
     decoded = decode_file(path, max_pixels=params.ingest.max_pixels, multiframe=params.ingest.multiframe)
     image = normalise(decoded.pixels, params.ingest.max_side)
     if float(image.std()) < params.validate.min_std:
@@ -101,13 +112,14 @@ def predict_files(
 
     Raises:
         FileNotFoundError: the model file or its meta.json does not exist.
-        ValueError / RuntimeError: meta.json or the weights are unusable (see ``models.load_trained``).
+        ValueError / RuntimeError: meta.json or the weights are unusable (see ``models.load_trained``), e.g. a
+            model.pt that is not a weights-only state dict (an arbitrary pickle is refused, never run).
     """
     model_path = Path(model_file)
     model_dir = model_path if model_path.is_dir() else model_path.parent
     if not model_path.exists():
         raise FileNotFoundError(f"{model_path}: model not found (run the train stage, or `dvc pull`)")
-    model, meta = load_trained(model_dir, map_location=device)
+    model, meta = _load_model(model_dir, device)
     name, size, classes = meta["model"], int(meta["image_size"]), list(meta["classes"])
     threshold = params.evaluate.threshold
     cam_names = _gradcam_names(files) if gradcam_dir is not None else {}
@@ -140,6 +152,26 @@ def predict_files(
             else:
                 results.append(Prediction(str(path), None, "", "error", errors[i]))
     return results
+
+
+def _load_model(model_dir: Path, device: str) -> tuple[torch.nn.Module, dict]:
+    """``models.load_trained``, with a model.pt that ``torch.load(weights_only=True)`` refuses reported by name.
+
+    torch raises ``pickle.UnpicklingError`` for a pickle of anything but tensors and containers (a whole module, or a
+    payload that would run code), ``EOFError`` / ``KeyError`` for an empty or non-pickle file, and ``TypeError`` when
+    what it loaded is not a dict of tensors.
+
+    Raises:
+        ValueError: the weights file is not a weights-only state dict (nothing in it was executed).
+    """
+    try:
+        return load_trained(model_dir, map_location=device)
+    except (pickle.UnpicklingError, EOFError, KeyError, TypeError) as exc:
+        raise ValueError(
+            f"{model_dir / 'model.pt'}: not a weights-only state dict as the train stage saves it "
+            f"({type(exc).__name__}); refused without running anything in it. Re-save the weights with "
+            "torch.save(model.state_dict(), path), or retrain"
+        ) from exc
 
 
 def save_overlay(path: Path, image: np.ndarray, heat: np.ndarray) -> None:

@@ -174,3 +174,57 @@ def test_no_phi_leaves_ingest(tmp_path: Path, caplog: pytest.LogCaptureFixture,
     assert all(PSEUDONYM.match(p) for p in patients)
     # the four DICOMs share one PatientID -> one pseudonym; the PNG has its own (from labels.csv)
     assert len(patients) == 2 and deid.patient_pseudonym(LABEL_PATIENT) in patients
+
+
+@pytest.mark.parametrize("facts, expected", [
+    ({"Modality": "BMD"}, {"modality": "BMD"}),
+    ({"Modality": " dx "}, {"modality": "DX"}),                              # a defined term, written canonically
+    ({"Modality": FAKE_PHI["PatientName"]}, {"modality": "other"}),          # free text is never copied
+    ({"Modality": "PID-8675309"}, {"modality": "other"}),
+    ({}, {"modality": None}),
+    ({"PixelSpacing": ["0.25", "0.25"]}, {"pixel_spacing_mm": 0.25}),
+    ({"PixelSpacing": "Zyxwvut"}, {"pixel_spacing_mm": None}),               # not a number
+    ({"PixelSpacing": [5551234567.0, 1.0]}, {"pixel_spacing_mm": None}),     # a number, but no pixel spacing
+    ({"PixelSpacing": [float("nan"), 1.0]}, {"pixel_spacing_mm": None}),
+    ({"BitsStored": 12}, {"bits_stored": 12}),
+    ({"BitsStored": 8675309}, {"bits_stored": None}),
+    ({"BitsStored": "Quintessa"}, {"bits_stored": None}),
+])
+def test_kept_facts_come_from_a_fixed_vocabulary_or_a_checked_range(facts: dict, expected: dict) -> None:
+    got = deid.kept_facts(facts)
+    assert {k: got[k] for k in expected} == expected
+
+
+# --- header values that hold PHI: the code and a neutral description, never the value -----------------------------
+
+SECRET = FAKE_PHI["PatientName"]
+
+
+@pytest.mark.filterwarnings("ignore:The value length")  # the fixtures break VR length limits on purpose
+@pytest.mark.parametrize("keyword, extra, status", [
+    ("PhotometricInterpretation", {}, "quarantined"),
+    ("Modality", {}, "accepted"),
+    ("BurnedInAnnotation", {}, "accepted"),  # only YES quarantines; any other value is not echoed either
+    ("VOILUTFunction", {}, "accepted"),      # no window to apply it to
+    ("VOILUTFunction", {"WindowCenter": 2000, "WindowWidth": 1000}, "quarantined"),  # pydicom's error quotes it
+])
+def test_header_values_holding_phi_reach_no_output(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                                    capfd: pytest.CaptureFixture[str], keyword: str, extra: dict,
+                                                    status: str) -> None:
+    source = tmp_path / "source"
+    write_dicom(source / "normal" / "x.dcm", gradient(), phi={}, extra={**extra, keyword: SECRET})
+    write_dicom(source / "normal" / "ok.dcm", gradient()[::-1].copy(), phi={})
+    out, summary = tmp_path / "ingested", tmp_path / "ingest.json"
+    caplog.set_level(logging.DEBUG)
+    run_ingest(source, out, summary, classes=("normal", "osteoporosis"), progress=False,
+               settings=IngestConfig(workers=1, max_side=32, max_pixels=10**6))
+    manifest = (out / "manifest.csv").read_text()
+    row = next(line for line in manifest.splitlines() if line.startswith("normal/x.dcm,"))
+    assert f",{status}," in row
+    captured = capfd.readouterr()
+    for where, text in {"manifest": manifest, "summary": summary.read_text(), "log": caplog.text,
+                        "stdout+stderr": captured.out + captured.err}.items():
+        for piece in (SECRET, *SECRET.split("^"), SECRET.upper()):
+            assert piece not in text, f"{piece!r} leaked into {where}"
+    if keyword == "Modality":
+        assert ",other," in row

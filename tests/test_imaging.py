@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -10,11 +12,25 @@ import pytest
 from PIL import Image
 from pydicom.data import get_testdata_file
 import pydicom
+import pydicom.encaps
 from pydicom.pixels import apply_modality_lut, apply_voi_lut, convert_color_space
-from pydicom.uid import JPEG2000Lossless, RLELossless
+from pydicom.uid import JPEG2000Lossless, JPEG2000TransferSyntaxes, RLELossless
 
-from dicom_factory import gradient, make_dataset, truncate, write_dicom, write_no_pixels
-from spinedxa.imaging import REASONS, QuarantineError, decode_file, normalise, target_size
+from dicom_factory import (
+    FAKE_PHI,
+    gradient,
+    j2k_lying_size,
+    jpeg_frame,
+    jpeg_lying_size,
+    make_dataset,
+    truncate,
+    write_deflate_bomb,
+    write_dicom,
+    write_encapsulated,
+    write_no_pixels,
+)
+from spinedxa import imaging
+from spinedxa.imaging import REASONS, QuarantineError, decode_file, inflate_limit, normalise, target_size
 
 LIMIT = 10_000_000
 
@@ -89,8 +105,8 @@ def test_bundled_files_quarantined(name: str, reason: str) -> None:
     assert reason_of(bundled(name)) == reason
 
 
-def test_unsupported_photometric_detail_names_the_value() -> None:
-    with pytest.raises(QuarantineError, match="unsupported_photometric: PALETTE COLOR"):
+def test_unsupported_photometric_detail_names_a_defined_term() -> None:
+    with pytest.raises(QuarantineError, match="unsupported_photometric: PALETTE COLOR is not supported"):
         decode(bundled("examples_palette.dcm"))
 
 
@@ -433,3 +449,172 @@ def test_pydicom_log_records_stay_out_of_the_logs(tmp_path: Path) -> None:
     finally:
         root.removeHandler(witness)
     assert witness.names == ["spinedxa.test"]
+
+
+# --- hostile files: the check runs before the memory it protects is allocated ---------------------------------------
+
+SMALL = 10_000  # max_pixels for the hostile cases: the inflation limit is then 2 x 10,000 bytes + 8 MiB
+
+
+def _deflate_over_the_limit(p: Path) -> Path:
+    # The header claims 3000 x 3000 (more than SMALL, but the inflation check comes first); ~9 KB on disk.
+    return write_deflate_bomb(p, inflate_limit(SMALL) + 2**20, rows=3000, cols=3000)
+
+
+def _deflate_1x1_bomb(p: Path) -> Path:
+    return write_deflate_bomb(p, 64 * 2**20)  # header 1 x 1, 64 MB inflated, ~64 KB on disk
+
+
+def _deflate_excess(p: Path) -> Path:
+    return write_deflate_bomb(p, 2**20)  # under the inflation limit, but 1 MB of pixel data for a 1 x 1 header
+
+
+def _deflate_cut(p: Path) -> Path:
+    data = _deflate_excess(p).read_bytes()
+    p.write_bytes(data[:-200])
+    return p
+
+
+def _deflate_garbage(p: Path) -> Path:
+    data = bytearray(_deflate_excess(p).read_bytes())
+    start = data.index(b"1.2.840.10008.1.2.1.99") + 40  # past the file meta, into the deflate stream
+    data[start:start + 64] = b"\xff" * 64
+    p.write_bytes(bytes(data))
+    return p
+
+
+def _native_excess(p: Path) -> Path:
+    ds = make_dataset(gradient(2, 2))
+    ds.PixelData = bytes(2**17)  # 128 KiB of pixel data behind a 2 x 2 header
+    ds.save_as(p, enforce_file_format=True)
+    return p
+
+
+def _frames_negative(p: Path) -> Path:
+    return write_dicom(p, extra={"NumberOfFrames": -5})
+
+
+@pytest.mark.parametrize("make, reason, detail", [
+    (_deflate_over_the_limit, "too_large", r"inflates to more than .* \(the limit for ingest.max_pixels"),
+    (_deflate_1x1_bomb, "corrupt", "inflates to more than .* far more than its header declares"),
+    (_deflate_excess, "corrupt", "far more than the 2 bytes"),
+    (_deflate_cut, "truncated", "deflated data set ends early"),
+    (_deflate_garbage, "corrupt", "not a valid deflate stream"),
+    (lambda p: j2k_lying_size(p), "too_large", r"codestream's own size \(SIZ\) .* 12000 x 12000"),
+    (lambda p: j2k_lying_size(p, claimed=96), "corrupt", r"\(SIZ\) 96 x 96 x 1 differs from .* 64 x 64 x 1"),
+    (lambda p: jpeg_lying_size(p), "too_large", r"codestream's own size \(SOF\) .* 12000 x 12000"),
+    (lambda p: jpeg_lying_size(p, claimed=80), "corrupt", r"\(SOF\) 80 x 80 x 1 differs from .* 64 x 64 x 1"),
+    (lambda p: write_encapsulated(p, b"\xff\xd8\xff\xd9", "1.2.840.10008.1.2.4.50", rows=8, cols=8), "corrupt",
+     "no readable SOF marker"),
+    (_native_excess, "corrupt", "far more than the 8 bytes"),
+    (_frames_negative, "corrupt", "NumberOfFrames=-5"),
+], ids=["deflate_bomb_max_pixels", "deflate_bomb_1x1", "deflate_excess", "deflate_truncated", "deflate_invalid", "j2k_siz_too_large",
+        "j2k_siz_mismatch", "jpeg_sof_too_large", "jpeg_sof_mismatch", "jpeg_no_sof", "native_excess",
+        "frames_negative"])
+def test_hostile_files_are_quarantined_before_decoding(tmp_path: Path, make, reason: str, detail: str) -> None:
+    path = make(tmp_path / "hostile.dcm")
+    assert path.stat().st_size < 256 * 2**10  # small on disk, whatever they claim
+    for data in (None, path.read_bytes()):  # from the path (predict) and from bytes already read (ingest)
+        with pytest.raises(QuarantineError) as info:
+            decode(path, max_pixels=SMALL if make is _deflate_over_the_limit else 50_000_000, data=data)
+        assert info.value.reason == reason
+        assert re.search(detail, info.value.detail), info.value.detail
+
+
+@pytest.mark.parametrize("inflated, side, max_pixels, reason", [
+    (inflate_limit(SMALL) + 2**20, 3000, SMALL, "too_large"),  # past the max_pixels limit
+    (4 * 2**20, 1, 50_000_000, "corrupt"),                       # within it, far past what its 1 x 1 header says
+], ids=["past_max_pixels", "past_its_header"])
+def test_deflate_bomb_is_refused_without_inflating_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, inflated: int,
+                                                      side: int, max_pixels: int, reason: str) -> None:
+    """The bounded inflation stops at the limit: pydicom (which would inflate it whole) is never called."""
+    path = write_deflate_bomb(tmp_path / "bomb.dcm", inflated, rows=side, cols=side)
+    monkeypatch.setattr(imaging.pydicom, "dcmread", lambda *a, **k: pytest.fail("dcmread called on a bomb"))
+    with pytest.raises(QuarantineError) as info:
+        decode(path, max_pixels=max_pixels)
+    assert info.value.reason == reason and "deflated data set inflates to more than" in info.value.detail
+
+
+def test_deflated_file_within_the_limit_decodes(tmp_path: Path) -> None:
+    """A consistent deflated file (header and pixel data agree) under the limit is decoded as usual."""
+    path = write_deflate_bomb(tmp_path / "ok.dcm", 100 * 80 * 2 + 2048, rows=100, cols=80)
+    decoded = decode(path)
+    assert decoded.pixels.shape == (100, 80)
+
+
+@pytest.mark.parametrize("claimed_ok", [True, False])
+def test_codestream_check_passes_honest_jpeg(tmp_path: Path, claimed_ok: bool) -> None:
+    """A baseline JPEG whose SOF matches Rows/Columns decodes (the check does not reject valid files)."""
+    pixels = gradient(48, 40, 255, "uint8")
+    rows = 48 if claimed_ok else 47
+    path = write_encapsulated(tmp_path / "j.dcm", jpeg_frame(pixels), "1.2.840.10008.1.2.4.50", rows=rows, cols=40)
+    if claimed_ok:
+        decoded = decode(path)
+        assert decoded.pixels.shape == (48, 40)
+        assert np.abs(decoded.pixels - pixels).max() < 16  # lossy, but the same image
+    else:
+        assert reason_of(path) == "corrupt"
+
+
+@pytest.mark.parametrize("name", ["JPEG2000.dcm", "MR_small_jp2klossless.dcm", "SC_rgb_jpeg_dcmtk.dcm",
+                                  "JPGExtended.dcm", "MR_small_jpeg_ls_lossless.dcm", "SC_rgb_jls_lossy_line.dcm",
+                                  "examples_jpeg2k.dcm", "693_J2KI.dcm"])
+def test_codestream_sizes_of_bundled_files_match_their_headers(name: str) -> None:
+    ds = pydicom.dcmread(bundled(name))
+    frame = pydicom.encaps.get_frame(ds.PixelData, 0, number_of_frames=int(ds.get("NumberOfFrames", 1) or 1))
+    parse = imaging.j2k_size if ds.file_meta.TransferSyntaxUID in JPEG2000TransferSyntaxes else imaging.jpeg_size
+    assert parse(frame) == (ds.Rows, ds.Columns, ds.SamplesPerPixel)
+
+
+def test_codestream_check_happens_before_any_codec(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = j2k_lying_size(tmp_path / "j.dcm")
+    monkeypatch.setattr(imaging, "get_decoder", lambda ts: _NoDecode())
+    assert reason_of(path) == "too_large"
+
+
+class _NoDecode:
+    is_available = True
+    missing_dependencies: list[str] = []
+
+    def as_array(self, *args, **kwargs):
+        pytest.fail("the codec was called on a codestream that lies about its size")
+
+
+# --- header values are never echoed -------------------------------------------------------------------------------
+
+def _bad_photometric(p: Path) -> Path:
+    ds = make_dataset(gradient())
+    ds.PhotometricInterpretation = FAKE_PHI["PatientName"]
+    ds.save_as(p, enforce_file_format=True)
+    return p
+
+
+def _private_transfer_syntax(p: Path) -> Path:
+    ds = make_dataset(gradient())
+    ds.file_meta.TransferSyntaxUID = "1.2.826.0.1.3680043.8.498.77777777777777"
+    ds.save_as(p, enforce_file_format=False, implicit_vr=False, little_endian=True)
+    return p
+
+
+@pytest.mark.parametrize("make, reason, secret", [
+    (_bad_photometric, "unsupported_photometric", FAKE_PHI["PatientName"]),
+    (_private_transfer_syntax, "unsupported_transfer_syntax", "77777777777777"),
+])
+def test_header_values_are_never_quoted(tmp_path: Path, make, reason: str, secret: str) -> None:
+    path = make(tmp_path / "x.dcm")
+    with pytest.raises(QuarantineError) as info:
+        decode(path)
+    assert info.value.reason == reason
+    assert secret.upper() not in str(info.value).upper() and "^" not in str(info.value)
+
+
+def test_photometric_message_describes_an_unknown_value(tmp_path: Path) -> None:
+    with pytest.raises(QuarantineError, match="not one of the DICOM defined terms"):
+        decode(_bad_photometric(tmp_path / "x.dcm"))
+
+
+def test_fifo_is_refused_without_blocking(tmp_path: Path) -> None:
+    fifo = tmp_path / "scan.dcm"
+    os.mkfifo(fifo)
+    with pytest.raises(QuarantineError, match="unreadable: not a regular file"):
+        decode(fifo)

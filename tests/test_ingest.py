@@ -5,16 +5,21 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+import multiprocessing
+import os
 import re
+import signal
+import threading
+import time
 from pathlib import Path
 
-import imagehash
 import numpy as np
+import psutil
 import pytest
 from PIL import Image
 from pydicom.uid import RLELossless
 
-from dicom_factory import gradient, write_dicom
+from dicom_factory import gradient, write_deflate_bomb, write_dicom
 from spinedxa import deid, ingest
 from spinedxa.config import IngestConfig
 from spinedxa.files import sha256_file
@@ -280,10 +285,37 @@ PHASH_IMAGES = {
 
 
 @pytest.mark.parametrize("name", sorted(PHASH_IMAGES))
-def test_phash16_is_imagehash_phash(name: str) -> None:
-    """The direct implementation gives imagehash's exact hex (validate's thresholds were set on imagehash values)."""
+def test_phash16_hashes_the_top_byte(name: str) -> None:
+    """16 hex chars of imagehash's pHash of the top byte: noise below 256 (the low byte) does not change it."""
     image = PHASH_IMAGES[name]
-    assert phash16(image) == str(imagehash.phash(Image.fromarray((image >> 8).astype(np.uint8))))
+    value = phash16(image)
+    assert re.fullmatch(r"[0-9a-f]{16}", value)
+    low_noise = (image & np.uint16(0xFF00)) | _RNG.integers(0, 256, image.shape).astype(np.uint16)
+    assert phash16(low_noise) == value
+
+
+def test_phash16_tells_different_images_apart() -> None:
+    distinct = {phash16(PHASH_IMAGES[n]) for n in ("noise", "scan", "dxa_size", "checkerboard", "landscape")}
+    assert len(distinct) == 5
+
+
+def test_png_writer_is_lossless_deterministic_and_carries_no_text(tmp_path: Path) -> None:
+    image = PHASH_IMAGES["dxa_size"]
+    first, second = ingest.encode_png16(image), ingest.encode_png16(image.copy())
+    assert first == second  # byte-identical for identical input: no timestamp
+    assert b"tIME" not in first and b"tEXt" not in first and b"iTXt" not in first and b"zTXt" not in first
+    ingest.write_png16(tmp_path / "a.png", image)
+    with Image.open(tmp_path / "a.png") as img:
+        assert img.mode == "I;16"
+        np.testing.assert_array_equal(np.asarray(img), image)
+    ingest.write_png16(tmp_path / "a.png", np.zeros((2, 2), np.uint16))  # an existing name is left as it is
+    assert (tmp_path / "a.png").read_bytes() == first
+
+
+@pytest.mark.parametrize("bad", [np.zeros((4, 4), np.uint8), np.zeros((4, 4, 3), np.uint16)])
+def test_png_writer_rejects_other_arrays(bad: np.ndarray) -> None:
+    with pytest.raises(ValueError, match="2-D uint16"):
+        ingest.encode_png16(bad)
 
 
 def test_large_files_stream_to_the_same_outputs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -297,3 +329,234 @@ def test_large_files_stream_to_the_same_outputs(tmp_path: Path, monkeypatch: pyt
         run_ingest(source, out, tmp_path / f"{limit}.json", classes=CLASSES, settings=settings(), progress=False)
         digests.append({p.relative_to(out): sha256_file(p) for p in out.rglob("*") if p.is_file()})
     assert digests[0] == digests[1] and len(digests[0]) == 1 + 8  # manifest + the eight accepted images
+
+
+# --- links and special files --------------------------------------------------------------------------------------
+
+def _rows_by_source(tmp_path: Path, source: Path, workers: int = 1) -> dict[str, dict[str, str]]:
+    out = tmp_path / "out"
+    run_ingest(source, out, tmp_path / "s.json", classes=CLASSES, settings=settings(workers), progress=False)
+    return {r["source"]: r for r in read_manifest(out)}
+
+
+def _linked_class_folder(tmp_path: Path, source: Path) -> dict[str, str]:
+    write_dicom(tmp_path / "elsewhere" / "normal" / "a.dcm", scan(1))
+    write_dicom(tmp_path / "elsewhere" / "normal" / "deep" / "b.dcm", scan(2))
+    source.mkdir()
+    (source / "normal").symlink_to(tmp_path / "elsewhere" / "normal", target_is_directory=True)
+    return {"normal/a.dcm": "accepted", "normal/deep/b.dcm": "accepted"}
+
+
+def _linked_sub_folder(tmp_path: Path, source: Path) -> dict[str, str]:
+    write_dicom(source / "osteoporosis" / "c.dcm", scan(3))
+    write_dicom(tmp_path / "disk2" / "d.dcm", scan(4))
+    (source / "osteoporosis" / "disk2").symlink_to(tmp_path / "disk2", target_is_directory=True)
+    return {"osteoporosis/c.dcm": "accepted", "osteoporosis/disk2/d.dcm": "accepted"}
+
+
+def _loop(tmp_path: Path, source: Path) -> dict[str, str]:
+    write_dicom(source / "normal" / "a.dcm", scan(1))
+    (source / "normal" / "again").symlink_to("..", target_is_directory=True)   # -> source: a loop
+    (source / "normal" / "self").symlink_to(".", target_is_directory=True)     # -> normal itself
+    return {"normal/a.dcm": "accepted", "normal/again": "symlink_repeat", "normal/self": "symlink_repeat"}
+
+
+def _loop_through_outside(tmp_path: Path, source: Path) -> dict[str, str]:
+    write_dicom(tmp_path / "ext" / "e.dcm", scan(5))
+    (tmp_path / "ext" / "back").symlink_to(source, target_is_directory=True)  # outside -> back into the source
+    (tmp_path / "ext" / "round").symlink_to(tmp_path / "ext", target_is_directory=True)
+    source.mkdir(parents=True, exist_ok=True)
+    (source / "normal").symlink_to(tmp_path / "ext", target_is_directory=True)
+    (source / "osteoporosis").symlink_to(tmp_path / "ext", target_is_directory=True)  # a second link to it
+    return {"normal/e.dcm": "accepted", "normal/back": "symlink_repeat", "normal/round": "symlink_repeat",
+            "osteoporosis": "symlink_repeat"}
+
+
+def _file_links(tmp_path: Path, source: Path) -> dict[str, str]:
+    write_dicom(source / "normal" / "a.dcm", scan(1))
+    (source / "normal" / "inside.dcm").symlink_to("a.dcm")
+    write_dicom(tmp_path / "private" / "secret.dcm", scan(9))
+    (source / "normal" / "outside.dcm").symlink_to(tmp_path / "private" / "secret.dcm")
+    (source / "normal" / "etc.dcm").symlink_to("/etc/passwd")
+    (source / "normal" / "gone.dcm").symlink_to(tmp_path / "nowhere.dcm")
+    (source / "normal" / "cycle1.dcm").symlink_to("cycle2.dcm")
+    (source / "normal" / "cycle2.dcm").symlink_to("cycle1.dcm")
+    return {"normal/a.dcm": "accepted", "normal/inside.dcm": "accepted", "normal/outside.dcm": "symlink_outside_source",
+            "normal/etc.dcm": "symlink_outside_source", "normal/gone.dcm": "symlink_dangling",
+            "normal/cycle1.dcm": "symlink_dangling", "normal/cycle2.dcm": "symlink_dangling"}
+
+
+def _special_files(tmp_path: Path, source: Path) -> dict[str, str]:
+    write_dicom(source / "normal" / "a.dcm", scan(1))
+    os.mkfifo(source / "normal" / "pipe.dcm")  # opening it for reading would block forever
+    return {"normal/a.dcm": "accepted", "normal/pipe.dcm": "unreadable"}
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize("make", [_linked_class_folder, _linked_sub_folder, _loop, _loop_through_outside,
+                                  _file_links, _special_files])
+def test_every_link_and_special_file_gets_one_row(tmp_path: Path, make, workers: int) -> None:
+    source = tmp_path / "source"
+    expected = make(tmp_path, source)
+    rows = _rows_by_source(tmp_path, source, workers)
+    assert {s: (r["status"] if r["status"] == "accepted" else r["reason"].partition(":")[0])
+            for s, r in rows.items()} == expected
+    for row in rows.values():
+        if row["reason"].startswith(("symlink_", "unreadable")):
+            assert row["sha256"] == "" and re.fullmatch(r"P[0-9a-f]{12}", row["patient_id"])  # never read
+    if "normal/inside.dcm" in rows:
+        assert rows["normal/inside.dcm"]["sha256"] == rows["normal/a.dcm"]["sha256"]
+
+
+def test_iter_files_follows_each_real_directory_once(tmp_path: Path) -> None:
+    """A tree of links that would be walked exponentially often (each level links the next twice) is walked once."""
+    for level in range(12):
+        (tmp_path / f"d{level}").mkdir()
+        (tmp_path / f"d{level}" / "f.bin").write_bytes(b"x")
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "a").symlink_to(tmp_path / "d0", target_is_directory=True)
+    for level in range(11):
+        for name in ("x", "y"):
+            (tmp_path / f"d{level}" / name).symlink_to(tmp_path / f"d{level + 1}", target_is_directory=True)
+    found = list(ingest.iter_files(tmp_path / "src"))
+    files = [f.rel for f in found if not f.problem]
+    assert len(files) == 12 and len(found) == 12 + 11  # 12 files; 11 second links, one row each
+
+
+# --- labels.csv: encodings and oversized fields -------------------------------------------------------------------
+
+LABELS_TEXT = "path,label\nnormal/é.png,normal\nb.png,osteoporosis\n"
+
+
+@pytest.mark.parametrize("raw", [
+    LABELS_TEXT.encode("utf-8"),
+    b"\xef\xbb\xbf" + LABELS_TEXT.encode("utf-8"),          # Excel's "CSV UTF-8"
+    LABELS_TEXT.encode("utf-16"),                           # BOM + native order
+    b"\xff\xfe" + LABELS_TEXT.encode("utf-16-le"),
+    b"\xfe\xff" + LABELS_TEXT.encode("utf-16-be"),
+], ids=["utf8", "utf8_bom", "utf16", "utf16le_bom", "utf16be_bom"])
+def test_labels_csv_in_utf8_or_utf16_with_bom(tmp_path: Path, raw: bytes) -> None:
+    (tmp_path / "labels.csv").write_bytes(raw)
+    assert read_labels(tmp_path / "labels.csv", CLASSES) == {"normal/é.png": ("normal", ""),
+                                                            "b.png": ("osteoporosis", "")}
+
+
+BAD_LABELS = {
+    "latin1": (LABELS_TEXT.encode("latin-1"), r"labels\.csv:2: not valid UTF-8"),
+    "cp1252_line4": ("path,label\na.png,normal\nb.png,normal\nc\u00e9.png,normal\n".encode("cp1252"),
+                     r"labels\.csv:4: not valid UTF-8"),
+    "utf16_no_bom": (LABELS_TEXT.encode("utf-16-le"), r"labels\.csv:2: not valid UTF-8 .*UTF-16 without a byte-order"),
+    "utf16_no_bom_ascii": ("path,label\na.png,normal\n".encode("utf-16-le"),
+                           r"labels\.csv:1: contains a NUL character .*without a byte-order mark"),
+    "utf16_odd_length": (b"\xff\xfe" + "path,label\na.png,normal\n".encode("utf-16-le")[:-1],
+                         r"labels\.csv:\d+: not valid UTF-16"),
+    "long_field": (f"path,label\na.png,normal\n{'x' * 131_073}.png,normal\n".encode(),
+                   r"labels\.csv:3: field larger than field limit"),
+    "unclosed_quote": (f"path,label\n\"{'y' * 200_000},normal\n".encode(), r"labels\.csv:\d+: field larger than"),
+    "nul": (b"path,label\na.png,nor\x00mal\n", r"labels\.csv:2: contains a NUL character"),
+    "no_header": (b"Zyxwvut^Quintessa,PID-8675309-XQ\n", r"labels\.csv:1: header must be"),
+}
+
+
+@pytest.mark.parametrize("raw, match", list(BAD_LABELS.values()), ids=list(BAD_LABELS))
+def test_unreadable_labels_csv_names_the_file_and_line(tmp_path: Path, raw: bytes, match: str) -> None:
+    (tmp_path / "labels.csv").write_bytes(raw)
+    with pytest.raises(LabelsError, match=match) as info:
+        read_labels(tmp_path / "labels.csv", CLASSES)
+    assert "Zyxwvut" not in str(info.value) and "8675309" not in str(info.value)  # content is never echoed
+
+
+@pytest.mark.parametrize("raw", [LABELS_TEXT.encode("latin-1"), f"path,label\n{'x' * 131_073},normal\n".encode()],
+                         ids=["latin1", "long_field"])
+def test_bad_labels_csv_stops_the_stage_with_exit_1_after_the_summary(tmp_path: Path, raw: bytes,
+                                                                      capfd: pytest.CaptureFixture[str]) -> None:
+    spec = importlib.util.spec_from_file_location("stage_ingest", REPO / "stages" / "ingest.py")
+    stage = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(stage)
+    source = tmp_path / "source"
+    write_dicom(source / "a.dcm", scan(1))
+    (source / "labels.csv").write_bytes(raw)
+    params = tmp_path / "params.yaml"
+    params.write_text((REPO / "params.yaml").read_text())
+    summary = tmp_path / "s.json"
+    assert stage.main(["--params", str(params), "--source", str(source), "--out", str(tmp_path / "out"),
+                       "--summary", str(summary), "--no-progress"]) == 1
+    error = json.loads(summary.read_text())["error"]
+    assert re.search(r"labels\.csv:\d+: ", error)
+    assert "Traceback" not in capfd.readouterr().err and not (tmp_path / "out").exists()
+
+
+# --- a worker that dies must not hang the stage -------------------------------------------------------------------
+
+def _killing_process_file(item, job):
+    """Stand-in for process_file in the workers (test only): the file named kill.dcm takes its worker down."""
+    if item.source.endswith("kill.dcm"):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return _real_process_file(item, job)
+
+
+def _slow_process_file(item, job):
+    time.sleep(0.5)
+    return _real_process_file(item, job)
+
+
+_real_process_file = ingest.process_file
+
+
+def _kill_a_worker_when_busy(stop: threading.Event) -> None:
+    """From outside, as the OOM killer does: SIGKILL the first worker process of this test process."""
+    me = psutil.Process()
+    while not stop.is_set():
+        workers = me.children(recursive=True)
+        if workers:
+            time.sleep(0.3)  # let it take a chunk
+            os.kill(workers[0].pid, signal.SIGKILL)
+            return
+        time.sleep(0.05)
+
+
+@pytest.mark.skipif(multiprocessing.get_start_method() != "fork",
+                    reason="the stand-in process function reaches the workers only when they are forked")
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("how", ["worker_kills_itself", "killed_from_outside"])
+def test_a_killed_worker_ends_the_stage_with_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                           how: str) -> None:
+    source = tmp_path / "source"
+    for i in range(40):
+        write_dicom(source / "normal" / f"s{i:02d}.dcm", scan(i))
+    write_dicom(source / "normal" / "kill.dcm", scan(99))
+    monkeypatch.setattr(ingest, "process_file",
+                        _killing_process_file if how == "worker_kills_itself" else _slow_process_file)
+    stop = threading.Event()
+    killer = threading.Thread(target=_kill_a_worker_when_busy, args=(stop,), daemon=True)
+    if how == "killed_from_outside":
+        killer.start()
+    summary, out = tmp_path / "s.json", tmp_path / "out"
+    started = time.monotonic()
+    try:
+        with pytest.raises(IngestError, match=r"a worker process died .* while ingesting one of \d+ file\(s\): normal/"):
+            run_ingest(source, out, summary, classes=CLASSES, settings=settings(workers=2), progress=False)
+    finally:
+        stop.set()
+    assert time.monotonic() - started < 60
+    assert "a worker process died" in json.loads(summary.read_text())["error"]
+    assert not out.exists()  # no partial output
+
+
+@pytest.mark.skipif(not hasattr(__import__("resource"), "RLIMIT_AS") or not Path("/proc/self/statm").exists(),
+                    reason="the workers' memory cap needs RLIMIT_AS and /proc")
+@pytest.mark.timeout(120)
+def test_worker_memory_cap_turns_a_consistent_bomb_into_a_quarantine_row(tmp_path: Path) -> None:
+    """An 8000 x 8000 deflated image (125 kB on disk, 128 MB inflated, header and data consistent, within a generous
+    max_pixels) needs more than the worker may use: a too_large row, the stage goes on."""
+    source = tmp_path / "source"
+    write_deflate_bomb(source / "normal" / "big.dcm", 8000 * 8000 * 2 + 4096, rows=8000, cols=8000)
+    write_dicom(source / "normal" / "ok.dcm", scan(1))
+    write_dicom(source / "osteoporosis" / "ok2.dcm", scan(2))
+    cfg = IngestConfig(workers=2, max_side=24, max_pixels=10**8, multiframe="first", worker_memory_mb=64)
+    out = tmp_path / "out"
+    run_ingest(source, out, tmp_path / "s.json", classes=CLASSES, settings=cfg, progress=False)
+    rows = {r["source"]: r for r in read_manifest(out)}
+    assert rows["normal/big.dcm"]["reason"].startswith("too_large: decoding needs more memory than a worker may use")
+    assert rows["normal/ok.dcm"]["status"] == rows["osteoporosis/ok2.dcm"]["status"] == "accepted"

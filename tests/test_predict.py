@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -16,10 +17,10 @@ import pandas as pd
 import pytest
 import torch
 from conftest import VENV_BIN, make_repo_copy, run
-from dicom_factory import FAKE_PHI, gradient, write_dicom
+from dicom_factory import FAKE_PHI, gradient, j2k_lying_size, jpeg_lying_size, make_dataset, write_deflate_bomb, write_dicom
 from PIL import Image
 
-from spinedxa import predict
+from spinedxa import cli, predict
 from spinedxa.config import load_params
 from spinedxa.data import letterbox, read_image
 from spinedxa.imaging import decode_file, normalise
@@ -62,6 +63,12 @@ CASES = [
     ("noise.bin", lambda p: p.write_bytes(bytes(range(256)) * 4), "error", "not_an_image"),
     ("flat.png", lambda p: _png16(p, constant=True), "error", "blank"),
     ("missing.dcm", lambda p: None, "error", "unreadable"),
+    ("dangling.dcm", lambda p: p.symlink_to(p.with_name("gone.dcm")), "error", "symlink_dangling"),
+    ("fifo.dcm", lambda p: os.mkfifo(p), "error", "unreadable: not a regular file"),
+    ("deflate_bomb.dcm", lambda p: write_deflate_bomb(p, 2**30, rows=7000, cols=7000), "error", "too_large"),
+    ("deflate_bomb_1x1.dcm", lambda p: write_deflate_bomb(p, 2**30), "error", "corrupt"),  # 1 GB from 1 MB
+    ("j2k_lies.dcm", lambda p: j2k_lying_size(p), "error", "too_large"),
+    ("jpeg_lies.dcm", lambda p: jpeg_lying_size(p), "error", "too_large"),
 ]
 
 
@@ -172,3 +179,54 @@ def test_predict_reproduces_evaluate_on_the_raw_test_files(tmp_path: Path) -> No
     assert got["status"].eq("ok").all()
     np.testing.assert_allclose(got["prob_osteoporosis"], expected["prob"], atol=1e-5)
     assert (got["predicted"] == expected["predicted"]).all()
+
+
+def test_directory_with_dangling_link_and_loop(tmp_path: Path, model_file: Path, params) -> None:
+    """A folder given to predict: a dangling link gets an error row, a directory loop is walked once."""
+    folder = tmp_path / "scans"
+    _png16(folder / "a.png")
+    (folder / "gone.png").symlink_to(folder / "nowhere.png")
+    (folder / "loop").symlink_to(folder, target_is_directory=True)
+    files = predict.collect_files([folder])
+    assert [f.relative_to(folder).as_posix() for f in files] == ["a.png", "gone.png"]
+    rows = predict.predict_files(model_file, files, params)
+    assert [(r.status, r.error.partition(":")[0]) for r in rows] == [("ok", ""), ("error", "symlink_dangling")]
+
+
+@pytest.mark.filterwarnings("ignore:The value length")  # the fixture breaks the CS length limit on purpose
+def test_header_value_is_not_echoed_in_predict_output(tmp_path: Path, model_file: Path, params) -> None:
+    ds = make_dataset(gradient())
+    ds.PhotometricInterpretation = FAKE_PHI["PatientName"]
+    ds.save_as(tmp_path / "phi.dcm", enforce_file_format=True)
+    (row,) = predict.predict_files(model_file, [tmp_path / "phi.dcm"], params)
+    assert row.error.startswith("unsupported_photometric: ") and "Zyxwvut" not in row.error
+
+
+def _evil_pickle(path: Path) -> None:
+    class Payload:
+        def __reduce__(self):
+            return (os.system, ("touch " + str(path.parent / "PWNED"),))
+    torch.save({"weight": Payload()}, path)
+
+
+@pytest.mark.parametrize("write", [
+    _evil_pickle,                                                        # would run a command if unpickled
+    lambda p: torch.save({"model": torch.nn.Linear(2, 2)}, p),           # a whole module, not a state dict
+    lambda p: p.write_bytes(b""),                                        # empty
+    lambda p: p.write_text("not a checkpoint"),
+    lambda p: torch.save([torch.zeros(2)], p),                           # tensors, but not a dict of them
+], ids=["code_payload", "whole_module", "empty", "text", "list"])
+def test_unsafe_or_unusable_model_exits_2_with_a_message(tmp_path: Path, repo_root: Path, write,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    model_dir = tmp_path / "m"
+    model_dir.mkdir()
+    write(model_dir / "model.pt")
+    (model_dir / "meta.json").write_text(json.dumps({"model": "cnn21", "image_size": 32,
+                                                     "classes": ["normal", "osteoporosis"]}))
+    scan = _png16(tmp_path / "s.png")
+    code = cli.main(["predict", "--model", str(model_dir / "model.pt"), str(scan),
+                     "--params", str(repo_root / "params.yaml")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("spinedxa predict: error: ") and "model.pt" in err and "Traceback" not in err
+    assert not (tmp_path / "PWNED").exists()
