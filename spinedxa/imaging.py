@@ -125,6 +125,7 @@ _INFLATE_CHUNK = 2**20  # compressed bytes read, and inflated bytes produced, pe
 # tightly (_declared_end); 256 kB hold the headers of DXA exports, private groups included, many times over.
 _INFLATE_HEAD = 256 * 2**10
 _INFLATE_TAIL_BYTES = 2**20  # elements after the pixel data (signatures, trailing padding)
+_DEFLATED_UID = str(DeflatedExplicitVRLittleEndian).encode("ascii")  # 22 characters: stored without padding
 # Native Pixel Data may exceed what the header declares by padding (one byte to even length; some writers pad to a
 # block): more than twice the declared size plus 64 kB is a file whose header does not describe its pixel data.
 _PIXEL_EXCESS_FACTOR = 2
@@ -386,6 +387,8 @@ def _bound_inflation(source: Path | io.BytesIO, force: bool, max_pixels: int) ->
     stream starts where pydicom's inflation starts. Header errors are left to :func:`pydicom.dcmread`, which reports
     them in the usual way.
     """
+    if isinstance(source, io.BytesIO) and _DEFLATED_UID not in source.getvalue():  # getvalue(): the bytes, uncopied
+        return  # the deflated transfer syntax's UID is nowhere in the file: skip the parse (~0.3 ms)
     fp = source.open("rb") if isinstance(source, Path) else source
     try:
         read_preamble(fp, force)

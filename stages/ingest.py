@@ -3,11 +3,12 @@
 Reads:   --source (data.source): DICOM / PNG / JPEG / TIFF files labelled by class folders or labels.csv.
 Writes:  --out (data/ingested): images/<sha256[:16]>.png and manifest.csv (docs/CONTRACTS.md);
          --summary (reports/ingest.json): counts per status, label, reason and format.
-Params:  data.classes, ingest.workers, ingest.max_side, ingest.max_pixels, ingest.multiframe.
+Params:  data.classes, ingest.workers, ingest.max_side, ingest.max_pixels, ingest.multiframe, ingest.worker_memory_mb.
 Secret:  $SPINEDXA_DEID_KEY, else .spinedxa/deid.key (created on first use): keys the patient pseudonyms.
 
-Exit status 1 on a systemic problem (source missing or empty, labels.csv malformed, no file accepted), after the
-summary has been written; per-file problems only quarantine the file.
+Exit status 1 on a systemic problem (source missing or empty, labels.csv malformed or not UTF-8 / UTF-16 with BOM, a
+worker process killed, no file accepted), after the summary has been written; per-file problems only quarantine the
+file.
 """
 
 from __future__ import annotations

@@ -9,6 +9,8 @@ import multiprocessing
 import os
 import re
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -19,7 +21,7 @@ import pytest
 from PIL import Image
 from pydicom.uid import RLELossless
 
-from dicom_factory import gradient, write_deflate_bomb, write_dicom
+from dicom_factory import gradient, hostile_corpus, write_deflate_bomb, write_dicom
 from spinedxa import deid, ingest
 from spinedxa.config import IngestConfig
 from spinedxa.files import sha256_file
@@ -560,3 +562,48 @@ def test_worker_memory_cap_turns_a_consistent_bomb_into_a_quarantine_row(tmp_pat
     rows = {r["source"]: r for r in read_manifest(out)}
     assert rows["normal/big.dcm"]["reason"].startswith("too_large: decoding needs more memory than a worker may use")
     assert rows["normal/ok.dcm"]["status"] == rows["osteoporosis/ok2.dcm"]["status"] == "accepted"
+
+
+# --- peak memory on hostile files ---------------------------------------------------------------------------------
+
+_MEMORY_CHILD = """
+import dataclasses, json, resource, sys
+from pathlib import Path
+from spinedxa.config import load_params
+from spinedxa.ingest import run_ingest
+params = load_params(sys.argv[1])
+run_ingest(Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4]), classes=params.data.classes,
+           settings=dataclasses.replace(params.ingest, workers=2), progress=False)
+with open("/proc/self/status") as fh:  # VmHWM: ru_maxrss of an exec'd process starts at its parent's peak
+    hwm = next(int(line.split()[1]) for line in fh if line.startswith("VmHWM:"))
+print(json.dumps({"parent_kib": hwm, "worker_kib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmHWM from /proc")
+@pytest.mark.timeout(300)
+def test_peak_memory_on_hostile_files_stays_well_under_1_gib(tmp_path: Path) -> None:
+    """Ingest (the repo's params, two workers) on every hostile fixture of tests/dicom_factory.HOSTILE at once: each
+    gets its row, and memory stays bounded whatever the files say (1 GB deflate bombs, 12000 x 12000 codestreams
+    behind 64 x 64 headers, ...). The largest allowed case is a consistent 7000 x 7000 image, which max_pixels admits."""
+    source = tmp_path / "source"
+    expected = hostile_corpus(source)
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-c", _MEMORY_CHILD, str(REPO / "params.yaml"), str(source), str(out),
+                             str(tmp_path / "s.json")], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO), "SPINEDXA_DEID_KEY": "test-key"})
+    root, sampled = psutil.Process(proc.pid), 0
+    while proc.poll() is None:
+        try:
+            sampled = max(sampled, sum(p.memory_info().rss for p in (root, *root.children(recursive=True))))
+        except psutil.NoSuchProcess:
+            pass  # a worker exited between listing and reading
+        time.sleep(0.02)
+    assert proc.returncode == 0
+    peaks = json.loads(proc.stdout.read().strip().splitlines()[-1])
+    rows = {r["source"]: r["status"] if r["status"] == "accepted" else r["reason"].partition(":")[0]
+            for r in read_manifest(out)}
+    assert rows == expected
+    mib = 2**20
+    assert sampled < 1024 * mib, f"process tree peaked at {sampled / mib:.0f} MiB"
+    assert peaks["parent_kib"] * 1024 < 256 * mib and peaks["worker_kib"] * 1024 < 512 * mib, peaks
