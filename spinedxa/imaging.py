@@ -342,7 +342,8 @@ def _frame_index(frames: int, multiframe: Multiframe) -> int:
 def _check_size(rows: int, cols: int, frames: int, max_pixels: int, what: str = "rows x columns x frames") -> None:
     n = rows * cols * frames
     if n > max_pixels:
-        raise QuarantineError("too_large", f"{what} = {rows} x {cols} x {frames} = {n} > ingest.max_pixels {max_pixels}")
+        raise QuarantineError("too_large",
+                              f"{what} = {rows} x {cols} x {frames} = {n} > ingest.max_pixels {max_pixels}")
 
 
 def _ts_name(tsyntax: UID) -> str:

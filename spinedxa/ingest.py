@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import codecs
 import csv
+import errno
 import hashlib
 import io
 import itertools
@@ -194,8 +195,8 @@ def _clean_relpath(raw: str, labels: Path, line: int) -> str:
     return norm
 
 
-_REPEAT = ("symlink_repeat: directory link to a folder that is already walked (a loop, or a second link to it); "
-           "its files have rows under their first path")
+_REPEAT = ("symlink_repeat: a folder that is walked through another path already (a link back into the tree, a "
+           "loop, or a second link to it); its files have rows under that path")
 _OUTSIDE = ("symlink_outside_source: file link whose target is outside data.source (and outside the linked folder it "
             "is in); not read")
 
@@ -231,7 +232,8 @@ def iter_files(source: Path) -> Iterator[FoundFile]:
             try:
                 info = os.stat(entry.path) if link else entry.stat(follow_symlinks=False)
             except OSError as exc:
-                problem = "a cycle of links" if link and exc.errno == 40 else "its target does not exist"  # ELOOP
+                problem = {errno.ELOOP: "a cycle of links", errno.ENOENT: "its target does not exist",
+                           errno.ENOTDIR: "its target does not exist"}.get(exc.errno, f"its target: {exc.strerror}")
                 yield FoundFile(rel, f"symlink_dangling: {problem}" if link else
                                 f"unreadable: {type(exc).__name__}: {exc.strerror}")
                 continue
@@ -496,7 +498,7 @@ def _rows(items: Iterator[SourceItem], job: FileJob, workers: int) -> Iterator[d
             yield from pending[0][1].result()
             pending.popleft()
     except BrokenProcessPool as exc:
-        raise IngestError(_broken_pool_message(pending)) from exc
+        raise IngestError(f"{_broken_pool_message(pending)} ({exc})") from exc
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 

@@ -537,7 +537,7 @@ def test_a_killed_worker_ends_the_stage_with_a_clear_error(tmp_path: Path, monke
     summary, out = tmp_path / "s.json", tmp_path / "out"
     started = time.monotonic()
     try:
-        with pytest.raises(IngestError, match=r"a worker process died .* while ingesting one of \d+ file\(s\): normal/"):
+        with pytest.raises(IngestError, match=r"a worker process died .* ingesting one of \d+ file\(s\): normal/"):
             run_ingest(source, out, summary, classes=CLASSES, settings=settings(workers=2), progress=False)
     finally:
         stop.set()
@@ -585,7 +585,8 @@ print(json.dumps({"parent_kib": hwm, "worker_kib": resource.getrusage(resource.R
 def test_peak_memory_on_hostile_files_stays_well_under_1_gib(tmp_path: Path) -> None:
     """Ingest (the repo's params, two workers) on every hostile fixture of tests/dicom_factory.HOSTILE at once: each
     gets its row, and memory stays bounded whatever the files say (1 GB deflate bombs, 12000 x 12000 codestreams
-    behind 64 x 64 headers, ...). The largest allowed case is a consistent 7000 x 7000 image, which max_pixels admits."""
+    behind 64 x 64 headers, ...). The largest allowed case is a consistent 7000 x 7000 image, which max_pixels
+    admits."""
     source = tmp_path / "source"
     expected = hostile_corpus(source)
     out = tmp_path / "out"

@@ -17,7 +17,15 @@ import pandas as pd
 import pytest
 import torch
 from conftest import VENV_BIN, make_repo_copy, run
-from dicom_factory import FAKE_PHI, gradient, j2k_lying_size, jpeg_lying_size, make_dataset, write_deflate_bomb, write_dicom
+from dicom_factory import (
+    FAKE_PHI,
+    gradient,
+    j2k_lying_size,
+    jpeg_lying_size,
+    make_dataset,
+    write_deflate_bomb,
+    write_dicom,
+)
 from PIL import Image
 
 from spinedxa import cli, predict
