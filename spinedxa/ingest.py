@@ -328,10 +328,10 @@ def process_file(item: SourceItem, job: FileJob) -> dict[str, Any]:
         row.update(reason=str(exc), patient_id=_fallback_patient(item, row["sha256"]))
         return row
     except MemoryError:
-        # Only under the workers' address-space cap (_init_worker): this file needs more memory than any image
-        # within ingest.max_pixels should. Quarantined, so one hostile file does not stop the stage.
-        reason = QuarantineError("too_large", f"decoding needs more memory than a worker may use "
-                                              f"(ingest.worker_memory_mb = {job.worker_memory_mb})")
+        # Under the workers' address-space cap (_init_worker) or a ulimit: this file needs more memory than any
+        # image within ingest.max_pixels should. Quarantined, so one hostile file does not stop the stage.
+        reason = QuarantineError("too_large", f"decoding needs more memory than this process may use "
+                                              f"(ingest.worker_memory_mb = {job.worker_memory_mb}, or a ulimit)")
         row.update(reason=str(reason), patient_id=_fallback_patient(item, row["sha256"]))
         return row
     name = f"{IMAGES_DIR}/{row['sha256'][:16]}.png"

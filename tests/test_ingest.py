@@ -560,7 +560,7 @@ def test_worker_memory_cap_turns_a_consistent_bomb_into_a_quarantine_row(tmp_pat
     out = tmp_path / "out"
     run_ingest(source, out, tmp_path / "s.json", classes=CLASSES, settings=cfg, progress=False)
     rows = {r["source"]: r for r in read_manifest(out)}
-    assert rows["normal/big.dcm"]["reason"].startswith("too_large: decoding needs more memory than a worker may use")
+    assert rows["normal/big.dcm"]["reason"].startswith("too_large: decoding needs more memory than this process")
     assert rows["normal/ok.dcm"]["status"] == rows["osteoporosis/ok2.dcm"]["status"] == "accepted"
 
 
