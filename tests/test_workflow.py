@@ -244,6 +244,23 @@ def test_load_stages_lets_dvc_resolve_matrix_templating_and_outputs(mini_repo: P
     assert (ev.verb, ev.item, ev.rule) == ("evaluate", "vgg16", "evaluate_vgg16")
 
 
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda text: text.replace("\nsplit:\n", "\nsplit:\n  seed: 1\n", 1), "split.seed: duplicated key at line"),
+        (lambda text: text.replace("    batch_size: 16", "    batch_size: 0", 1), "train.cnn21.batch_size: 0 is out of range"),
+    ],
+    ids=["duplicated_key", "out_of_range"],
+)
+def test_snakefile_rejects_bad_params_naming_the_key(mini_repo: Path, edit, message: str) -> None:
+    """Snakemake reads params.yaml itself (keeping the last of two equal keys): the Snakefile checks it as stages do."""
+    params = mini_repo / "params.yaml"
+    params.write_text(edit(params.read_text()))
+    proc = snakemake(["--snakefile", str(SNAKEFILE), "--list-rules"], mini_repo, check=False)
+    assert proc.returncode != 0
+    assert message in proc.stdout + proc.stderr
+
+
 def test_load_stages_names_a_directory_without_dvc_yaml(tmp_path: Path) -> None:
     with pytest.raises(dag.DagError, match="no dvc.yaml"):
         dag.load_stages(tmp_path)
