@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import importlib.util
 import json
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import REPO
+from conftest import REPO, stage_main
 from spinedxa.config import SplitConfig, params_from_dict
 from spinedxa.files import sha256_file
 from spinedxa.split import (
@@ -193,13 +192,6 @@ def test_refuses_unless_validation_passed_on_this_manifest(tmp_path, validation,
         require_validation_success(summary, manifest)
 
 
-def load_stage_main():
-    spec = importlib.util.spec_from_file_location("stage_split", REPO / "stages" / "split.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
-
-
 @pytest.mark.parametrize("folds", [0, 3])
 def test_stage_writes_splits_and_summary(tmp_path, folds):
     raw = copy.deepcopy(yaml.safe_load((REPO / "params.yaml").read_text()))
@@ -208,7 +200,7 @@ def test_stage_writes_splits_and_summary(tmp_path, folds):
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     manifest, validation = write_manifest_and_validation(tmp_path, make_cohort(30, 50, 0.2))
     out, summary_path = tmp_path / "data" / "split" / "splits.csv", tmp_path / "reports" / "split.json"
-    load_stage_main()(["--params", str(tmp_path / "params.yaml"), "--manifest", str(manifest), "--validation",
+    stage_main("split")(["--params", str(tmp_path / "params.yaml"), "--manifest", str(manifest), "--validation",
                        str(validation), "--out", str(out), "--summary", str(summary_path)])
     splits = pd.read_csv(out)
     assert list(splits.columns) == list(OUTPUT_COLUMNS) + (["fold"] if folds else [])

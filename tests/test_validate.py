@@ -19,9 +19,9 @@ import pytest
 import yaml
 from PIL import Image
 
-from conftest import REPO, run
+from conftest import REPO, run, stage_main
 from spinedxa.config import Params, params_from_dict
-from spinedxa.validation import (
+from spinedxa.validate import (
     MANIFEST_COLUMNS,
     ManifestError,
     ValidationFailed,
@@ -172,17 +172,6 @@ BAD_CASES = {
 }
 
 
-@pytest.fixture(scope="module")
-def stage_main():
-    """stages/validate.py's main(), imported from its file (stages/ is not a package)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("stage_validate", REPO / "stages" / "validate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
-
-
 def write_params(path: Path, **validate: float) -> Path:
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
     raw["validate"] = {**VALIDATE, **validate}
@@ -190,10 +179,10 @@ def write_params(path: Path, **validate: float) -> Path:
     return path
 
 
-def test_good_manifest_passes_and_writes_docs(tmp_path, stage_main):
+def test_good_manifest_passes_and_writes_docs(tmp_path):
     manifest = write_case(tmp_path, make_manifest())
     docs, summary_path = tmp_path / "reports" / "validation", tmp_path / "reports" / "validation.json"
-    stage_main(["--params", str(write_params(tmp_path / "params.yaml")), "--manifest", str(manifest),
+    stage_main("validate")(["--params", str(write_params(tmp_path / "params.yaml")), "--manifest", str(manifest),
                 "--docs", str(docs), "--summary", str(summary_path)])
     summary = json.loads(summary_path.read_text())
     assert summary["success"] is True
