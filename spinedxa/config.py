@@ -152,7 +152,8 @@ class _Section:
     KEY: ClassVar[str] = ""
 
     def __post_init__(self) -> None:
-        check_fields(type(self), {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}, self.KEY)  # type: ignore[arg-type]
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
+        check_fields(type(self), values, self.KEY)
         self._check()
 
     def _check(self) -> None:
@@ -192,7 +193,8 @@ class SynthesizeConfig(_Section):
     def _check(self) -> None:
         if not 0 <= self.n_osteoporosis <= self.n_scans:
             raise ConfigError(
-                f"synthesize.n_osteoporosis: {self.n_osteoporosis} is out of range; allowed: [0, n_scans={self.n_scans}]"
+                f"synthesize.n_osteoporosis: {self.n_osteoporosis} is out of range; "
+                f"allowed: [0, n_scans={self.n_scans}]"
             )
 
 

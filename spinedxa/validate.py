@@ -545,7 +545,9 @@ TIMESTAMPS = (
 RUN_TIME_SORT = re.compile(r"('_run_time_sort': )[\d.]+")
 UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 # GE's logos come from its S3 bucket (with a ?d=<now> query); the package ships logo-long.png itself.
-GE_S3_IMAGE = re.compile(r"https://great-expectations-web-assets\.s3[\w.-]*\.amazonaws\.com/[\w.-]+\.png(?:\?[^\"')\s]*)?")
+GE_S3_IMAGE = re.compile(
+    r"https://great-expectations-web-assets\.s3[\w.-]*\.amazonaws\.com/[\w.-]+\.png(?:\?[^\"')\s]*)?"
+)
 # Links between the site's own pages, at whatever depth GE wrote them.
 SITE_LINK = re.compile(r"(?<=[\"'])(?:\.\./)+(?=index\.html|static/|expectations/|validations/)")
 VEGA_TAG = re.compile(r"<script src=\"https://cdn\.jsdelivr\.net/npm/vega[\w-]*@[\d.]+\"></script>\n?")

@@ -117,13 +117,22 @@ def test_profiles_apply_and_validate(tmp_path, profile):
                 assert getattr(p.train.model(model), k) == v
 
 
-def test_bad_profile_writes_nothing(tmp_path):
+@pytest.mark.parametrize(
+    ("profile", "message"),
+    [
+        ("train:\n  resnet50:\n    lr: high\n", r"bad\.yaml: train\.resnet50\.lr"),
+        ("evaluate:\n  bootstrap: 10\n  bootstrap: 20\n", r"bad\.yaml: evaluate\.bootstrap: duplicated key at line 3"),
+        ("evaluate:\n  bootstrap: 0\n", r"bad\.yaml: evaluate\.bootstrap: 0 is out of range"),
+    ],
+    ids=["mistyped", "duplicated_key", "out_of_range"],
+)
+def test_bad_profile_writes_nothing(tmp_path, profile, message):
     target = tmp_path / "params.yaml"
     original = (REPO / "params.yaml").read_text()
     target.write_text(original)
     prof = tmp_path / "bad.yaml"
-    prof.write_text("train:\n  resnet50:\n    lr: high\n")
-    with pytest.raises(ConfigError, match="train.resnet50.lr"):
+    prof.write_text(profile)
+    with pytest.raises(ConfigError, match=message):
         apply_profile(target, prof)
     assert target.read_text() == original
 
@@ -320,17 +329,6 @@ def test_duplicated_section_is_reported_as_duplicated_not_missing(tmp_path, raw)
     path.write_text(text)
     with pytest.raises(ConfigError, match=r"split: duplicated key at line \d+ \(first at line \d+\)"):
         load_params(path)
-
-
-def test_duplicated_key_in_a_profile_names_the_profile(tmp_path):
-    target = tmp_path / "params.yaml"
-    original = (REPO / "params.yaml").read_text()
-    target.write_text(original)
-    prof = tmp_path / "twice.yaml"
-    prof.write_text("evaluate:\n  bootstrap: 10\n  bootstrap: 20\n")
-    with pytest.raises(ConfigError, match=r"twice\.yaml: evaluate\.bootstrap: duplicated key at line 3"):
-        apply_profile(target, prof)
-    assert target.read_text() == original
 
 
 def test_anchors_and_merge_keys_are_not_duplicates(tmp_path):
