@@ -10,7 +10,7 @@ export GIT_PYTHON_REFRESH := quiet
 export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR := false
 PYTEST_ARGS ?=
 
-.PHONY: install repro test test-all bench snakemake dvc-commit mlflow-server clean-venv
+.PHONY: install repro test test-all bench snakemake dvc-commit plots plots-diff vendor mlflow-server clean-venv
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -44,6 +44,19 @@ snakemake: install
 
 dvc-commit: install
 	$(BIN)/dvc commit --force
+
+# Plots as HTML that needs no network (Vega inlined: workflow/plots/offline.html), in dvc_plots/index.html.
+PLOTS_TEMPLATE := workflow/plots/offline.html
+REV ?= HEAD
+plots: install
+	$(BIN)/dvc plots show --html-template $(PLOTS_TEMPLATE)
+
+plots-diff: install
+	$(BIN)/dvc plots diff $(REV) --html-template $(PLOTS_TEMPLATE)
+
+# Re-vendor the web assets of the Data Docs and the plots template from the npm registry (pinned, sha512-checked).
+vendor: install
+	$(BIN)/python workflow/vendor_web_assets.py
 
 MLFLOW_PORT ?= 5000
 mlflow-server: install

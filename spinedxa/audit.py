@@ -35,7 +35,7 @@ from spinedxa import dag
 from spinedxa.config import ValidateConfig, load_params
 from spinedxa.data import AUGMENTED_COLUMNS, SPLITS, SPLITS_COLUMNS, read_table
 from spinedxa.files import sha256_file
-from spinedxa.validation import find_near_duplicates
+from spinedxa.validate import find_near_duplicates
 
 MANIFEST_NAME = "manifest.csv"  # inside the ingest output directory (docs/CONTRACTS.md)
 METRIC_KEYS = ("accuracy", "precision", "recall", "specificity", "f1", "roc_auc")
@@ -350,7 +350,7 @@ def audit_leakage(
     """Find patients, raw files and near-duplicate images shared by two splits, and augmented images whose parent is
     not in the training split.
 
-    Near-duplicates are what validate calls near-duplicates (``validation.find_near_duplicates``): pHash within
+    Near-duplicates are what validate calls near-duplicates (``validate.find_near_duplicates``): pHash within
     ``cfg.phash_max_distance`` bits, confirmed by SSIM >= ``cfg.near_duplicate_min_ssim`` on the ingested images
     (next to the manifest). A candidate whose images are missing cannot be cleared and is reported (ssim None).
 

@@ -1,8 +1,9 @@
 """Data augmentation of the training split: offline expansion and the on-the-fly transform used by training.
 
 Naeem et al. 2025 "expanded" their 174 images "using various data augmentation techniques" without saying which, and
-their reported figures fit augmented copies of test images in the test set (see ARCHITECTURE.md). Here augmentation
-only ever touches the training split, which the split stage has already separated by patient.
+their four reported figures fit a 210-image test set (TP 104, FN 5, FP 1, TN 100 = 6 x 35), i.e. augmented copies of
+~35 test images: leakage, a hypothesis from arithmetic that the report audits (README, "Train, evaluate, report").
+Here augmentation only ever touches the training split, which the split stage has already separated by patient.
 
 Techniques (all configurable under ``augment`` in params.yaml; a technique whose parameter is at its neutral value is
 left out of the pipeline), applied in this order with torchvision.transforms.v2:
@@ -16,7 +17,7 @@ left out of the pipeline), applied in this order with torchvision.transforms.v2:
    differences between scanners, exposure and windowing.
 5. additive Gaussian noise (``noise_std``, in units of the [0, 1] intensity range): detector noise.
 
-Two ways to use them, both on by default (``expand: 2``, ``online: true``):
+Two ways to use them, both on by default (params.yaml: ``augment.expand`` copies per image, ``augment.online: true``):
 
 - offline expansion (what the paper did): :func:`augment_training_set` writes ``augment.expand`` augmented copies of
   every training image to ``data/augmented`` (versioned by DVC, visible, auditable). Copy ``k`` of an image is drawn

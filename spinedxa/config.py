@@ -1,8 +1,14 @@
 """Typed, frozen configuration loaded once from ``params.yaml``.
 
-Every section of ``params.yaml`` maps to a frozen dataclass. The loader rejects unknown keys, missing keys and
-values of the wrong type with a :class:`ConfigError` that names the dotted key (``train.resnet50.lr``), so a typo in
-``params.yaml`` or in ``dvc exp run -S`` fails loudly instead of being ignored.
+Every section of ``params.yaml`` maps to a frozen dataclass. The loader rejects unknown keys, missing keys, values of
+the wrong type, NaN and infinite numbers, values outside a field's allowed range and duplicated YAML keys with a
+:class:`ConfigError` that names the dotted key (``train.resnet50.lr``) and what is allowed, so a typo in
+``params.yaml`` or in ``dvc exp run -S`` fails when the parameters are loaded, before any stage does work.
+
+Ranges are declared next to each field (``lr: float = bounded(0, low_open=True)``: dataclass field metadata) and
+checked by the loader and by every section's ``__post_init__`` (so ``dataclasses.replace`` is checked too);
+constraints that tie several fields together (``validate.min_side <= validate.max_side``) are written out in the
+section's ``_check``.
 
 Usage::
 
@@ -13,11 +19,12 @@ Usage::
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, ClassVar, Literal, Mapping
 
 import yaml
 
@@ -25,159 +32,289 @@ MODEL_NAMES: tuple[str, ...] = ("cnn21", "resnet50", "vgg16", "vgg19", "inceptio
 
 
 class ConfigError(ValueError):
-    """A key in params.yaml is unknown, missing, or has a value of the wrong type."""
+    """A key in params.yaml is unknown, missing, duplicated, or has a value of the wrong type or out of range."""
+
+
+# --- declarative constraints ------------------------------------------------------------------------------------
+
+
+def _fmt(number: float) -> str:
+    return f"{number:g}"
 
 
 @dataclass(frozen=True)
-class DataConfig:
-    source: str
-    classes: tuple[str, ...] = ("normal", "osteoporosis")
+class Range:
+    """The interval a number (or each number of a list) must lie in; ``None`` leaves that side unbounded."""
 
-    def __post_init__(self) -> None:
-        if len(self.classes) != 2:
-            raise ConfigError(f"data.classes: expected exactly two classes (negative, positive), got {self.classes!r}")
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def __str__(self) -> str:
+        if self.high is None and self.low is not None:
+            return f"{'>' if self.low_open else '>='} {_fmt(self.low)}"
+        if self.low is None and self.high is not None:
+            return f"{'<' if self.high_open else '<='} {_fmt(self.high)}"
+        low = "-inf" if self.low is None else _fmt(self.low)
+        high = "inf" if self.high is None else _fmt(self.high)
+        return f"{'(' if self.low_open else '['}{low}, {high}{')' if self.high_open else ']'}"
+
+    def check(self, key: str, value: Any) -> None:
+        """Raise :class:`ConfigError` naming ``key`` unless ``value`` (each item of a tuple) lies in the range."""
+        for i, v in enumerate(value) if isinstance(value, tuple) else [(None, value)]:
+            inside = (
+                (self.low is None or (v > self.low if self.low_open else v >= self.low))
+                and (self.high is None or (v < self.high if self.high_open else v <= self.high))
+            )
+            if not inside:  # NaN compares false both ways: never inside
+                where = key if i is None else f"{key}[{i}]"
+                raise ConfigError(f"{where}: {v!r} is out of range; allowed: {self}")
 
 
 @dataclass(frozen=True)
-class SynthesizeConfig:
-    seed: int
-    n_scans: int
-    n_osteoporosis: int
-    followup_fraction: float
-    height: int
-    width: int
-    pixel_spacing_mm: float
-    monochrome1_fraction: float
-    osteophyte_rate: float
-    fracture_rate: float
-    scoliosis_rate: float
-    workers: int = 1
+class Items:
+    """How many items a list (or non-blank characters a string) may hold, and whether its items must be distinct."""
+
+    min_len: int = 1
+    max_len: int | None = None
+    unique: bool = False
+    noun: str = "item(s)"
+
+    def __str__(self) -> str:
+        if self.max_len is None:
+            size = f"at least {self.min_len}"
+        elif self.min_len == self.max_len:
+            size = f"exactly {self.min_len}"
+        else:
+            size = f"{self.min_len} to {self.max_len}"
+        return f"{size} {self.noun}" + (", each listed once" if self.unique else "")
+
+    def check(self, key: str, value: Any) -> None:
+        """Raise :class:`ConfigError` naming ``key`` when ``value`` is too short, too long or repeats an item."""
+        size = len(value.strip()) if isinstance(value, str) else len(value)
+        if size < self.min_len or (self.max_len is not None and size > self.max_len):
+            raise ConfigError(f"{key}: {value!r} has {size} {self.noun}; allowed: {self}")
+        if self.unique:
+            repeated = sorted({v for v in value if list(value).count(v) > 1})
+            if repeated:
+                raise ConfigError(f"{key}: {repeated} listed more than once; allowed: {self}")
+
+
+def bounded(low: float | None = None, high: float | None = None, *, low_open: bool = False,
+            high_open: bool = False, **kwargs: Any) -> Any:
+    """A dataclass field whose value must lie in ``low..high`` (``*_open``: that end excluded)."""
+    return field(metadata={"check": Range(low, high, low_open, high_open)}, **kwargs)
+
+
+def count(**kwargs: Any) -> Any:
+    """An integer count that must be >= 1."""
+    return bounded(1, **kwargs)
+
+
+def non_negative(**kwargs: Any) -> Any:
+    """A number that must be >= 0 (seeds, magnitudes, counts where 0 means off)."""
+    return bounded(0, **kwargs)
+
+
+def positive(**kwargs: Any) -> Any:
+    """A number that must be > 0."""
+    return bounded(0, low_open=True, **kwargs)
+
+
+def unit(**kwargs: Any) -> Any:
+    """A rate, probability or fraction in [0, 1]."""
+    return bounded(0, 1, **kwargs)
+
+
+def sized(min_len: int = 1, max_len: int | None = None, *, unique: bool = False, noun: str = "item(s)",
+          **kwargs: Any) -> Any:
+    """A list (or string) field with a length limit, optionally of distinct items."""
+    return field(metadata={"check": Items(min_len, max_len, unique, noun)}, **kwargs)
+
+
+def check_fields(cls: type, values: Mapping[str, Any], prefix: str) -> None:
+    """Check each value in ``values`` against the constraint its field of ``cls`` declares.
+
+    Raises:
+        ConfigError: naming ``prefix.<field>`` and the allowed values.
+    """
+    for f in dataclasses.fields(cls):
+        constraint = f.metadata.get("check")
+        if constraint is not None and f.name in values:
+            constraint.check(f"{prefix}.{f.name}", values[f.name])
+
+
+class _Section:
+    """Base of the section dataclasses: every construction (the loader's, a test's, ``dataclasses.replace``) checks
+    the ranges the fields declare, naming ``KEY.<field>``, then the section's cross-field :meth:`_check`."""
+
+    KEY: ClassVar[str] = ""
 
     def __post_init__(self) -> None:
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
+        check_fields(type(self), values, self.KEY)
+        self._check()
+
+    def _check(self) -> None:
+        """Constraints between fields (none unless a section defines them)."""
+
+
+# --- sections ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DataConfig(_Section):
+    KEY: ClassVar[str] = "data"
+
+    source: str = sized(noun="characters")
+    # A binary task: the negative class, then the positive one.
+    classes: tuple[str, ...] = sized(2, 2, unique=True, noun="classes (negative, positive)",
+                                     default=("normal", "osteoporosis"))
+
+
+@dataclass(frozen=True)
+class SynthesizeConfig(_Section):
+    KEY: ClassVar[str] = "synthesize"
+
+    seed: int = non_negative()
+    n_scans: int = count()
+    n_osteoporosis: int = non_negative()
+    followup_fraction: float = unit()
+    height: int = count()
+    width: int = count()
+    pixel_spacing_mm: float = positive()
+    monochrome1_fraction: float = unit()
+    osteophyte_rate: float = unit()
+    fracture_rate: float = unit()
+    scoliosis_rate: float = unit()
+    workers: int = count(default=1)
+
+    def _check(self) -> None:
         if not 0 <= self.n_osteoporosis <= self.n_scans:
             raise ConfigError(
-                f"synthesize.n_osteoporosis: {self.n_osteoporosis} must lie in [0, n_scans={self.n_scans}]"
+                f"synthesize.n_osteoporosis: {self.n_osteoporosis} is out of range; "
+                f"allowed: [0, n_scans={self.n_scans}]"
             )
-        for name in ("followup_fraction", "monochrome1_fraction", "osteophyte_rate", "fracture_rate", "scoliosis_rate"):
-            _check_unit(f"synthesize.{name}", getattr(self, name))
 
 
 @dataclass(frozen=True)
-class IngestConfig:
-    workers: int
-    max_side: int
-    max_pixels: int
+class IngestConfig(_Section):
+    KEY: ClassVar[str] = "ingest"
+
+    workers: int = count()
+    max_side: int = count()
+    max_pixels: int = count()
     multiframe: Literal["first", "middle", "reject"] = "first"
     # Address space each ingest worker may add to its size at start-up (RLIMIT_AS; spinedxa/ingest.py _init_worker).
     # Decoding and normalising a grayscale image needs ~8 bytes a pixel (measured: +380 MB for 49 M pixels), so 1024
     # fits the default max_pixels (50 M) with room to spare; a file needing more is quarantined too_large instead of
     # the worker being OOM-killed.
-    worker_memory_mb: int = 1024
-
-    def __post_init__(self) -> None:
-        for name in ("workers", "max_side", "max_pixels", "worker_memory_mb"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"ingest.{name}: {getattr(self, name)} must be >= 1")
+    worker_memory_mb: int = count(default=1024)
 
 
 @dataclass(frozen=True)
-class ValidateConfig:
-    min_per_class: int
-    max_quarantine_rate: float
-    min_side: int
-    max_side: int
-    min_std: float
-    phash_max_distance: int
-    near_duplicate_min_ssim: float = 0.9
+class ValidateConfig(_Section):
+    KEY: ClassVar[str] = "validate"
 
-    def __post_init__(self) -> None:
-        _check_unit("validate.near_duplicate_min_ssim", self.near_duplicate_min_ssim)
-        if not 0 <= self.phash_max_distance <= 64:
-            raise ConfigError(f"validate.phash_max_distance: {self.phash_max_distance} must lie in [0, 64] (bits)")
+    min_per_class: int = count()
+    max_quarantine_rate: float = unit()
+    min_side: int = count()
+    max_side: int = count()
+    min_std: float = non_negative()
+    phash_max_distance: int = bounded(0, 64)  # bits of a 64-bit pHash
+    near_duplicate_min_ssim: float = unit(default=0.9)  # 0 = pHash alone
+
+    def _check(self) -> None:
+        if self.min_side > self.max_side:
+            raise ConfigError(
+                f"validate.min_side: {self.min_side} is above validate.max_side {self.max_side}; allowed: "
+                "min_side <= max_side"
+            )
 
 
 @dataclass(frozen=True)
-class SplitConfig:
-    seed: int
-    train: float
-    val: float
-    test: float
-    folds: int = 0
+class SplitConfig(_Section):
+    KEY: ClassVar[str] = "split"
 
-    def __post_init__(self) -> None:
+    seed: int = non_negative()
+    # Each fraction strictly inside (0, 1): an empty split breaks the holdout protocol (no early stopping without
+    # val, no estimate without test).
+    train: float = bounded(0, 1, low_open=True, high_open=True)
+    val: float = bounded(0, 1, low_open=True, high_open=True)
+    test: float = bounded(0, 1, low_open=True, high_open=True)
+    folds: int = non_negative(default=0)
+
+    def _check(self) -> None:
         total = self.train + self.val + self.test
         if abs(total - 1.0) > 1e-6:
             raise ConfigError(f"split: train + val + test must be 1.0, got {total:.4f}")
-        for name in ("train", "val", "test"):
-            _check_unit(f"split.{name}", getattr(self, name))
-        if self.folds == 1 or self.folds < 0:
-            raise ConfigError(f"split.folds: {self.folds} is not valid; use 0 (no folds) or >= 2")
+        if self.folds == 1:
+            raise ConfigError(f"split.folds: {self.folds} is out of range; allowed: 0 (no folds) or >= 2")
 
 
 @dataclass(frozen=True)
-class AugmentConfig:
-    seed: int
-    expand: int
-    online: bool
-    rotation_deg: float
-    hflip: float
-    scale: tuple[float, float]
-    translate: float
-    brightness: float
-    contrast: float
-    gamma: tuple[float, float]
-    noise_std: float
-    elastic_alpha: float
+class AugmentConfig(_Section):
+    KEY: ClassVar[str] = "augment"
 
-    def __post_init__(self) -> None:
-        if self.expand < 0:
-            raise ConfigError(f"augment.expand: {self.expand} must be >= 0")
-        _check_unit("augment.hflip", self.hflip)
-        # brightness/contrast are ColorJitter half-widths: factors are drawn from [1 - x, 1 + x], so x <= 1.
-        for name in ("translate", "brightness", "contrast"):
-            _check_unit(f"augment.{name}", getattr(self, name))
-        for name in ("rotation_deg", "noise_std", "elastic_alpha"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"augment.{name}: {getattr(self, name)} must be >= 0")
+    seed: int = non_negative()
+    expand: int = non_negative()  # 0 = no offline copies
+    online: bool
+    rotation_deg: float = bounded(0, 180)
+    hflip: float = unit()
+    scale: tuple[float, float] = positive()
+    translate: float = unit()  # fraction of the image size
+    # brightness/contrast are ColorJitter half-widths: factors are drawn from [1 - x, 1 + x], so x <= 1.
+    brightness: float = unit()
+    contrast: float = unit()
+    gamma: tuple[float, float] = positive()
+    noise_std: float = non_negative()
+    elastic_alpha: float = non_negative()  # 0 disables elastic deformation
+
+    def _check(self) -> None:
         for name in ("scale", "gamma"):
             low, high = getattr(self, name)
             if not 0 < low <= high:
-                raise ConfigError(f"augment.{name}: {[low, high]} must satisfy 0 < low <= high")
+                raise ConfigError(f"augment.{name}: {[low, high]} is out of range; allowed: 0 < low <= high")
 
 
 @dataclass(frozen=True)
-class ModelTrainConfig:
-    image_size: int
-    epochs: int
-    batch_size: int
+class ModelTrainConfig(_Section):
+    KEY: ClassVar[str] = "train.<model>"
+
+    image_size: int = count()  # each model's own minimum is checked by the model registry
+    epochs: int = count()
+    batch_size: int = count()
     optimizer: Literal["adam", "adamw", "sgd"]
-    lr: float
-    weight_decay: float
+    lr: float = positive()
+    weight_decay: float = non_negative()
     scheduler: Literal["cosine", "step", "plateau", "none"]
     weights: Literal["none", "imagenet"] = "none"
 
 
 @dataclass(frozen=True)
-class TrainConfig:
-    models: tuple[str, ...]
-    seed: int
+class TrainConfig(_Section):
+    KEY: ClassVar[str] = "train"
+
+    models: tuple[str, ...] = sized(1, unique=True, noun=f"of {list(MODEL_NAMES)}")
+    seed: int = non_negative()
     device: Literal["auto", "cpu", "cuda"]
     fast: bool
-    threads: int
+    threads: int = non_negative()  # 0 = all cores given
     class_weighting: bool
     monitor: Literal["val_loss", "val_auc"]
-    patience: int
-    num_workers: int
+    patience: int = non_negative()  # 0 = no early stopping
+    num_workers: int = non_negative()  # DataLoader worker processes; 0 = load in the training process
     cnn21: ModelTrainConfig
     resnet50: ModelTrainConfig
     vgg16: ModelTrainConfig
     vgg19: ModelTrainConfig
     inception_v3: ModelTrainConfig
 
-    def __post_init__(self) -> None:
+    def _check(self) -> None:
         unknown = [m for m in self.models if m not in MODEL_NAMES]
         if unknown:
-            raise ConfigError(f"train.models: unknown model(s) {unknown}; expected a subset of {list(MODEL_NAMES)}")
+            raise ConfigError(f"train.models: unknown model(s) {unknown}; allowed: a subset of {list(MODEL_NAMES)}")
 
     def model(self, name: str) -> ModelTrainConfig:
         """Return the per-model block ``train.<name>``."""
@@ -187,33 +324,33 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
-class EvaluateConfig:
-    seed: int
-    bootstrap: int
-    threshold: float
-    gradcam_images: int
+class EvaluateConfig(_Section):
+    KEY: ClassVar[str] = "evaluate"
 
-    def __post_init__(self) -> None:
-        if self.bootstrap < 1:
-            raise ConfigError(f"evaluate.bootstrap: {self.bootstrap} must be >= 1 (resamples for the intervals)")
-        if not 0.0 < self.threshold < 1.0:
-            raise ConfigError(f"evaluate.threshold: {self.threshold} must lie strictly between 0 and 1")
-        if self.gradcam_images < 1:
-            raise ConfigError(f"evaluate.gradcam_images: {self.gradcam_images} must be >= 1 (the figure is an output)")
+    seed: int = non_negative()
+    bootstrap: int = count()  # resamples for the intervals
+    threshold: float = bounded(0, 1, low_open=True, high_open=True)
+    gradcam_images: int = count()  # the Grad-CAM figure is an output
 
 
 @dataclass(frozen=True)
-class ReportConfig:
-    paper_accuracy: float
-    paper_f1: float
-    paper_precision: float
-    paper_recall: float
-    paper_n_images: int = 174  # Naeem et al. 2025: 174 spine DXA images
+class ReportConfig(_Section):
+    KEY: ClassVar[str] = "report"
+
+    # Naeem et al. 2025, as reported (percent).
+    paper_accuracy: float = bounded(0, 100)
+    paper_f1: float = bounded(0, 100)
+    paper_precision: float = bounded(0, 100)
+    paper_recall: float = bounded(0, 100)
+    paper_n_images: int = count(default=174)  # Naeem et al. 2025: 174 spine DXA images
 
 
 @dataclass(frozen=True)
-class MlflowConfig:
-    experiment: str = "spinedxa"
+class MlflowConfig(_Section):
+    KEY: ClassVar[str] = "mlflow"
+
+    # MLflow rejects an empty experiment name and one over 500 characters (mlflow.utils.validation).
+    experiment: str = sized(1, 500, noun="characters", default="spinedxa")
 
 
 @dataclass(frozen=True)
@@ -230,9 +367,59 @@ class Params:
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
 
 
-def _check_unit(key: str, value: float) -> None:
-    if not 0.0 <= value <= 1.0:
-        raise ConfigError(f"{key}: {value} must lie in [0, 1]")
+# --- loading ----------------------------------------------------------------------------------------------------
+
+
+class StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that rejects a mapping key given twice (PyYAML keeps the last one silently, so a duplicated
+    block would otherwise surface as some *other* key missing)."""
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        _reject_duplicate_keys(node, "", set())
+        return super().construct_document(node)
+
+
+def _reject_duplicate_keys(node: yaml.Node, prefix: str, seen: set[int]) -> None:
+    if id(node) in seen:  # an alias of a node already checked (anchors may even refer to themselves)
+        return
+    seen.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        first_line: dict[tuple[str, str], int] = {}
+        for key_node, value_node in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: overriding merged keys is allowed
+                _reject_duplicate_keys(value_node, prefix, seen)
+                continue
+            name = key_node.value if isinstance(key_node, yaml.ScalarNode) else "<complex key>"
+            dotted = f"{prefix}.{name}" if prefix else str(name)
+            line = key_node.start_mark.line + 1
+            ident = (key_node.tag, str(name))
+            if ident in first_line:
+                raise ConfigError(
+                    f"{dotted}: duplicated key at line {line} (first at line {first_line[ident]}); "
+                    "each key may appear once per mapping"
+                )
+            first_line[ident] = line
+            _reject_duplicate_keys(value_node, dotted, seen)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _reject_duplicate_keys(item, f"{prefix}[{i}]", seen)
+
+
+def read_yaml(path: str | Path) -> Any:
+    """Parse a YAML file with :class:`StrictLoader`.
+
+    Raises:
+        ConfigError: the file is not valid YAML, or repeats a key (the message names the file, key and line).
+        FileNotFoundError: ``path`` does not exist.
+    """
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    try:
+        return yaml.load(text, Loader=StrictLoader)  # noqa: S506 (StrictLoader is a SafeLoader)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
 
 
 def _coerce(key: str, tp: Any, value: Any) -> Any:
@@ -275,6 +462,8 @@ def _coerce(key: str, tp: Any, value: Any) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(value):  # YAML's .nan / .inf pass every comparison-free check downstream
+            raise ConfigError(f"{key}: {value!r} is not a finite number")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -301,7 +490,15 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
                 raise ConfigError(f"{key}: missing required key")
             continue
-        kwargs[name] = _coerce(key, hints[name], raw[name])
+        try:
+            kwargs[name] = _coerce(key, hints[name], raw[name])
+        except ConfigError as exc:
+            constraint = f.metadata.get("check")
+            if constraint is None or "allowed:" in str(exc):
+                raise
+            raise ConfigError(f"{exc}; allowed: {constraint}") from None
+    if prefix:  # the section's own __post_init__ checks again, but cannot know the block (train.<model>.lr)
+        check_fields(cls, kwargs, prefix)
     return cls(**kwargs)
 
 
@@ -314,12 +511,12 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     """Load and validate ``params.yaml``.
 
     Raises:
-        ConfigError: unknown, missing or mistyped key (the message names the dotted key).
+        ConfigError: unknown, missing, duplicated, mistyped or out-of-range key (the message names the file and the
+            dotted key), or a file that is not YAML.
         FileNotFoundError: ``path`` does not exist.
     """
     path = Path(path)
-    with path.open(encoding="utf-8") as fh:
-        raw = yaml.safe_load(fh)
+    raw = read_yaml(path)
     try:
         return params_from_dict(raw)
     except ConfigError as exc:
@@ -344,8 +541,8 @@ def apply_profile(params_path: str | Path, profile_path: str | Path) -> Params:
         ConfigError: the merged parameters are invalid (nothing is written).
     """
     params_path, profile_path = Path(params_path), Path(profile_path)
-    base = yaml.safe_load(params_path.read_text(encoding="utf-8"))
-    overlay = yaml.safe_load(profile_path.read_text(encoding="utf-8")) or {}
+    base = read_yaml(params_path)
+    overlay = read_yaml(profile_path) or {}
     merged = deep_merge(base, overlay)
     try:
         params = params_from_dict(merged)

@@ -7,7 +7,7 @@ Writes:  --docs (reports/validation/: great-expectations Data Docs, open index.h
 Params:  data.classes, validate.* (min_per_class, max_quarantine_rate, min_side, max_side, min_std,
          phash_max_distance)
 
-Exits non-zero (spinedxa.validation.ValidationFailed) after writing both reports when a blocking (severity error)
+Exits non-zero (spinedxa.validate.ValidationFailed) after writing both reports when a blocking (severity error)
 expectation fails; warnings are reported and do not block.
 """
 
@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 from spinedxa.config import load_params
-from spinedxa.validation import validate_manifest
+from spinedxa.validate import validate_manifest
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,16 +1,22 @@
-"""Shared fixtures: the repository root, a tiny profile, and a temporary git copy of the repo for DAG smoke tests."""
+"""Shared fixtures and helpers: the repository root, stage entry points as dvc.yaml calls them, tiny generated
+cohorts, and a temporary git copy of the repo for DAG smoke tests."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import shlex
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
+from typing import Callable
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+CLASSES = ("normal", "osteoporosis")
 VENV_BIN = Path(sys.executable).parent
 
 # Tests never reach the network and never share the developer's MLflow store or de-identification key.
@@ -28,6 +34,72 @@ def run(cmd: list[str] | str, cwd: Path, env: dict[str, str] | None = None, chec
     if check and proc.returncode != 0:
         raise AssertionError(f"command failed ({proc.returncode}): {cmd}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}")
     return proc
+
+
+def load_stage(verb: str) -> ModuleType:
+    """``stages/<verb>.py`` imported from its file (stages/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(f"stage_{verb}", REPO / "stages" / f"{verb}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def stage_main(verb: str) -> Callable[[list[str] | None], object]:
+    """``main`` of ``stages/<verb>.py``."""
+    return load_stage(verb).main
+
+
+def dvc_argv(stage: str, **matrix: str) -> list[str]:
+    """The arguments of ``stage``'s command in dvc.yaml (after ``python stages/<verb>.py``), matrix items filled in."""
+    import yaml
+
+    cmd = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"][stage]["cmd"]
+    for key, value in matrix.items():
+        cmd = cmd.replace("${item." + key + "}", value)
+    return shlex.split(cmd)[2:]
+
+
+def write_cohort(
+    root: Path, n_patients: int = 24, *, size: tuple[int, int] = (48, 32), seed: int = 0, followup_every: int = 4
+) -> tuple[Path, Path]:
+    """Write ``root/data/ingested/images/*.png`` and ``root/data/split/splits.csv`` (the dvc.yaml layout).
+
+    Osteoporosis images have a darker, noisier central band (the "vertebrae"), so a classifier can learn. Every
+    ``followup_every``-th patient has two scans. Patients alternate classes and splits are assigned per patient
+    (train 50 %, val 25 %, test 25 %).
+
+    Returns:
+        ``(splits_csv, ingested_dir)``.
+    """
+    import hashlib
+
+    import numpy as np
+    import pandas as pd
+
+    from spinedxa.data import write_image
+
+    rng = np.random.default_rng(seed)
+    ingested = root / "data" / "ingested"
+    rows = []
+    h, w = size
+    for p in range(n_patients):
+        label = p % 2
+        split = ("train", "train", "val", "test")[(p // 2) % 4]
+        band_level = (0.75 if label == 0 else 0.5) + rng.normal(0, 0.05)
+        for visit in range(2 if p % followup_every == 0 else 1):
+            img = np.clip(0.15 + rng.normal(0, 0.02, (h, w)), 0, 1)
+            band = slice(int(0.3 * w), int(0.7 * w))
+            img[:, band] = np.clip(band_level + rng.normal(0, 0.03 + 0.05 * label, (h, band.stop - band.start)), 0, 1)
+            source = f"{CLASSES[label]}/scan_{p:04d}_{visit}.dcm"
+            sha = hashlib.sha256(source.encode()).hexdigest()
+            rel = f"images/{sha[:16]}.png"
+            write_image(ingested / rel, img)
+            rows.append({"source": source, "sha256": sha, "patient_id": f"P{p:012x}", "label": CLASSES[label],
+                         "image": rel, "split": split})
+    splits = root / "data" / "split" / "splits.csv"
+    splits.parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows).to_csv(splits, index=False)
+    return splits, ingested
 
 
 def tracked_files(root: Path) -> list[str]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import sys
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import torch
 import yaml
 from PIL import Image
 
-from conftest import REPO, run
+from conftest import REPO, run, stage_main
 from spinedxa.augment import augment_image, augment_training_set, build_transform, copy_seed, training_rows
 from spinedxa.config import ConfigError, load_params
 from spinedxa.data import AUGMENTED_COLUMNS, read_image
@@ -32,13 +31,6 @@ def _one_thread() -> None:
     torch.set_num_threads(1)
 
 
-def _load_stage():
-    spec = importlib.util.spec_from_file_location("stage_augment", REPO / "stages" / "augment.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _params(tmp_path: Path, name: str = "params.yaml", **augment: object) -> Path:
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
     raw["augment"].update(augment)
@@ -49,7 +41,7 @@ def _params(tmp_path: Path, name: str = "params.yaml", **augment: object) -> Pat
 
 def _run_stage(tmp_path: Path, splits: Path, ingested: Path, out: str = "augmented", **augment: object) -> Path:
     params = _params(tmp_path, f"params_{out}.yaml", **augment)
-    _load_stage().main(
+    stage_main("augment")(
         ["--params", str(params), "--splits", str(splits), "--images", str(ingested), "--out", str(tmp_path / out),
          "--grid", str(tmp_path / f"{out}_grid.png")]
     )

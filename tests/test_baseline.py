@@ -1,64 +1,22 @@
 """Tests of spinedxa.baseline and stages/baseline.py on a tiny generated cohort.
 
-:func:`write_cohort` (also used by test_evaluate.py and test_report.py) writes ingested-style 16-bit PNGs and a
-splits CSV: osteoporosis images have a darker, noisier central band (the "vertebrae"), so the baseline can learn.
+:func:`conftest.write_cohort` writes ingested-style 16-bit PNGs and a splits CSV: osteoporosis images have a darker,
+noisier central band (the "vertebrae"), so the baseline can learn.
 """
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
 import json
-import shlex
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
-from conftest import REPO
+from conftest import REPO, dvc_argv, stage_main, write_cohort
 
 from spinedxa import baseline, metrics
 from spinedxa.config import load_params
 from spinedxa.data import ImageItem, write_image
-
-CLASSES = ("normal", "osteoporosis")
-
-
-def write_cohort(
-    root: Path, n_patients: int = 24, *, size: tuple[int, int] = (48, 32), seed: int = 0, followup_every: int = 4
-) -> tuple[Path, Path]:
-    """Write ``root/data/ingested/images/*.png`` and ``root/data/split/splits.csv`` (the dvc.yaml layout).
-
-    Every ``followup_every``-th patient has two scans.
-
-    Patients alternate classes and splits are assigned per patient (train 50 %, val 25 %, test 25 %).
-
-    Returns:
-        ``(splits_csv, ingested_dir)``.
-    """
-    rng = np.random.default_rng(seed)
-    ingested = root / "data" / "ingested"
-    rows = []
-    h, w = size
-    for p in range(n_patients):
-        label = p % 2
-        split = ("train", "train", "val", "test")[(p // 2) % 4]
-        band_level = (0.75 if label == 0 else 0.5) + rng.normal(0, 0.05)
-        for visit in range(2 if p % followup_every == 0 else 1):
-            img = np.clip(0.15 + rng.normal(0, 0.02, (h, w)), 0, 1)
-            band = slice(int(0.3 * w), int(0.7 * w))
-            img[:, band] = np.clip(band_level + rng.normal(0, 0.03 + 0.05 * label, (h, band.stop - band.start)), 0, 1)
-            source = f"{CLASSES[label]}/scan_{p:04d}_{visit}.dcm"
-            sha = hashlib.sha256(source.encode()).hexdigest()
-            rel = f"images/{sha[:16]}.png"
-            write_image(ingested / rel, img)
-            rows.append({"source": source, "sha256": sha, "patient_id": f"P{p:012x}", "label": CLASSES[label],
-                         "image": rel, "split": split})
-    splits = root / "data" / "split" / "splits.csv"
-    splits.parent.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame(rows).to_csv(splits, index=False)
-    return splits, ingested
 
 
 @pytest.fixture
@@ -110,22 +68,6 @@ def test_fit_selects_c_on_validation_and_rejects_one_class() -> None:
     assert no_val.c == 1.0 and no_val.val_log_loss is None
     with pytest.raises(ValueError, match="only class"):
         baseline.fit_baseline(x[:10], np.zeros(10, dtype=int), x[10:], y[10:], seed=0)
-
-
-def stage_main(verb: str):
-    """``main`` of ``stages/<verb>.py``, imported from its file (stages/ is not a package)."""
-    spec = importlib.util.spec_from_file_location(f"stage_{verb}", REPO / "stages" / f"{verb}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
-
-
-def dvc_argv(stage: str, **matrix: str) -> list[str]:
-    """The arguments of ``stage``'s command in dvc.yaml (after ``python stages/<verb>.py``), matrix items filled in."""
-    cmd = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"][stage]["cmd"]
-    for key, value in matrix.items():
-        cmd = cmd.replace("${item." + key + "}", value)
-    return shlex.split(cmd)[2:]
 
 
 def test_stage_runs_the_dvc_command_and_writes_the_evaluate_contract(

@@ -10,9 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, dvc_argv, stage_main, write_cohort
 from PIL import Image
-from test_baseline import dvc_argv, stage_main, write_cohort
 
 from spinedxa import evaluate, metrics, tracking
 from spinedxa.config import MODEL_NAMES, ConfigError, EvaluateConfig, apply_profile, load_params

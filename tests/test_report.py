@@ -10,8 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from conftest import REPO
-from test_baseline import dvc_argv, stage_main
+from conftest import REPO, dvc_argv, stage_main
 
 from spinedxa import metrics, report
 from spinedxa.config import apply_profile, load_params

@@ -244,6 +244,68 @@ def test_load_stages_lets_dvc_resolve_matrix_templating_and_outputs(mini_repo: P
     assert (ev.verb, ev.item, ev.rule) == ("evaluate", "vgg16", "evaluate_vgg16")
 
 
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda text: text.replace("\nsplit:\n", "\nsplit:\n  seed: 1\n", 1), "split.seed: duplicated key at line"),
+        (lambda text: text.replace("    batch_size: 16", "    batch_size: 0", 1),
+         "train.cnn21.batch_size: 0 is out of range"),
+    ],
+    ids=["duplicated_key", "out_of_range"],
+)
+def test_snakefile_rejects_bad_params_naming_the_key(mini_repo: Path, edit, message: str) -> None:
+    """Snakemake reads params.yaml itself (keeping the last of two equal keys): the Snakefile checks it as stages do."""
+    params = mini_repo / "params.yaml"
+    params.write_text(edit(params.read_text()))
+    proc = snakemake(["--snakefile", str(SNAKEFILE), "--list-rules"], mini_repo, check=False)
+    assert proc.returncode != 0
+    assert message in proc.stdout + proc.stderr
+
+
+PLOTS_TEMPLATE = REPO / "workflow" / "plots" / "offline.html"
+FETCHING_TAG = re.compile(r"<(?:script|link|img|iframe)\b[^>]*\b(?:src|href)\s*=", flags=re.IGNORECASE)
+SCRIPT_BODY = re.compile(r"(<script\b[^>]*>).*?</script>", flags=re.IGNORECASE | re.DOTALL)
+
+
+def fetching_tags(html: str) -> list[str]:
+    """Tags of ``html`` that make a browser fetch something (inline script bodies, which may build such markup in
+    strings, are skipped; their <script> tags themselves are checked)."""
+    return FETCHING_TAG.findall(SCRIPT_BODY.sub(r"\1</script>", html))
+
+
+def test_plots_template_loads_nothing_from_elsewhere() -> None:
+    """Vega, Vega-Lite and vega-embed are inlined (no src/href at all), and DVC's scripts placeholder, which DVC
+    fills with CDN tags, is absent."""
+    html = PLOTS_TEMPLATE.read_text(encoding="utf-8")
+    assert fetching_tags(html) == []
+    assert not re.search(r"url\(\s*[\"']?(?:https?:)?//", html)
+    assert "{scripts}" not in html and html.count("{plot_divs}") == 1
+    for package in ("vega@5", "vega-lite@5", "vega-embed@6"):
+        assert f'<script data-package="{package}.' in html, package
+    for licence in ("vega", "vega-lite", "vega-embed"):
+        assert "Redistribution and use" in (PLOTS_TEMPLATE.parent / "LICENSES" / f"{licence}.txt").read_text()
+
+
+@pytest.mark.parametrize("how", ["--html-template", "dvc config"])
+def test_dvc_plots_show_renders_offline_with_the_template(tmp_path: Path, how: str) -> None:
+    """`dvc plots show` with the shipped template (given on the command line, or through the project's .dvc/config
+    as `make plots` and a bare `dvc plots show` use it) writes a page that needs no network."""
+    repo = tmp_path / "repo"
+    (repo / "workflow" / "plots").mkdir(parents=True)
+    run([DVC, "init", "--no-scm", "-q"], repo)
+    if how == "dvc config":
+        shutil.copy(REPO / ".dvc" / "config", repo / ".dvc" / "config")
+        shutil.copy(PLOTS_TEMPLATE, repo / "workflow" / "plots" / "offline.html")
+        args: list[str] = []
+    else:
+        args = ["--html-template", str(PLOTS_TEMPLATE)]
+    (repo / "roc.csv").write_text("fpr,tpr\n0,0\n0.2,0.7\n1,1\n")
+    run([DVC, "plots", "show", "roc.csv", "-x", "fpr", "-y", "tpr", "-o", "out", *args], repo)
+    page = (repo / "out" / "index.html").read_text(encoding="utf-8")
+    assert fetching_tags(page) == []  # DVC's default page has three CDN <script src> tags
+    assert '<script data-package="vega@5.' in page and "vegaEmbed(" in page and "roc.csv" in page
+
+
 def test_load_stages_names_a_directory_without_dvc_yaml(tmp_path: Path) -> None:
     with pytest.raises(dag.DagError, match="no dvc.yaml"):
         dag.load_stages(tmp_path)

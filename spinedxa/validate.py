@@ -18,8 +18,10 @@ Usage::
 
 from __future__ import annotations
 
+import json
 import logging
 import re
+import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -458,7 +460,7 @@ def run_checks(table: pd.DataFrame, checks: Sequence[Check], docs_dir: str | Pat
 
     An ephemeral GE context (nothing written outside ``docs_dir``) with a pandas dataframe asset, one validation
     definition and a checkpoint whose UpdateDataDocsAction builds a local site rooted at ``docs_dir`` (replaced
-    whole, atomically).
+    whole, atomically), then made stable and offline (:func:`stabilize_site`, :func:`vendor_assets`).
     """
     # GE logs hundreds of INFO lines per run (docs decorators, datasource config): keep only its warnings and errors.
     logging.getLogger("great_expectations").setLevel(logging.WARNING)
@@ -497,7 +499,9 @@ def run_checks(table: pd.DataFrame, checks: Sequence[Check], docs_dir: str | Pat
             result_format={"result_format": "COMPLETE", "unexpected_index_column_names": [ROW_REF]},
         ))
         outcome = checkpoint.run(batch_parameters={"dataframe": table}, run_id=gx.RunIdentifier(run_name="validate"))
+        stabilize_site(site_dir)
         prune_unreferenced_assets(site_dir)
+        vendor_assets(site_dir)
 
     results: list[CheckResult] = []
     for suite_result in outcome.run_results.values():
@@ -520,6 +524,119 @@ def run_checks(table: pd.DataFrame, checks: Sequence[Check], docs_dir: str | Pat
             ))
     order = {c.name: i for i, c in enumerate(checks)}
     return sorted(results, key=lambda r: order[r.name])
+
+
+# --- Data Docs: stable paths and bytes, readable offline ------------------------------------------------------
+# GE writes each validation result to validations/<suite>/<run name>/<run time>/<batch>.html and stamps the pages
+# with the run time, the batch load time, a random UUID per collapsible block and a time-stamped logo URL, so every
+# run of the same data replaced one ~1,900-line page by another in git. The pages also load Bootstrap, jQuery and
+# Font Awesome from CDNs (unstyled offline). The fixes below post-process GE's output; they assume GE 1.x's page
+# layout and stop with an error naming the page and the URL if a GE version references an asset not vendored.
+WEB_ASSETS = Path(__file__).parent / "templates" / "web"  # vendored by workflow/vendor_web_assets.py
+VENDOR_DIR = "static/vendor"  # where a site keeps its copy of WEB_ASSETS
+NOT_RECORDED = "not recorded"  # what the pages say instead of a time (the run's time is in git and dvc.lock)
+# GE's time stamps: run ids and batch load times (20261127T052352.533419Z), ISO (2026-11-27T05:23:52Z), and the
+# index table's "2026-11-27 05:23:52 UTC" with its numeric sort key.
+TIMESTAMPS = (
+    re.compile(r"\d{8}T\d{6}\.\d{6}Z"),
+    re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:\.\d+)?Z"),
+    re.compile(r"\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2} UTC"),
+)
+RUN_TIME_SORT = re.compile(r"('_run_time_sort': )[\d.]+")
+UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+# GE's logos come from its S3 bucket (with a ?d=<now> query); the package ships logo-long.png itself.
+GE_S3_IMAGE = re.compile(
+    r"https://great-expectations-web-assets\.s3[\w.-]*\.amazonaws\.com/[\w.-]+\.png(?:\?[^\"')\s]*)?"
+)
+# Links between the site's own pages, at whatever depth GE wrote them.
+SITE_LINK = re.compile(r"(?<=[\"'])(?:\.\./)+(?=index\.html|static/|expectations/|validations/)")
+VEGA_TAG = re.compile(r"<script src=\"https://cdn\.jsdelivr\.net/npm/vega[\w-]*@[\d.]+\"></script>\n?")
+SRI_ATTRIBUTES = re.compile(r"\s+(?:integrity|crossorigin)=\"[^\"]*\"")
+# What a browser would fetch from elsewhere: <script src>, <link href>, <img src> and CSS url() (plain <a> links are
+# not fetched and may point anywhere).
+EXTERNAL_ASSET = re.compile(
+    r"<(?:script|img|link)\b[^>]*?\b(?:src|href)=[\"']((?:https?:)?//[^\"']+)|url\(\s*[\"']?((?:https?:)?//[^\"')]+)",
+    flags=re.IGNORECASE,
+)
+
+
+def external_assets(html: str) -> list[str]:
+    """URLs of scripts, stylesheets, images and CSS resources that ``html`` would load from another host."""
+    return [a or b for a, b in EXTERNAL_ASSET.findall(html)]
+
+
+def web_asset_urls() -> dict[str, str]:
+    """CDN URL in GE's pages -> vendored file (relative to :data:`WEB_ASSETS`), from ``assets.json``."""
+    manifest = json.loads((WEB_ASSETS / "assets.json").read_text(encoding="utf-8"))
+    return manifest["urls"]
+
+
+def stabilize_site(site_dir: Path) -> dict[str, str]:
+    """Give ``site_dir``'s validation pages fixed names and make every page byte-stable and offline.
+
+    Each ``validations/<suite>/<run>/<time>/<batch>.html`` becomes ``validations/<suite>.html`` (one validation of
+    one suite per run, as :func:`run_checks` makes). In every page: links between pages are rewritten for the new
+    depth, time stamps read :data:`NOT_RECORDED`, GE's random element ids become counters, CDN assets point at the
+    vendored copies under ``static/vendor`` (:func:`vendor_assets`), Vega tags are dropped from pages that draw no
+    chart, and GE's S3 logos point at its packaged ``static/images/logo-long.png``.
+
+    Returns:
+        Old -> new relative path of each moved page.
+
+    Raises:
+        RuntimeError: two validation pages would share a name, or a page still loads something from another host.
+    """
+    moved: dict[str, str] = {}
+    validations = site_dir / "validations"
+    for page in sorted(validations.rglob("*.html")) if validations.is_dir() else []:
+        rel = page.relative_to(site_dir)
+        if len(rel.parts) <= 2:
+            continue
+        target = validations / f"{rel.parts[1]}.html"
+        if target.exists() or target.relative_to(site_dir).as_posix() in moved.values():
+            raise RuntimeError(f"{site_dir}: two validation pages for suite {rel.parts[1]!r}; expected one per run")
+        moved[rel.as_posix()] = target.relative_to(site_dir).as_posix()
+        page.rename(target)
+    for folder in sorted((p for p in validations.rglob("*") if p.is_dir()), reverse=True) if moved else []:
+        if not any(folder.iterdir()):
+            folder.rmdir()
+    urls = web_asset_urls()
+    for page in sorted(site_dir.rglob("*.html")):
+        rel = page.relative_to(site_dir)
+        up = "../" * (len(rel.parts) - 1)
+        html = page.read_text(encoding="utf-8")
+        for old, new in moved.items():
+            html = html.replace(old, new)
+        html = SITE_LINK.sub(up, html)
+        html = GE_S3_IMAGE.sub(f"{up}static/images/logo-long.png", html)
+        for url, local in urls.items():
+            html = html.replace(f'"{url}"', f'"{up}{VENDOR_DIR}/{local}"')
+        html = SRI_ATTRIBUTES.sub("", html)  # hashes of CDN copies; crossorigin would block file:// loads
+        if "vegaEmbed(" not in html:
+            html = VEGA_TAG.sub("", html)
+        html = RUN_TIME_SORT.sub(r"\g<1>0", html)
+        for pattern in TIMESTAMPS:
+            html = pattern.sub(NOT_RECORDED, html)
+        ids: dict[str, str] = {}
+        html = UUID.sub(lambda m: ids.setdefault(m.group(0), f"id{len(ids) + 1}"), html)
+        remote = external_assets(html)
+        if remote:
+            raise RuntimeError(
+                f"{page}: loads {remote[0]} from another host; vendor it (workflow/vendor_web_assets.py) so the "
+                "Data Docs stay readable offline"
+            )
+        page.write_text(html, encoding="utf-8")
+    return moved
+
+
+def vendor_assets(site_dir: Path) -> None:
+    """Copy the vendored web assets and their licences into ``site_dir/static/vendor``."""
+    target = site_dir / VENDOR_DIR
+    for src in sorted(WEB_ASSETS.rglob("*")):
+        if src.is_file() and src.name != "assets.json":
+            dest = target / src.relative_to(WEB_ASSETS)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, dest)
 
 
 def prune_unreferenced_assets(site_dir: Path) -> list[Path]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Callable
@@ -19,17 +20,21 @@ import pytest
 import yaml
 from PIL import Image
 
-from conftest import REPO, run
+from conftest import REPO, run, stage_main
 from spinedxa.config import Params, params_from_dict
-from spinedxa.validation import (
+from spinedxa.validate import (
     MANIFEST_COLUMNS,
     ManifestError,
     ValidationFailed,
     annotate,
     find_phi,
     near_duplicate_pairs,
+    WEB_ASSETS,
+    external_assets,
     read_manifest,
+    stabilize_site,
     validate_manifest,
+    web_asset_urls,
 )
 
 CLASSES = ("normal", "osteoporosis")
@@ -172,17 +177,6 @@ BAD_CASES = {
 }
 
 
-@pytest.fixture(scope="module")
-def stage_main():
-    """stages/validate.py's main(), imported from its file (stages/ is not a package)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("stage_validate", REPO / "stages" / "validate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
-
-
 def write_params(path: Path, **validate: float) -> Path:
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
     raw["validate"] = {**VALIDATE, **validate}
@@ -190,10 +184,10 @@ def write_params(path: Path, **validate: float) -> Path:
     return path
 
 
-def test_good_manifest_passes_and_writes_docs(tmp_path, stage_main):
+def test_good_manifest_passes_and_writes_docs(tmp_path):
     manifest = write_case(tmp_path, make_manifest())
     docs, summary_path = tmp_path / "reports" / "validation", tmp_path / "reports" / "validation.json"
-    stage_main(["--params", str(write_params(tmp_path / "params.yaml")), "--manifest", str(manifest),
+    stage_main("validate")(["--params", str(write_params(tmp_path / "params.yaml")), "--manifest", str(manifest),
                 "--docs", str(docs), "--summary", str(summary_path)])
     summary = json.loads(summary_path.read_text())
     assert summary["success"] is True
@@ -204,11 +198,27 @@ def test_good_manifest_passes_and_writes_docs(tmp_path, stage_main):
     names = [e["name"] for e in summary["expectations"]]
     assert len(names) == len(set(names)) == summary["n_expectations"] == 13
     assert all(e["success"] and e["severity"] in ("error", "warning") for e in summary["expectations"])
-    # The Data Docs site is self-contained under --docs: index plus one page for the suite and one per validation.
-    assert (docs / "index.html").is_file()
-    assert (docs / "expectations" / "manifest.html").is_file()
-    pages = list((docs / "validations").rglob("*.html"))
-    assert len(pages) == 1 and "sha256_unique" in pages[0].read_text()
+    # The Data Docs site is self-contained under --docs, at fixed paths: index, the suite, the validation result.
+    pages = sorted(p.relative_to(docs).as_posix() for p in docs.rglob("*.html"))
+    assert pages == ["expectations/manifest.html", "index.html", "validations/manifest.html"]
+    assert "sha256_unique" in (docs / "validations" / "manifest.html").read_text()
+    assert_offline_site(docs)
+
+
+LOCAL_REF = re.compile(r"(?:src|href)=\"([^\"#][^\"]*)\"|url\('([^']+)'\)|'_table_row_link_path': '([^']+)'")
+
+
+def assert_offline_site(site: Path) -> None:
+    """Every page loads nothing from another host, every local reference resolves, and no time stamp or random id
+    is left (the bytes depend on the data only)."""
+    for page in site.rglob("*.html"):
+        html = page.read_text(encoding="utf-8")
+        assert external_assets(html) == [], page
+        for ref in filter(None, (a or b or c for a, b, c in LOCAL_REF.findall(html))):
+            if not ref.startswith(("http://", "https://", "mailto:")):
+                assert (page.parent / ref.split("?")[0]).is_file(), (page, ref)
+        assert not re.search(r"20\d\d-?\d\d-?\d\dT\d\d", html), page
+        assert not re.search(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", html), page
 
 
 @pytest.mark.parametrize("mutate, blocking, warnings, rows, observed", BAD_CASES.values(), ids=BAD_CASES.keys())
@@ -362,11 +372,82 @@ def test_stage_exits_non_zero_after_writing_the_summary(tmp_path):
     params = write_params(tmp_path / "params.yaml")
     proc = run([sys.executable, str(REPO / "stages" / "validate.py"), "--params", str(params), "--manifest",
                 str(manifest), "--docs", "reports/validation", "--summary", "reports/validation.json"],
-               cwd=tmp_path, check=False, timeout=300)
+               cwd=tmp_path, env={"PYTHONHASHSEED": "1"}, check=False, timeout=300)
     assert proc.returncode != 0
     assert "ValidationFailed" in proc.stderr and "sha256_unique" in proc.stderr
     assert "normal/scan_0000.dcm" in proc.stderr and "normal/scan_0001.dcm" in proc.stderr
     assert "Calculating Metrics" not in proc.stderr and "INFO great_expectations" not in proc.stderr  # quiet GE
     summary = json.loads((tmp_path / "reports" / "validation.json").read_text())
     assert summary["success"] is False and summary["blocking_failures"] == ["sha256_unique"]
-    assert (tmp_path / "reports" / "validation" / "index.html").is_file()
+    docs = tmp_path / "reports" / "validation"
+    assert_offline_site(docs)
+    # The same data again, in this process (another hash seed, another time, another output path): the same bytes,
+    # so a rerun leaves no diff in git.
+    with pytest.raises(ValidationFailed):
+        validate_manifest(manifest, make_params(), tmp_path / "again", tmp_path / "again.json")
+    tree = {p.relative_to(docs): p.read_bytes() for p in docs.rglob("*") if p.is_file()}
+    again = {p.relative_to(tmp_path / "again"): p.read_bytes() for p in (tmp_path / "again").rglob("*") if p.is_file()}
+    assert sorted(map(str, tree)) == sorted(map(str, again))
+    assert [k for k in tree if tree[k] != again[k]] == []
+
+
+GE_PAGE = """<html><head>
+<link rel="stylesheet" href="https://maxcdn.bootstrapcdn.com/bootstrap/4.3.1/css/bootstrap.min.css"/>
+<script src="https://cdn.jsdelivr.net/npm/vega@5"></script>
+<script src="https://cdnjs.cloudflare.com/ajax/libs/popper.js/1.12.9/umd/popper.min.js" integrity="sha384-x" crossorigin="anonymous"></script>
+<style>a { background: url('https://great-expectations-web-assets.s3.us-east-2.amazonaws.com/full_logo_dark.png') }</style>
+</head><body>
+<img src="https://great-expectations-web-assets.s3.us-east-2.amazonaws.com/logo-long.png?d=20261127T052353.028947Z">
+<a href="../../../../index.html">home</a> <link rel="icon" href="../../../static/images/favicon.ico">
+<a href="#block-8cf787be-653a-4804-ada8-5fa02a8bd1a4">x</a><div id="block-8cf787be-653a-4804-ada8-5fa02a8bd1a4"></div>
+<div id="block-0340092d-8b84-4dec-93aa-38292dc919f5"></div>
+<td>Run Time</td><td>2026-11-27T05:23:52Z</td> <a href="https://greatexpectations.io">GE</a>
+</body></html>
+"""
+
+
+def test_stabilize_site_fixes_names_times_ids_and_assets(tmp_path):
+    site = tmp_path / "site"
+    deep = site / "validations" / "manifest" / "validate" / "20261127T052352.533419Z" / "manifest-manifest.html"
+    deep.parent.mkdir(parents=True)
+    deep.write_text(GE_PAGE)
+    (site / "index.html").write_text(
+        "{'_table_row_link_path': 'validations/manifest/validate/20261127T052352.533419Z/manifest-manifest.html', "
+        "'run_time': '2026-11-27 05:23:52 UTC', '_run_time_sort': 1795757032.533419}"
+    )
+    moved = stabilize_site(site)
+    assert moved == {deep.relative_to(site).as_posix(): "validations/manifest.html"}
+    assert not (site / "validations" / "manifest").exists()  # the time-stamped folders are gone
+    page = (site / "validations" / "manifest.html").read_text()
+    assert '"../static/vendor/bootstrap/bootstrap.min.css"' in page
+    assert '<script src="../static/vendor/popper.js/popper.min.js"></script>' in page  # no SRI/crossorigin
+    assert "vega" not in page  # the page draws no Vega chart
+    assert page.count("../static/images/logo-long.png") == 2 and "s3" not in page
+    assert 'href="../index.html"' in page and 'href="../static/images/favicon.ico"' in page
+    assert 'href="#block-id1"' in page and 'id="block-id1"' in page and 'id="block-id2"' in page
+    assert "<td>Run Time</td><td>not recorded</td>" in page
+    assert '<a href="https://greatexpectations.io">' in page  # plain links are not fetched: kept
+    assert (site / "index.html").read_text() == (
+        "{'_table_row_link_path': 'validations/manifest.html', 'run_time': 'not recorded', '_run_time_sort': 0}"
+    )
+
+
+def test_stabilize_site_refuses_an_asset_that_is_not_vendored(tmp_path):
+    (tmp_path / "index.html").write_text('<script src="https://cdn.example.org/new-widget.js"></script>')
+    with pytest.raises(RuntimeError, match=r"index\.html: loads https://cdn\.example\.org/new-widget\.js"):
+        stabilize_site(tmp_path)
+
+
+def test_vendored_web_assets_match_their_manifest():
+    """assets.json (workflow/vendor_web_assets.py) lists each vendored file with its sha256 and package; every CDN
+    URL maps to one of them, and every package's licence is shipped."""
+    manifest = json.loads((WEB_ASSETS / "assets.json").read_text())
+    shipped = {p.relative_to(WEB_ASSETS).as_posix() for p in WEB_ASSETS.rglob("*") if p.is_file()}
+    licences = {p["licence_file"] for p in manifest["packages"]}
+    assert shipped == set(manifest["files"]) | licences | {"assets.json"}
+    for rel, entry in manifest["files"].items():
+        assert hashlib.sha256((WEB_ASSETS / rel).read_bytes()).hexdigest() == entry["sha256"], rel
+    assert set(web_asset_urls().values()) <= set(manifest["files"])
+    assert all(url.startswith("https://") for url in web_asset_urls())
+    for licence in licences:
+        assert "permission" in (WEB_ASSETS / licence).read_text().lower(), licence
