@@ -4,19 +4,20 @@ If the CNNs cannot beat this, they have learnt nothing beyond "how bright is the
 shows in a DXA image as lower intensity of the vertebrae and a coarser, lower-contrast trabecular texture, so the
 features are:
 
-* intensity of the region of interest (ROI): the central vertical band of the image, where the lumbar vertebrae lie
-  on an AP spine scan (columns 30-70 %, rows 5-95 %; ingest keeps the scan's aspect ratio, so the band is the same
-  part of every scan) - mean, standard deviation, 10th/50th/90th percentiles, and the ROI mean relative to the whole
-  image (bone against soft tissue, insensitive to the overall exposure);
-* grey-level co-occurrence texture of the ROI (Haralick et al. 1973, via ``skimage.feature.graycomatrix``):
+* intensity of the vertebral bodies: the central band of the located L1-L4 region of interest, the same ROI image
+  the CNNs see (:mod:`spinedxa.roi`; columns 25-75 %, where the bodies lie between the paraspinal soft tissue on
+  either side) - mean, standard deviation, 10th/50th/90th percentiles, and the band mean relative to the whole ROI
+  (bone against soft tissue, insensitive to the overall exposure);
+* grey-level co-occurrence texture of the band (Haralick et al. 1973, via ``skimage.feature.graycomatrix``):
   contrast, homogeneity, energy and correlation, averaged over distances 1 and 2 px and four directions;
 * mean local standard deviation in 5 x 5 windows (fine trabecular variation).
 
 The model is a scikit-learn pipeline (standardisation, then L2 logistic regression with balanced class weights, the
 counterpart of the CNNs' inverse-frequency loss weighting). Its regularisation strength C is chosen on the
-validation split by log-loss (a proper score that stays defined when a tiny validation split holds one class) and the
-chosen model is refit on train + validation. It is scored on the same test split, with the same metrics, intervals
-and output files as every CNN (:mod:`spinedxa.metrics`).
+validation part of each fold by log-loss (a proper score that stays defined when a tiny validation part holds one
+class); the model is fitted on the fold's training part only, exactly what the CNNs train on. Each fold's model scores
+that fold's held-out scans, and the pooled out-of-fold predictions get the same metrics, intervals and output files
+as every CNN (:mod:`spinedxa.metrics`).
 """
 
 from __future__ import annotations
@@ -27,22 +28,26 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import pandas as pd
 from scipy import ndimage
 from skimage.feature import graycomatrix, graycoprops
 from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import GridSearchCV, PredefinedSplit
+from sklearn.metrics import log_loss
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from spinedxa import metrics
 from spinedxa.config import Params
-from spinedxa.data import ImageItem, load_split, read_image
+from spinedxa.contracts import splits as splits_contract
+from spinedxa.contracts.splits import ROLES
+from spinedxa.data import ImageItem, part_items, read_image
 
 log = logging.getLogger(__name__)
 
-#: Region of interest as fractions of the image: the central vertical band where the vertebrae lie.
-ROI_COLUMNS = (0.30, 0.70)
-ROI_ROWS = (0.05, 0.95)
+#: The vertebral band as fractions of the ROI image: the ROI holds the L1-L4 bodies between the T12/L1 and L4/L5
+#: discs, with the paraspinal soft tissue on either side (spinedxa.roi: body width plus 0.4 body widths per side).
+BAND_COLUMNS = (0.25, 0.75)
+BAND_ROWS = (0.03, 0.97)
 #: Grey levels for the co-occurrence matrix; 32 levels is a common choice for GLCM texture on medical images
 #: (fewer levels stabilise the statistics on small ROIs; see Lofstedt et al. 2019, PLoS ONE 14(2): e0212110).
 GLCM_LEVELS = 32
@@ -67,23 +72,23 @@ FEATURE_NAMES: tuple[str, ...] = (
 )
 
 
-def roi(img: np.ndarray) -> np.ndarray:
-    """The central vertical band of ``img`` (``H x W`` in [0, 1]) where the vertebrae lie.
+def vertebral_band(img: np.ndarray) -> np.ndarray:
+    """The central vertical band of an ROI image (``H x W`` in [0, 1]) where the vertebral bodies lie.
 
     Raises:
         ValueError: the band would be smaller than :data:`MIN_ROI_SIDE` pixels.
     """
     h, w = img.shape
-    r0, r1 = int(round(ROI_ROWS[0] * h)), int(round(ROI_ROWS[1] * h))
-    c0, c1 = int(round(ROI_COLUMNS[0] * w)), int(round(ROI_COLUMNS[1] * w))
+    r0, r1 = int(round(BAND_ROWS[0] * h)), int(round(BAND_ROWS[1] * h))
+    c0, c1 = int(round(BAND_COLUMNS[0] * w)), int(round(BAND_COLUMNS[1] * w))
     if min(r1 - r0, c1 - c0) < MIN_ROI_SIDE:
-        raise ValueError(f"image of {h} x {w} px is too small for the baseline ROI (needs >= {MIN_ROI_SIDE} px)")
+        raise ValueError(f"image of {h} x {w} px is too small for the baseline's vertebral band (needs >= {MIN_ROI_SIDE} px)")
     return img[r0:r1, c0:c1]
 
 
 def image_features(img: np.ndarray) -> np.ndarray:
     """The :data:`FEATURE_NAMES` vector of one image (``H x W`` float in [0, 1])."""
-    band = roi(img)
+    band = vertebral_band(img)
     p10, p50, p90 = np.percentile(band, [10, 50, 90])
     image_mean = float(img.mean())
     # A fixed grey-level range (not per-image min/max) keeps texture comparable across images of different exposure.
@@ -142,75 +147,72 @@ class FittedBaseline:
 def fit_baseline(
     x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray, *, seed: int
 ) -> FittedBaseline:
-    """Choose C on the validation split by log-loss, then refit on train + validation.
+    """Fit on the training part for every C of :data:`C_GRID`; keep the one with the lowest validation log-loss.
 
-    Without validation images the default C = 1 is fitted on train alone.
+    The model is fitted on exactly the images the CNNs train on in this fold (the validation part only chooses C,
+    as it only chooses the CNNs' best epoch), so the comparison is like for like.
 
     Raises:
-        ValueError: the training split does not hold both classes.
+        ValueError: the training part does not hold both classes.
     """
     if len(np.unique(y_train)) < 2:
-        raise ValueError(f"baseline: the training split holds only class {np.unique(y_train).tolist()}; need both")
+        raise ValueError(f"baseline: the training part holds only class {np.unique(y_train).tolist()}; need both")
     if len(y_val) == 0:
-        log.warning("baseline: no validation images; fitting C = 1.0 on the training split alone")
+        log.warning("baseline: no validation images; fitting C = 1.0 on the training part alone")
         return FittedBaseline(_pipeline(seed).fit(x_train, y_train), 1.0, None)
-    x = np.vstack([x_train, x_val])
-    y = np.concatenate([y_train, y_val])
-    # PredefinedSplit: -1 = always in training, 0 = the single validation fold. refit=True refits on x, y.
-    folds = PredefinedSplit(np.r_[np.full(len(y_train), -1), np.zeros(len(y_val), dtype=int)])
-    search = GridSearchCV(
-        _pipeline(seed),
-        {"logisticregression__C": list(C_GRID)},
-        scoring="neg_log_loss",
-        cv=folds,
-        refit=True,
-    )
-    search.fit(x, y)
-    losses = {float(c): float(-s) for c, s in zip(C_GRID, search.cv_results_["mean_test_score"])}
-    return FittedBaseline(search.best_estimator_, float(search.best_params_["logisticregression__C"]), losses)
+    fits = {c: _pipeline(seed, c).fit(x_train, y_train) for c in C_GRID}
+    losses = {float(c): float(log_loss(y_val, m.predict_proba(x_val)[:, 1], labels=[0, 1])) for c, m in fits.items()}
+    best = min(C_GRID, key=lambda c: (losses[float(c)], c))  # ties: the stronger regularisation (smaller C)
+    return FittedBaseline(fits[best], float(best), losses)
 
 
-def run_baseline(
-    params: Params,
-    *,
-    splits_csv: str | Path,
-    images_dir: str | Path,
-    metrics_path: str | Path,
-    predictions_path: str | Path,
-    plots_dir: str | Path,
-) -> dict[str, object]:
-    """Fit the baseline, score it on the test split and write metrics, predictions and plot tables.
+@dataclass(frozen=True)
+class BaselinePaths:
+    """Inputs and outputs of the ``baseline`` stage (the arguments in dvc.yaml)."""
+
+    splits: Path
+    images: Path
+    metrics: Path
+    predictions: Path
+    plots: Path
+
+
+def run_baseline(params: Params, paths: BaselinePaths) -> tuple[dict[str, object], list[FittedBaseline]]:
+    """Fit the baseline in every fold, score each fold's held-out part, and write the pooled out-of-fold results.
 
     Returns:
-        The metrics record written to ``metrics_path``.
+        The metrics record written to ``paths.metrics`` and the fitted model of each fold.
 
     Raises:
-        ValueError: the test split is empty or holds a single class, or the training split holds a single class.
+        ValueError: a fold's test part is empty, or its training part holds a single class.
     """
-    classes = params.data.classes
-    items = {s: load_split(splits_csv, images_dir, s, classes) for s in ("train", "val", "test")}
-    test = items["test"]
-    labels = {s: np.array([it.label for it in its], dtype=int) for s, its in items.items()}
-    if len(test) == 0 or len(np.unique(labels["test"])) < 2:
-        raise ValueError(
-            f"{splits_csv}: the test split must hold both classes {list(classes)}, "
-            f"found {len(test)} image(s) of class(es) {sorted(set(labels['test'].tolist()))}"
-        )
-    fitted = fit_baseline(
-        feature_matrix(items["train"]), labels["train"], feature_matrix(items["val"]), labels["val"],
-        seed=params.evaluate.seed,
-    )
-    prob = fitted.model.predict_proba(feature_matrix(test))[:, 1]
-    cfg = params.evaluate
-    patient_ids = [it.patient_id for it in test]
-    record: dict[str, object] = metrics.summarize(
-        labels["test"], prob, patient_ids, threshold=cfg.threshold, n_resamples=cfg.bootstrap, seed=cfg.seed
-    )
-    record.update(model="baseline", mlflow_run_id=None, model_sha256=None, baseline_c=fitted.c)
-    predictions = metrics.predictions_frame(
-        [it.source for it in test], patient_ids, labels["test"], prob, classes=classes, threshold=cfg.threshold
-    )
-    metrics.write_evaluation(
-        predictions, record, metrics_path=metrics_path, predictions_path=predictions_path, plots_dir=plots_dir
-    )
-    return record
+    classes, cfg = params.data.classes, params.evaluate
+    table = splits_contract.read(paths.splits)
+    parts, fitted = [], []
+    features: dict[str, np.ndarray] = {}  # per source: every scan is read once, whatever the number of folds
+
+    def matrix(items: Sequence[ImageItem]) -> np.ndarray:
+        for item in items:
+            if item.source not in features:
+                features[item.source] = feature_matrix([item])[0]
+        return np.vstack([features[it.source] for it in items]) if items else np.zeros((0, len(FEATURE_NAMES)))
+
+    for fold in splits_contract.folds(table):
+        items = {r: part_items(paths.splits, paths.images, fold, r, classes, table=table) for r in ROLES}
+        if not items["test"]:
+            raise ValueError(f"{paths.splits}: fold {fold} has no test images")
+        y = {r: np.array([it.label for it in its], dtype=int) for r, its in items.items()}
+        model = fit_baseline(matrix(items["train"]), y["train"], matrix(items["val"]), y["val"], seed=cfg.seed)
+        fitted.append(model)
+        prob = model.model.predict_proba(matrix(items["test"]))[:, 1]
+        parts.append(metrics.predictions_frame(
+            [it.source for it in items["test"]], [it.patient_id for it in items["test"]], y["test"], prob,
+            classes=classes, threshold=cfg.threshold, folds=[fold] * len(prob)))
+    predictions = pd.concat(parts, ignore_index=True).sort_values("source", kind="stable").reset_index(drop=True)
+    record = metrics.out_of_fold_record(predictions, classes, protocol=params.split.protocol,
+                                        threshold=cfg.threshold, n_resamples=cfg.bootstrap, seed=cfg.seed)
+    record.update(model="baseline", mlflow_run_id=None, model_sha256=None,
+                  baseline_c=[m.c for m in fitted])
+    metrics.write_evaluation(predictions, record, metrics_path=paths.metrics, predictions_path=paths.predictions,
+                             plots_dir=paths.plots)
+    return record, fitted

@@ -235,22 +235,20 @@ class ValidateConfig(_Section):
 
 @dataclass(frozen=True)
 class SplitConfig(_Section):
+    """``split``: the evaluation protocol (see :mod:`spinedxa.split`)."""
+
     KEY: ClassVar[str] = "split"
 
+    protocol: Literal["kfold", "holdout"]
     seed: int = non_negative()
-    # Each fraction strictly inside (0, 1): an empty split breaks the holdout protocol (no early stopping without
-    # val, no estimate without test).
-    train: float = bounded(0, 1, low_open=True, high_open=True)
-    val: float = bounded(0, 1, low_open=True, high_open=True)
-    test: float = bounded(0, 1, low_open=True, high_open=True)
-    folds: int = non_negative(default=0)
+    folds: int = count()  # kfold: patient-grouped folds (every scan is scored once, out of fold); >= 3
+    # Each fraction strictly inside (0, 1): no early stopping without val, no estimate without test.
+    val: float = bounded(0, 1, low_open=True, high_open=True)  # share of each fold's training patients
+    test: float = bounded(0, 1, low_open=True, high_open=True)  # holdout only: share of patients for testing
 
     def _check(self) -> None:
-        total = self.train + self.val + self.test
-        if abs(total - 1.0) > 1e-6:
-            raise ConfigError(f"split: train + val + test must be 1.0, got {total:.4f}")
-        if self.folds == 1:
-            raise ConfigError(f"split.folds: {self.folds} is out of range; allowed: 0 (no folds) or >= 2")
+        if self.protocol == "kfold" and self.folds < 3:
+            raise ConfigError(f"split.folds: {self.folds} is out of range under protocol kfold; allowed: >= 3")
 
 
 @dataclass(frozen=True)
@@ -280,16 +278,22 @@ class AugmentConfig(_Section):
 
 @dataclass(frozen=True)
 class ModelTrainConfig(_Section):
+    """``train.<model>``: one network's recipe."""
+
     KEY: ClassVar[str] = "train.<model>"
 
-    image_size: int = count()  # each model's own minimum is checked by the model registry
+    # Input height in pixels; the width is image_size / ROI_ASPECT (the ROI's shape). Each model's own minimum is
+    # checked by the model registry.
+    image_size: int = count()
     epochs: int = count()
     batch_size: int = count()
     optimizer: Literal["adam", "adamw", "sgd"]
     lr: float = positive()
     weight_decay: float = non_negative()
-    scheduler: Literal["cosine", "step", "plateau", "none"]
+    scheduler: Literal["onecycle", "cosine", "step", "plateau", "none"]
     weights: Literal["none", "imagenet"] = "none"
+    label_smoothing: float = bounded(0, 1, high_open=True, default=0.0)
+    batch_norm: bool = False  # VGG only: the BatchNorm variant (torchvision vgg16_bn / vgg19_bn)
 
 
 @dataclass(frozen=True)
@@ -354,6 +358,34 @@ class MlflowConfig(_Section):
 
 
 @dataclass(frozen=True)
+class ReplayConfig(_Section):
+    """``replay``: the labelled leaky ablation of the paper's likely protocol (see :mod:`spinedxa.replay`)."""
+
+    KEY: ClassVar[str] = "replay"
+
+    enabled: bool
+    copies: int = count()  # augmented copies per scan made BEFORE the split (210 = 6 x 35 suggests 6)
+    test_fraction: float = bounded(0, 1, low_open=True, high_open=True)  # images (not patients) for testing
+    seed: int = non_negative()
+    epochs: int = count()  # cnn21's recipe otherwise; capped so the ablation costs about two minutes of CPU
+
+
+@dataclass(frozen=True)
+class RuntimeConfig(_Section):
+    """``runtime``: bookkeeping that never changes a result, so no stage declares it as a DVC param.
+
+    Changing these reruns nothing: worker and process counts (every result is independent of them, see the tests),
+    and where MLflow logs (``$MLFLOW_EXPERIMENT_NAME`` overrides the experiment).
+    """
+
+    KEY: ClassVar[str] = "runtime"
+
+    workers: int = count(default=2)  # processes of synthesize and ingest
+    train_processes: int = count(default=2)  # folds of one model trained side by side (train.threads each)
+    mlflow_experiment: str = sized(1, 500, noun="characters", default="spinedxa")
+
+
+@dataclass(frozen=True)
 class Params:
     data: DataConfig
     synthesize: SynthesizeConfig
@@ -364,7 +396,9 @@ class Params:
     train: TrainConfig
     evaluate: EvaluateConfig
     report: ReportConfig
+    replay: ReplayConfig
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
 
 # --- loading ----------------------------------------------------------------------------------------------------

@@ -1,12 +1,16 @@
-"""Evaluate one trained model on the held-out test split: metrics with patient-level CIs, curves, Grad-CAM, MLflow.
+"""Evaluate one trained model out of fold: every scan scored once by the fold model that never saw it.
 
-Only the ``test`` rows of the splits CSV are scored; they belong to patients the model never saw in training or model
-selection (the split stage splits by patient before any augmentation). Metrics, intervals and output files come from
-:mod:`spinedxa.metrics`, shared with the baseline, so every model is scored the same way.
+For each fold *k*, ``models/<m>/fold<k>/`` scores the ``test`` part of fold *k* (patients that fold's training,
+early stopping and model selection never saw; the split stage assigns whole patients before any augmentation). The
+pooled out-of-fold predictions of all folds get the metrics with patient-bootstrap intervals, the per-fold mean and
+SD and the patient-level view (:func:`spinedxa.metrics.out_of_fold_record`), shared with the baseline, so every model
+is scored the same way.
 
-Grad-CAM (Selvaraju et al. 2017, via the ``grad-cam`` package) shows, for a few test images, where the network's
+Grad-CAM (Selvaraju et al. 2017, via the ``grad-cam`` package) shows, for a few scored images, where the network's
 last convolutional block found evidence for *osteoporosis* (the positive class, whatever the prediction): the same
-target for every panel keeps the heatmaps comparable across images and models.
+target for every panel keeps the heatmaps comparable across images and models. A map without contrast (a network
+whose last block does not respond, e.g. one that predicts one class for everything) is *flagged* in its panel and
+counted in the metrics record (``gradcam_degenerate``), never drawn as if it were a finding.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import pandas as pd
 import torch
 from matplotlib.figure import Figure  # the object API needs no pyplot state and no display backend
 from pytorch_grad_cam import GradCAM
@@ -27,15 +32,20 @@ from torch import nn
 
 from spinedxa import metrics, tracking
 from spinedxa.config import Params
-from spinedxa.data import load_split, stack_images
+from spinedxa.contracts import jsonfile, splits as splits_contract
+from spinedxa.data import input_shape, part_items, stack_images
 from spinedxa.files import atomic_path, sha256_file
 from spinedxa.models import get_spec, load_trained, predict_proba
-from spinedxa.train import resolve_device
+from spinedxa.runtime import resolve_device
 
 log = logging.getLogger(__name__)
 
 #: Prefix of the test metrics in the model's MLflow run (its training metrics are train_*/val_*).
 MLFLOW_PREFIX = "test_"
+#: A Grad-CAM map whose values span less than this (maps are normalised to [0, 1]) has no contrast: flagged.
+DEGENERATE_SPAN = 1e-3
+#: Sub-directory of models/<m>/ holding fold k's model.
+FOLD_DIR = "fold{k}"
 
 
 class ModelMismatchError(ValueError):
@@ -106,6 +116,12 @@ def gradcam_maps(model: nn.Module, name: str, images: torch.Tensor, target_class
     return np.nan_to_num(np.asarray(heat, dtype=np.float32))  # a flat map (all-zero gradients) normalises to 0/0
 
 
+def degenerate_maps(maps: np.ndarray) -> np.ndarray:
+    """True for each map without contrast (constant up to :data:`DEGENERATE_SPAN`)."""
+    flat = maps.reshape(len(maps), -1)
+    return (flat.max(axis=1) - flat.min(axis=1)) < DEGENERATE_SPAN
+
+
 def write_gradcam_figure(
     path: str | Path,
     images: np.ndarray,
@@ -120,18 +136,26 @@ def write_gradcam_figure(
     Images are numbered, never named: file names of real cohorts can hold patient identifiers.
     """
     k = len(images)
-    fig = Figure(figsize=(5.0, 2.6 * k))
+    flat = degenerate_maps(maps)
+    fig = Figure(figsize=(4.0, 3.4 * k))
     axes = fig.subplots(k, 2, squeeze=False)
     for row in range(k):
         gray = np.clip(images[row], 0.0, 1.0).astype(np.float32)
         overlay = show_cam_on_image(np.repeat(gray[..., None], 3, axis=2), maps[row], use_rgb=True)
         axes[row, 0].imshow(gray, cmap="gray", vmin=0.0, vmax=1.0)
-        axes[row, 0].set_title(f"test image {row + 1}: true {classes[int(y_true[row])]}", fontsize=8)
-        axes[row, 1].imshow(overlay)
-        axes[row, 1].set_title(f"Grad-CAM ({classes[1]}): P = {float(prob[row]):.2f}", fontsize=8)
+        axes[row, 0].set_title(f"scored image {row + 1}: true {classes[int(y_true[row])]}", fontsize=8)
+        if flat[row]:
+            axes[row, 1].imshow(gray, cmap="gray", vmin=0.0, vmax=1.0, alpha=0.35)
+            axes[row, 1].text(0.5, 0.5, "Grad-CAM map\nwithout contrast\n(degenerate: no\nlocalised evidence)",
+                              ha="center", va="center", fontsize=7, color="red", transform=axes[row, 1].transAxes)
+            axes[row, 1].set_title(f"DEGENERATE map: P = {float(prob[row]):.2f}", fontsize=8, color="red")
+        else:
+            axes[row, 1].imshow(overlay)
+            axes[row, 1].set_title(f"Grad-CAM ({classes[1]}): P = {float(prob[row]):.2f}", fontsize=8)
         for ax in axes[row]:
             ax.axis("off")
-    fig.suptitle(f"{model_name}: Grad-CAM on held-out test images", fontsize=9)
+    note = f" ({int(flat.sum())} of {k} maps degenerate)" if flat.any() else ""
+    fig.suptitle(f"{model_name}: Grad-CAM on out-of-fold images{note}", fontsize=9)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
@@ -146,58 +170,98 @@ def mlflow_metrics(record: dict[str, object]) -> dict[str, float]:
     }
 
 
-def evaluate_model(params: Params, name: str, paths: EvaluatePaths) -> dict[str, object]:
-    """Score ``models/<name>`` on the test split and write metrics, predictions, plot tables and Grad-CAM figure.
+def fold_dir(model_dir: Path, fold: int) -> Path:
+    """``models/<m>/fold<k>``: where the train stage writes fold ``k``'s model."""
+    return Path(model_dir) / FOLD_DIR.format(k=fold)
 
-    The metrics (prefixed ``test_``) and the output files are also logged to the model's MLflow training run
-    (``mlflow_run_id`` in meta.json); a model without a run id is evaluated with a warning and not logged.
+
+def evaluate_model(params: Params, name: str, paths: EvaluatePaths) -> dict[str, object]:
+    """Score every fold's model on its held-out part; write the pooled metrics, predictions, plots and Grad-CAM.
+
+    The pooled metrics (prefixed ``test_``) go to the model's MLflow parent run and each fold's own metrics to its
+    nested run (run ids in ``meta.json``); a model without run ids is evaluated with a warning and not logged.
 
     Returns:
         The metrics record written to ``paths.metrics``.
 
     Raises:
-        ModelMismatchError: meta.json or model.pt do not match params.yaml (see :func:`check_model_dir`).
-        ValueError: the test split is empty or holds a single class.
+        ModelMismatchError: a fold's meta.json or model.pt do not match params.yaml (see :func:`check_model_dir`).
+        ValueError: a fold's test part is empty.
         spinedxa.tracking.RunNotFoundError: meta.json names an MLflow run the tracking store does not have.
     """
-    classes = params.data.classes
+    classes, cfg = params.data.classes, params.evaluate
     image_size = params.train.model(name).image_size
-    cfg = params.evaluate
-    model, meta = load_trained(paths.model_dir)
-    digest = check_model_dir(paths.model_dir, meta, name, image_size, classes)
-
-    items = load_split(paths.splits, paths.images, "test", classes)
-    y_true = np.array([it.label for it in items], dtype=int)
-    if len(items) == 0 or len(np.unique(y_true)) < 2:
-        raise ValueError(
-            f"{paths.splits}: the test split must hold both classes {list(classes)}, "
-            f"found {len(items)} image(s) of class(es) {sorted(set(y_true.tolist()))}"
-        )
-    images = stack_images(items, image_size)
-    prob = predict_proba(model, name, images, device=resolve_device(params.train.device))
-    patient_ids = [it.patient_id for it in items]
-
-    record: dict[str, object] = metrics.summarize(
-        y_true, prob, patient_ids, threshold=cfg.threshold, n_resamples=cfg.bootstrap, seed=cfg.seed
-    )
-    record.update(model=name, mlflow_run_id=meta.get("mlflow_run_id"), model_sha256=digest)
-    predictions = metrics.predictions_frame(
-        [it.source for it in items], patient_ids, y_true, prob, classes=classes, threshold=cfg.threshold
-    )
-    metrics.write_evaluation(
-        predictions, record, metrics_path=paths.metrics, predictions_path=paths.predictions, plots_dir=paths.plots
-    )
-
-    picks = pick_gradcam_indices(y_true, cfg.gradcam_images)
-    maps = gradcam_maps(model, name, images[picks])
-    write_gradcam_figure(
-        paths.gradcam, images[picks, 0].numpy(), maps, y_true[picks], prob[picks], classes, name
-    )
-
-    run_id = meta.get("mlflow_run_id")
-    if run_id:
-        artifacts = [paths.metrics, paths.predictions, paths.gradcam, *sorted(Path(paths.plots).glob("*.csv"))]
-        tracking.log_metrics_to_run(run_id, mlflow_metrics(record), artifacts=artifacts)
-    else:
-        log.warning("%s: meta.json has no mlflow_run_id; test metrics are not logged to MLflow", paths.model_dir)
+    shape = input_shape(image_size)
+    device = resolve_device(params.train.device)
+    table = splits_contract.read(paths.splits)
+    parts, digests, fold_records, fold_runs = [], {}, {}, {}
+    gradcam_pool: list[tuple[torch.nn.Module, torch.Tensor, np.ndarray, np.ndarray]] = []
+    for fold in splits_contract.folds(table):
+        model_dir = fold_dir(paths.model_dir, fold)
+        model, meta = load_trained(model_dir)
+        digests[str(fold)] = check_model_dir(model_dir, meta, name, image_size, classes)
+        items = part_items(paths.splits, paths.images, fold, "test", classes, table=table)
+        if not items:
+            raise ValueError(f"{paths.splits}: fold {fold} has no test images")
+        images = stack_images(items, shape)
+        prob = predict_proba(model, name, images, device=device)
+        y_true = np.array([it.label for it in items], dtype=int)
+        frame = metrics.predictions_frame([it.source for it in items], [it.patient_id for it in items], y_true, prob,
+                                          classes=classes, threshold=cfg.threshold, folds=[fold] * len(items))
+        parts.append(frame)
+        fold_runs[fold] = meta.get("mlflow_run_id")
+        fold_records[fold] = metrics.point_metrics(y_true, prob, cfg.threshold)
+        gradcam_pool.append((model, images, y_true, prob))
+    predictions = pd.concat(parts, ignore_index=True).sort_values("source", kind="stable").reset_index(drop=True)
+    record: dict[str, object] = metrics.out_of_fold_record(
+        predictions, classes, protocol=params.split.protocol, threshold=cfg.threshold, n_resamples=cfg.bootstrap,
+        seed=cfg.seed)
+    parent = jsonfile.read(Path(paths.model_dir) / "meta.json") if (Path(paths.model_dir) / "meta.json").is_file() \
+        else {}
+    record.update(model=name, mlflow_run_id=parent.get("mlflow_run_id"), model_sha256=digests,
+                  variant=parent.get("variant", name))
+    flagged = _write_gradcam(gradcam_pool, name, cfg.gradcam_images, classes, paths.gradcam)
+    record["gradcam_degenerate"] = flagged
+    metrics.write_evaluation(predictions, record, metrics_path=paths.metrics, predictions_path=paths.predictions,
+                             plots_dir=paths.plots)
+    _log(record, fold_records, fold_runs, paths)
     return record
+
+
+def _write_gradcam(pool: Sequence[tuple[nn.Module, torch.Tensor, np.ndarray, np.ndarray]], name: str, n: int,
+                   classes: Sequence[str], path: Path) -> int:
+    """Grad-CAM panels of ``n`` scored images (taken from the folds in turn); returns how many maps are degenerate."""
+    picks: list[tuple[int, int]] = []  # (fold index, image index)
+    queues = [pick_gradcam_indices(y, n) for _, _, y, _ in pool]
+    while len(picks) < n and any(queues):
+        for f, queue in enumerate(queues):
+            if queue and len(picks) < n:
+                picks.append((f, queue.pop(0)))
+    images, maps, y_true, prob = [], [], [], []
+    for f, i in picks:
+        model, imgs, y, p = pool[f]
+        maps.append(gradcam_maps(model, name, imgs[i: i + 1])[0])
+        images.append(imgs[i, 0].numpy())
+        y_true.append(int(y[i]))
+        prob.append(float(p[i]))
+    heat = np.stack(maps)
+    write_gradcam_figure(path, np.stack(images), heat, y_true, prob, classes, name)
+    flagged = int(degenerate_maps(heat).sum())
+    if flagged:
+        log.warning("%s: %d of %d Grad-CAM maps are degenerate (no contrast); flagged in %s", name, flagged,
+                    len(picks), path)
+    return flagged
+
+
+def _log(record: dict[str, object], fold_records: dict[int, dict[str, float]], fold_runs: dict[int, str | None],
+         paths: EvaluatePaths) -> None:
+    """Pooled metrics and artifacts to the parent run; each fold's metrics to its nested run."""
+    run_id = record.get("mlflow_run_id")
+    if not run_id:
+        log.warning("%s: meta.json has no mlflow_run_id; test metrics are not logged to MLflow", paths.model_dir)
+        return
+    artifacts = [paths.metrics, paths.predictions, paths.gradcam, *sorted(Path(paths.plots).glob("*.csv"))]
+    tracking.log_metrics_to_run(str(run_id), mlflow_metrics(record), artifacts=artifacts)
+    for fold, fold_run in fold_runs.items():
+        if fold_run:
+            tracking.log_metrics_to_run(fold_run, mlflow_metrics(fold_records[fold]))

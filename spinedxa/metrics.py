@@ -29,7 +29,7 @@ from sklearn.calibration import calibration_curve
 from sklearn.exceptions import UndefinedMetricWarning
 from statsmodels.stats.contingency_tables import mcnemar
 
-from spinedxa.files import write_json_atomic, write_text_atomic
+from spinedxa.contracts import jsonfile, predictions as predictions_contract, table as table_contract
 
 #: Metric keys, in report order. Each appears in the metrics JSON with ``_ci_low``/``_ci_high``/``_ci_skipped``.
 METRIC_KEYS: tuple[str, ...] = (
@@ -44,8 +44,6 @@ METRIC_KEYS: tuple[str, ...] = (
     "pr_auc",
     "brier",
 )
-#: Columns of ``reports/predictions/<model>.csv`` (docs/CONTRACTS.md).
-PREDICTION_COLUMNS: tuple[str, ...] = ("source", "patient_id", "label", "y_true", "prob", "pred", "actual", "predicted")
 #: Equal-width probability bins of the calibration curve: 10 bins of 0.1 is the usual reliability-diagram
 #: resolution (Niculescu-Mizil & Caruana 2005); with a few dozen test images most bins still hold a few images.
 CALIBRATION_BINS = 10
@@ -254,10 +252,6 @@ def bootstrap_intervals(
     return {k: percentile_interval(draws[k]) for k in METRIC_KEYS}
 
 
-def _finite_or_none(x: float) -> float | None:
-    return float(x) if x is not None and math.isfinite(x) else None
-
-
 def summarize(
     y_true: np.ndarray,
     prob: np.ndarray,
@@ -277,7 +271,7 @@ def summarize(
     cis = bootstrap_intervals(y_true, prob, patient_ids, threshold=threshold, n_resamples=n_resamples, seed=seed)
     out: dict[str, float | int | None] = {}
     for key in METRIC_KEYS:
-        out[key] = _finite_or_none(point[key])
+        out[key] = jsonfile.finite_or_none(point[key])
         out[f"{key}_ci_low"] = cis[key].low
         out[f"{key}_ci_high"] = cis[key].high
         out[f"{key}_ci_skipped"] = cis[key].n_skipped
@@ -332,8 +326,10 @@ def predictions_frame(
     *,
     classes: Sequence[str],
     threshold: float,
+    folds: Sequence[int] | None = None,
 ) -> pd.DataFrame:
-    """The per-image predictions table (:data:`PREDICTION_COLUMNS`); ``actual``/``predicted`` are class names."""
+    """The per-image predictions table (:mod:`spinedxa.contracts.predictions`); ``actual``/``predicted`` are class
+    names, ``fold`` the fold that scored each image (0 for all when ``folds`` is None)."""
     y, p = _check_inputs(y_true, prob)
     pred = (p >= threshold).astype(int)
     names = np.asarray(classes, dtype=object)
@@ -341,6 +337,7 @@ def predictions_frame(
         {
             "source": list(sources),
             "patient_id": list(patient_ids),
+            "fold": np.zeros(len(y), dtype=int) if folds is None else np.asarray(folds, dtype=int),
             "label": names[y],
             "y_true": y,
             "prob": p,
@@ -348,7 +345,7 @@ def predictions_frame(
             "actual": names[y],
             "predicted": names[pred],
         },
-        columns=list(PREDICTION_COLUMNS),
+        columns=list(predictions_contract.COLUMNS),
     )
 
 
@@ -365,28 +362,79 @@ def write_evaluation(
     plots_dir = Path(plots_dir)
     plots_dir.mkdir(parents=True, exist_ok=True)
     tables = {"roc.csv": roc_table(y, p), "pr.csv": pr_table(y, p), "calibration.csv": calibration_table(y, p)}
-    for name, table in tables.items():
-        write_text_atomic(plots_dir / name, table.to_csv(index=False))
-    write_text_atomic(predictions_path, predictions.to_csv(index=False))
-    write_json_atomic(metrics_path, dict(record))
+    for name, frame in tables.items():
+        table_contract.write(plots_dir / name, frame, list(frame.columns))
+    predictions_contract.write(predictions_path, predictions)
+    jsonfile.write(metrics_path, dict(record))
+
+
+def fold_summary(predictions: pd.DataFrame, threshold: float) -> dict[str, float | int | None]:
+    """Per-fold point metrics as ``<metric>_fold_mean`` and ``<metric>_fold_sd`` (sample SD over the folds).
+
+    The pooled out-of-fold metrics (:func:`summarize`) are the headline; the spread over folds shows how much a
+    result depends on which patients a model was trained on. A metric undefined in a fold is left out of its mean.
+    """
+    per_fold = [point_metrics(g["y_true"].to_numpy(), g["prob"].to_numpy(), threshold)
+                for _, g in predictions.groupby("fold")]
+    out: dict[str, float | int | None] = {"n_folds": len(per_fold)}
+    for key in METRIC_KEYS:
+        values = np.array([m[key] for m in per_fold], dtype=float)
+        values = values[np.isfinite(values)]
+        out[f"{key}_fold_mean"] = jsonfile.finite_or_none(values.mean()) if len(values) else None
+        out[f"{key}_fold_sd"] = jsonfile.finite_or_none(values.std(ddof=1)) if len(values) > 1 else None
+    return out
+
+
+def patient_level(predictions: pd.DataFrame, classes: Sequence[str]) -> pd.DataFrame:
+    """The clinical view: one row per patient with the mean predicted probability over their scans.
+
+    A patient's label is the majority label of their scans, a tie going to the positive class (as the split
+    stratifies). Columns ``patient_id, n_scans, y_true, prob`` (sorted by patient id).
+    """
+    grouped = predictions.groupby("patient_id")
+    positive_share = grouped["y_true"].mean()
+    return pd.DataFrame({
+        "patient_id": positive_share.index,
+        "n_scans": grouped.size().reindex(positive_share.index).to_numpy(),
+        "y_true": (positive_share >= 0.5).astype(int).to_numpy(),
+        "prob": grouped["prob"].mean().reindex(positive_share.index).to_numpy(),
+    }).reset_index(drop=True)
+
+
+def patient_summary(predictions: pd.DataFrame, classes: Sequence[str], *, threshold: float, n_resamples: int,
+                    seed: int) -> dict[str, float | int | None]:
+    """Metrics of :func:`patient_level`, keys prefixed ``patient_`` (intervals: an ordinary bootstrap of patients)."""
+    patients = patient_level(predictions, classes)
+    record = summarize(patients["y_true"].to_numpy(), patients["prob"].to_numpy(), patients["patient_id"].to_numpy(),
+                       threshold=threshold, n_resamples=n_resamples, seed=seed)
+    keep = [*METRIC_KEYS, *(f"{k}_ci_{s}" for k in METRIC_KEYS for s in ("low", "high")), "tp", "fp", "tn", "fn"]
+    return {f"patient_{k}": record[k] for k in keep} | {"n_patients": int(len(patients))}
+
+
+def out_of_fold_record(
+    predictions: pd.DataFrame, classes: Sequence[str], *, protocol: str, threshold: float, n_resamples: int, seed: int
+) -> dict[str, float | int | str | None]:
+    """The metrics record of docs/CONTRACTS.md for the pooled out-of-fold predictions of one model.
+
+    Pooled metrics with patient-bootstrap intervals (:func:`summarize`; ``n_test`` is the number of scans scored),
+    per-fold mean and SD (:func:`fold_summary`), patient-level metrics (:func:`patient_summary`), ``protocol``
+    and ``folds``.
+    """
+    record: dict[str, float | int | str | None] = dict(summarize(
+        predictions["y_true"].to_numpy(), predictions["prob"].to_numpy(), predictions["patient_id"].to_numpy(),
+        threshold=threshold, n_resamples=n_resamples, seed=seed))
+    record.update(fold_summary(predictions, threshold))
+    record.update(patient_summary(predictions, classes, threshold=threshold, n_resamples=n_resamples, seed=seed))
+    record.update(protocol=protocol, folds=int(predictions["fold"].nunique()))
+    return record
 
 
 def read_predictions(path: str | Path) -> pd.DataFrame:
-    """Read a predictions CSV and check its columns and values.
-
-    Raises:
-        FileNotFoundError: ``path`` does not exist.
-        MetricsInputError: a column is missing or ``y_true``/``prob`` hold invalid values.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: predictions file not found")
-    df = pd.read_csv(path, dtype={"source": str, "patient_id": str, "label": str})
-    missing = [c for c in PREDICTION_COLUMNS if c not in df.columns]
-    if missing:
-        raise MetricsInputError(f"{path}: missing column(s) {missing}; expected {list(PREDICTION_COLUMNS)}")
-    _check_inputs(df["y_true"].to_numpy(), df["prob"].to_numpy(), what=str(path))
-    return df
+    """Read a predictions CSV (:func:`spinedxa.contracts.predictions.read`), raising :class:`MetricsInputError`."""
+    try:
+        return predictions_contract.read(path)
+    except table_contract.TableError as exc:
+        raise MetricsInputError(str(exc)) from None
 
 
 # --- paired comparisons ----------------------------------------------------------------------------------------------

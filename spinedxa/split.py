@@ -1,15 +1,22 @@
-"""Patient-grouped, stratified train/val/test split of the accepted manifest rows, with optional k folds.
+"""Patient-grouped, stratified assignment of the accepted scans to folds and roles (train / val / test).
 
-The unit of splitting is the patient, never the image: every scan of a patient lands in the same split, so a
-follow-up scan (or an augmented copy, made later from the training split only) cannot leak into val or test. This is
-the leakage that a 210-image test set built from ~35 images x 6 augmentations would suffer: what the paper's reported
-figures fit (README, "Train, evaluate, report").
+The unit is the patient, never the image: every scan of a patient has the same role in a fold, so a follow-up scan
+(or an augmented copy, made later) cannot leak into the part of a fold that scores it.
 
-Method: one row per patient, labelled by the patient's majority label, split twice with scikit-learn's stratified
-``train_test_split`` (test off the whole cohort, then val off the rest). Splitting the patient table keeps the
-fractions exact at patient level (stratified counts within one patient per class per step), which
-``StratifiedGroupKFold`` over images cannot promise for unequal fractions. Optional folds over train+val use
-``StratifiedGroupKFold`` with patients as groups.
+**Protocols** (``split.protocol``):
+
+- ``kfold`` (default): the patients are dealt into ``split.folds`` stratified folds; in fold *k* the scans of fold *k*
+  are ``test`` and the rest are training data, of which a stratified ``split.val`` share of the patients is ``val``
+  (early stopping, model selection). Every scan is ``test`` in exactly one fold, so every scan is scored once, out
+  of fold. 174 scans are too few for one holdout split: 37 test images give a ROC-AUC interval of about +-0.2.
+- ``holdout``: one fold (``0``): a stratified ``split.test`` share of the patients is ``test``, then ``split.val`` of
+  the rest is ``val``.
+
+**Independent of the de-identification key, file order and machine.** Patients are sorted by a value that does not
+depend on the pseudonym: the smallest raw sha256 among their scans (the pseudonyms are keyed HMACs and differ between
+clones). The sorted patient table, the labels and ``split.seed`` alone decide the assignment, through scikit-learn's
+seeded ``StratifiedKFold`` / ``train_test_split``. A patient's label for stratification is the majority label of
+their scans (a tie goes to the positive class, so progressing patients count as positive).
 """
 
 from __future__ import annotations
@@ -20,17 +27,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
-from sklearn.model_selection import StratifiedGroupKFold, train_test_split
+from sklearn.model_selection import StratifiedKFold, train_test_split
 
 from spinedxa.config import Params, SplitConfig
-from spinedxa.files import atomic_path, sha256_file, write_json_atomic
-from spinedxa.validate import read_manifest
+from spinedxa.contracts import jsonfile, manifest as manifest_contract, splits as splits_contract
+from spinedxa.files import sha256_file
 
-SPLITS: tuple[str, ...] = ("train", "val", "test")
-INPUT_COLUMNS: tuple[str, ...] = ("source", "sha256", "status", "label", "patient_id", "image")
-OUTPUT_COLUMNS: tuple[str, ...] = ("source", "sha256", "patient_id", "label", "image", "split")  # docs/CONTRACTS.md
-TEST_FOLD = -1  # the fold of test rows when split.folds >= 2 (docs/CONTRACTS.md)
+ROLES = splits_contract.ROLES
 
 
 class SplitError(ValueError):
@@ -58,144 +63,134 @@ def require_validation_success(validation_path: str | Path, manifest_path: str |
         )
 
 
-def patient_labels(rows: pd.DataFrame, classes: Sequence[str]) -> pd.Series:
-    """Each patient's label for stratification: the majority label of their scans.
-
-    A tie (e.g. a normal baseline and an osteoporotic follow-up) goes to the class listed later in ``classes``, the
-    positive class, so that progressing patients count as positive.
+def patient_table(rows: pd.DataFrame, classes: Sequence[str]) -> pd.DataFrame:
+    """One row per patient, sorted by the key-independent ``order`` (smallest raw sha256 of the patient's scans).
 
     Returns:
-        Labels indexed by ``patient_id``, sorted by ``patient_id`` (the split depends on the seed, not on row order).
+        Columns ``patient_id``, ``order``, ``label`` (majority label; a tie goes to the class listed later in
+        ``classes``, the positive class), with a fresh index.
     """
     counts = pd.crosstab(rows["patient_id"], rows["label"]).reindex(columns=list(classes), fill_value=0)
-    return counts[list(classes)[::-1]].idxmax(axis=1).sort_index()  # idxmax keeps the first maximum
+    label = counts[list(classes)[::-1]].idxmax(axis=1)  # idxmax keeps the first maximum
+    order = rows.groupby("patient_id")["sha256"].min()
+    table = pd.DataFrame({"patient_id": label.index, "label": label.to_numpy(),
+                          "order": order.reindex(label.index).to_numpy()})
+    return table.sort_values("order", kind="stable").reset_index(drop=True)
 
 
-def min_patients_per_class(cfg: SplitConfig) -> int:
-    """Patients each class needs so that every split with a non-zero fraction gets at least one of them."""
-    smallest = min(f for f in (cfg.train, cfg.val, cfg.test) if f > 0)
-    return math.ceil(1 / smallest - 1e-9)  # tolerance: 1 / 0.2 may come out as 5.000000000000001
-
-
-def split_patients(labels: pd.Series, cfg: SplitConfig, classes: Sequence[str]) -> pd.Series:
-    """Assign each patient to ``train``, ``val`` or ``test``, stratified by patient label.
-
-    Raises:
-        SplitError: a class has too few patients for the fractions, or a split ended up without some class.
-    """
-    need = min_patients_per_class(cfg)
+def _check_per_class(labels: pd.Series, need: int, what: str, classes: Sequence[str]) -> None:
     per_class = labels.value_counts().reindex(list(classes), fill_value=0)
     short = per_class[per_class < need]
     if not short.empty:
-        raise SplitError(
-            f"too few patients for split fractions train={cfg.train}, val={cfg.val}, test={cfg.test}: "
-            f"{short.to_dict()} patients per class, need at least {need} per class so that every split holds every "
-            "class; add data or change the fractions"
-        )
-    assigned = pd.Series("train", index=labels.index, dtype=object)
-    rest = labels
+        raise SplitError(f"{what} needs at least {need} patients per class, got {per_class.to_dict()}; "
+                         "add data or change split.*")
+
+
+def _val_subset(train: pd.DataFrame, cfg: SplitConfig, seed: int, classes: Sequence[str]) -> set[str]:
+    """Patients of ``train`` (a patient table) held out for validation: a stratified ``cfg.val`` share."""
+    _check_per_class(train["label"], math.ceil(1 / cfg.val - 1e-9), f"split.val={cfg.val}", classes)
     # Plain numpy arrays: scikit-learn cannot index pandas' Arrow-backed string index.
-    if cfg.test > 0:
-        rest_ids, test_ids = train_test_split(labels.index.to_numpy(), test_size=cfg.test,
-                                              stratify=labels.to_numpy(), random_state=cfg.seed)
-        assigned[test_ids] = "test"
-        rest = labels[rest_ids]
-    if cfg.val > 0:
-        _, val_ids = train_test_split(rest.index.to_numpy(), test_size=cfg.val / (cfg.train + cfg.val),
-                                      stratify=rest.to_numpy(), random_state=cfg.seed)
-        assigned[val_ids] = "val"
-    wanted = [s for s in SPLITS if getattr(cfg, s) > 0]
-    table = pd.crosstab(assigned, labels).reindex(index=wanted, columns=list(classes), fill_value=0)
-    if (table == 0).to_numpy().any():  # a safety net behind the count check above
-        raise SplitError(f"a split lacks a class (patients per split and class: {table.to_dict('index')}); "
-                         "add data or change the fractions")
-    return assigned
+    _, val_ids = train_test_split(train["patient_id"].to_numpy(), test_size=cfg.val,
+                                  stratify=train["label"].to_numpy(), random_state=seed)
+    return set(val_ids)
 
 
-def assign_folds(rows: pd.DataFrame, folds: int, seed: int, classes: Sequence[str]) -> pd.Series:
-    """Patient-grouped, stratified k-fold index (0..folds-1) for ``rows`` (train+val rows).
+def assign(rows: pd.DataFrame, cfg: SplitConfig, classes: Sequence[str]) -> pd.DataFrame:
+    """The split table (docs/CONTRACTS.md) for accepted manifest ``rows``.
+
+    Returns:
+        One row per (scan, fold) with the columns of :data:`spinedxa.contracts.splits.COLUMNS`.
 
     Raises:
-        SplitError: a class has fewer patients than ``folds`` (some fold would lack it).
+        SplitError: a class has too few patients for the folds or fractions.
     """
-    labels = patient_labels(rows, classes)
-    per_class = labels.value_counts().reindex(list(classes), fill_value=0)
-    if (per_class < folds).any():
-        raise SplitError(f"split.folds: {folds} folds need at least {folds} train+val patients per class, "
-                         f"got {per_class.to_dict()}")
-    ordered = rows.sort_values("source")
-    splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
-    fold = pd.Series(TEST_FOLD, index=ordered.index, dtype=int)
-    groups, y = ordered["patient_id"].to_numpy(), ordered["label"].to_numpy()
-    for k, (_, held_out) in enumerate(splitter.split(groups, y, groups=groups)):
-        fold.iloc[held_out] = k
-    return fold.reindex(rows.index)
+    patients = patient_table(rows, classes)
+    roles: list[pd.DataFrame] = []
+    if cfg.protocol == "kfold":
+        _check_per_class(patients["label"], cfg.folds, f"split.folds={cfg.folds}", classes)
+        splitter = StratifiedKFold(n_splits=cfg.folds, shuffle=True, random_state=cfg.seed)
+        dealt = splitter.split(np.zeros(len(patients)), patients["label"].to_numpy())
+        for k, (train_idx, test_idx) in enumerate(dealt):
+            val = _val_subset(patients.iloc[train_idx], cfg, cfg.seed + k, classes)
+            role = pd.Series("train", index=patients["patient_id"], dtype=object)
+            role[patients["patient_id"].iloc[test_idx].to_numpy()] = "test"
+            role[list(val)] = "val"
+            roles.append(pd.DataFrame({"patient_id": role.index, "split": role.to_numpy(), "fold": k}))
+    else:
+        _check_per_class(patients["label"], math.ceil(1 / cfg.test - 1e-9), f"split.test={cfg.test}", classes)
+        rest_ids, test_ids = train_test_split(patients["patient_id"].to_numpy(), test_size=cfg.test,
+                                              stratify=patients["label"].to_numpy(), random_state=cfg.seed)
+        rest = patients[patients["patient_id"].isin(set(rest_ids))]
+        val = _val_subset(rest, cfg, cfg.seed, classes)
+        role = pd.Series("train", index=patients["patient_id"], dtype=object)
+        role[test_ids] = "test"
+        role[list(val)] = "val"
+        roles.append(pd.DataFrame({"patient_id": role.index, "split": role.to_numpy(), "fold": 0}))
+    table = rows.merge(pd.concat(roles, ignore_index=True), on="patient_id", how="left", validate="many_to_many")
+    _check_every_part_has_every_class(table, classes)
+    return table.sort_values(["fold", "source"], kind="stable").reset_index(drop=True)
+
+
+def _check_every_part_has_every_class(table: pd.DataFrame, classes: Sequence[str]) -> None:
+    counts = pd.crosstab([table["fold"], table["split"]], table["label"]).reindex(columns=list(classes), fill_value=0)
+    empty = counts[(counts == 0).any(axis=1)]
+    if not empty.empty:  # a safety net behind the per-class counts above
+        raise SplitError(f"a part of a fold lacks a class (images per fold, role and class: "
+                         f"{empty.to_dict('index')}); add data or change split.*")
 
 
 def make_splits(manifest: pd.DataFrame, cfg: SplitConfig, classes: Sequence[str]) -> pd.DataFrame:
-    """The split table: accepted rows only, sorted by ``source``, with ``split`` (and ``fold`` when folds >= 2)."""
-    rows = manifest.loc[manifest["status"] == "accepted", list(OUTPUT_COLUMNS[:-1])]
-    rows = rows.sort_values("source").reset_index(drop=True)
+    """The split table for the accepted rows of ``manifest``.
+
+    Raises:
+        SplitError: an accepted row lacks a known label or a patient id, or the cohort is too small.
+    """
+    rows = manifest.loc[manifest["status"] == "accepted", list(splits_contract.COLUMNS[:-2])].copy()
     # validate blocks these upstream; checked again because a silent mislabel here would skew stratification.
     unknown = sorted(set(rows["label"]) - set(classes))
     if unknown or (rows["patient_id"] == "").any():
         raise SplitError(f"accepted rows need a label in {list(classes)} and a patient_id; found labels {unknown} and "
                          f"{int((rows['patient_id'] == '').sum())} row(s) without patient_id (run validate)")
-    assigned = split_patients(patient_labels(rows, classes), cfg, classes)
-    rows["split"] = rows["patient_id"].map(assigned)
-    if cfg.folds >= 2:
-        rows["fold"] = TEST_FOLD
-        development = rows["split"] != "test"
-        rows.loc[development, "fold"] = assign_folds(rows[development], cfg.folds, cfg.seed, classes)
-    return rows
+    return assign(rows, cfg, classes)
 
 
 def summarize(splits: pd.DataFrame, cfg: SplitConfig, classes: Sequence[str]) -> dict[str, Any]:
-    """The JSON summary: images and patients per split and class, actual fractions, fold sizes."""
-    images = pd.crosstab(splits["split"], splits["label"]).reindex(index=list(SPLITS), columns=list(classes),
-                                                                     fill_value=0)
-    patients = splits.groupby("split")["patient_id"].nunique().reindex(list(SPLITS), fill_value=0)
-    n_images, n_patients = len(splits), splits["patient_id"].nunique()
+    """The JSON summary (a DVC metric): per fold, images and patients per role and class."""
+    scans = splits.drop_duplicates("source")
     summary: dict[str, Any] = {
+        "protocol": cfg.protocol,
         "seed": cfg.seed,
-        "n_images": n_images,
-        "n_patients": n_patients,
-        "images": {s: {**{c: int(images.at[s, c]) for c in classes}, "total": int(images.loc[s].sum())}
-                   for s in SPLITS},
-        "patients": {s: int(patients[s]) for s in SPLITS},
-        "fraction_requested": {s: getattr(cfg, s) for s in SPLITS},
-        "fraction_images": {s: round(float(images.loc[s].sum()) / n_images, 4) for s in SPLITS},
-        "fraction_patients": {s: round(float(patients[s]) / n_patients, 4) for s in SPLITS},
-        # Share of the positive class (classes[1]) per split: stratification keeps these close to each other.
-        "positive_share": {s: round(float(images.at[s, classes[1]]) / max(int(images.loc[s].sum()), 1), 4)
-                           for s in SPLITS},
+        "n_folds": int(splits["fold"].nunique()),
+        "n_images": int(len(scans)),
+        "n_patients": int(scans["patient_id"].nunique()),
+        "n_scored": int((splits["split"] == "test").sum()),
+        "folds": {},
     }
-    if "fold" in splits:
-        dev = splits[splits["fold"] != TEST_FOLD]
-        summary["folds"] = {
-            str(k): {"images": int(len(g)), "patients": int(g["patient_id"].nunique()),
-                     **{c: int((g["label"] == c).sum()) for c in classes}}
-            for k, g in dev.groupby("fold")
-        }
+    for fold, part in splits.groupby("fold"):
+        entry: dict[str, Any] = {}
+        for role in ROLES:
+            sub = part[part["split"] == role]
+            entry[role] = {**{c: int((sub["label"] == c).sum()) for c in classes}, "total": int(len(sub)),
+                           "patients": int(sub["patient_id"].nunique())}
+        summary["folds"][str(fold)] = entry
     return summary
 
 
 def split_manifest(
     manifest_path: str | Path, validation_path: str | Path, params: Params, out: str | Path, summary_path: str | Path
 ) -> dict[str, Any]:
-    """Check the validation gate, split the accepted rows, write the split table and its summary.
+    """Check the validation gate, assign folds and roles, write the split table and its summary.
 
     Returns:
         The summary written to ``summary_path``.
 
     Raises:
-        SplitError: validation failed or is stale, or the cohort is too small for the fractions or folds.
+        SplitError: validation failed or is stale, or the cohort is too small for the folds or fractions.
     """
     require_validation_success(validation_path, manifest_path)
-    manifest = read_manifest(manifest_path, INPUT_COLUMNS)
+    manifest = manifest_contract.read(manifest_path)
     splits = make_splits(manifest, params.split, params.data.classes)
-    with atomic_path(out) as tmp:
-        splits.to_csv(tmp, index=False)
+    splits_contract.write(out, splits)
     summary = summarize(splits, params.split, params.data.classes)
-    write_json_atomic(summary_path, summary)
+    jsonfile.write(summary_path, summary)
     return summary
