@@ -202,10 +202,15 @@ class SynthesizeConfig(_Section):
 class IngestConfig(_Section):
     KEY: ClassVar[str] = "ingest"
 
-    workers: int = count()
     max_side: int = count()
     max_pixels: int = count()
     multiframe: Literal["first", "middle", "reject"] = "first"
+    # locate: find the L1-L4 region in each scan (spinedxa.roi; a scan without one is quarantined no_roi);
+    # whole: the whole image is the region (cohorts already cropped to L1-L4 elsewhere).
+    roi: Literal["locate", "whole"] = "locate"
+    # Rows of the ROI image (the located L1-L4 region, spinedxa.roi) written per accepted scan; width = rows / 2.
+    # 160 keeps the ~1 mm pixels of a 256-px processed AP lumbar scan (the L1-L4 column is ~125-175 mm tall).
+    roi_height: int = bounded(32, default=160)
     # Address space each ingest worker may add to its size at start-up (RLIMIT_AS; spinedxa/ingest.py _init_worker).
     # Decoding and normalising a grayscale image needs ~8 bytes a pixel (measured: +380 MB for 49 M pixels), so 1024
     # fits the default max_pixels (50 M) with room to spare; a file needing more is quarantined too_large instead of

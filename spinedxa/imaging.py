@@ -89,6 +89,7 @@ REASONS: tuple[str, ...] = (
     "too_large",
     "multiframe_rejected",
     "burned_in_annotation",
+    "no_roi",
     "no_label",
     "unknown_label",
     "symlink_dangling",

@@ -57,21 +57,19 @@ from PIL import Image
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from spinedxa import deid
+from spinedxa import deid, roi as roi_locator
 from spinedxa.config import IngestConfig
+from spinedxa.contracts import manifest as manifest_contract, png16
 from spinedxa.files import atomic_dir, write_json_atomic
 from spinedxa.imaging import Multiframe, QuarantineError, check_regular, decode_file, normalise
 
 log = logging.getLogger(__name__)
 
 LABELS_FILE = "labels.csv"
-MANIFEST = "manifest.csv"
-IMAGES_DIR = "images"
-MANIFEST_COLUMNS: tuple[str, ...] = (
-    "source", "sha256", "status", "reason", "label", "patient_id", "image", "width", "height", "orig_width",
-    "orig_height", "format", "modality", "photometric", "bits_stored", "pixel_spacing_mm", "frames",
-    "converted_from_color", "mean", "std", "min", "max", "phash",
-)
+MANIFEST = manifest_contract.FILE_NAME
+IMAGES_DIR = manifest_contract.IMAGES_DIR
+ROI_DIR = manifest_contract.ROI_DIR
+MANIFEST_COLUMNS = manifest_contract.COLUMNS
 _LABEL_COLUMNS = ("path", "label", "patient_id")
 _CHUNKSIZE = 16         # files per task sent to a worker: amortises IPC for ~ms-per-file work
 _CHUNKS_PER_WORKER = 4  # chunks in flight per worker: bounds memory while keeping workers busy
@@ -120,6 +118,8 @@ class FileJob:
     max_side: int
     max_pixels: int
     multiframe: Multiframe
+    roi_mode: str  # ingest.roi: locate | whole
+    roi_height: int  # rows of the ROI image written per accepted scan (its width: roi_height / ROI_ASPECT)
     worker_memory_mb: int = 0  # the workers' address-space allowance (for the quarantine message)
 
 
@@ -323,7 +323,12 @@ def process_file(item: SourceItem, job: FileJob) -> dict[str, Any]:
         del data  # the file's bytes are not needed past decoding: free them before the float copies below
         image = normalise(decoded.pixels, job.max_side)
         # Checks on the normalised image (e.g. burned-in text) belong here, raising QuarantineError.
-        png = encode_png16(image)
+        try:
+            box = roi_locator.locate(image) if job.roi_mode == "locate" else roi_locator.whole(image)
+        except roi_locator.RoiNotFound as exc:  # the message describes the image only, never a header value
+            raise QuarantineError("no_roi", str(exc)) from None
+        roi_image = roi_locator.extract(image, box, job.roi_height)
+        png, roi_png = png16.encode(image), png16.encode(roi_image)
     except QuarantineError as exc:
         row.update(reason=str(exc), patient_id=_fallback_patient(item, row["sha256"]))
         return row
@@ -335,12 +340,21 @@ def process_file(item: SourceItem, job: FileJob) -> dict[str, Any]:
         row.update(reason=str(reason), patient_id=_fallback_patient(item, row["sha256"]))
         return row
     name = f"{IMAGES_DIR}/{row['sha256'][:16]}.png"
+    roi_name = f"{ROI_DIR}/{row['sha256'][:16]}.png"
     write_png16(job.out_dir / name, png)
+    write_png16(job.out_dir / roi_name, roi_png)
     meta = decoded.meta
     row.update(
         status="accepted",
         patient_id=decoded.patient_id or _fallback_patient(item, row["sha256"]),
         image=name,
+        roi=roi_name,
+        roi_top=box.top,
+        roi_left=box.left,
+        roi_height=box.height,
+        roi_width=box.width,
+        roi_method=box.method,
+        redacted=False,
         width=image.shape[1],
         height=image.shape[0],
         orig_width=meta["orig_width"],
@@ -391,29 +405,9 @@ def process_chunk(items: Sequence[SourceItem], job: FileJob) -> list[dict[str, A
     return [process_file(item, job) for item in items]
 
 
-# PNG: Pillow at zlib level 0 (stored). Pillow filters every row adaptively whatever the level (libImaging
-# ZipEncode.c has no option to turn that off), so level 0 only skips compression. Measured on 256 x 192 16-bit
-# detector-noise images, CPU time per image (AMD EPYC, 2 cores): Pillow level 0 1.9 ms, level 1 4.2 ms for 11 %
-# smaller files; OpenCV level 0 without filter 0.12 ms. Pillow writes no timestamp or text chunk, so equal arrays give
-# byte-identical files.
-PNG_COMPRESS_LEVEL = 0
-
-
-def encode_png16(image: np.ndarray) -> bytes:
-    """Encode a uint16 2-D array as a 16-bit grayscale PNG (Pillow mode ``I;16``, no ancillary chunks).
-
-    Raises:
-        ValueError: ``image`` is not a 2-D uint16 array.
-    """
-    if image.ndim != 2 or image.dtype != np.uint16:
-        raise ValueError(f"expected a 2-D uint16 image, got {image.dtype} {image.shape}")
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
-    return buffer.getvalue()
-
 
 def write_png16(path: Path, image: np.ndarray | bytes) -> None:
-    """Write a uint16 2-D array (or its :func:`encode_png16` bytes) as a 16-bit grayscale PNG.
+    """Write a uint16 2-D array (or its :func:`spinedxa.contracts.png16.encode` bytes) as a 16-bit grayscale PNG.
 
     The file is created exclusively: two identical inputs share one sha256 and so one image name, and the second
     writer (possibly another worker) finds the first one's identical file and leaves it. The output directory as a
@@ -422,7 +416,7 @@ def write_png16(path: Path, image: np.ndarray | bytes) -> None:
     Raises:
         ValueError: ``image`` is not a 2-D uint16 array.
     """
-    encoded = image if isinstance(image, bytes) else encode_png16(image)
+    encoded = image if isinstance(image, bytes) else png16.encode(image)
     try:
         with path.open("xb") as fh:
             fh.write(encoded)
@@ -537,7 +531,7 @@ def summarise(counts: dict[str, Counter], classes: Sequence[str], labelling: str
 
 def run_ingest(
     source: Path, out_dir: Path, summary_path: Path, *, classes: Sequence[str], settings: IngestConfig,
-    progress: bool = True,
+    workers: int = 1, progress: bool = True,
 ) -> dict[str, Any]:
     """Ingest ``source`` into ``out_dir`` (images/ + manifest.csv) and write the summary to ``summary_path``.
 
@@ -559,7 +553,7 @@ def run_ingest(
         labels = read_labels(source / LABELS_FILE, classes) if labelling == "labels.csv" else None
         deid.load_key()  # create the key file once, here, rather than racing in the workers
         with atomic_dir(out_dir) as tmp:
-            _ingest_into(source, tmp, classes, settings, labels, counts, progress)
+            _ingest_into(source, tmp, classes, settings, workers, labels, counts, progress)
     except (IngestError, deid.DeidKeyError) as exc:
         write_json_atomic(summary_path, summarise(counts, classes, labelling, str(exc)))
         if isinstance(exc, IngestError):
@@ -575,25 +569,26 @@ def run_ingest(
     seconds = time.perf_counter() - started
     log.info("ingest: %d files (%d accepted, %d quarantined) in %.1f s, %.1f files/s with %d worker(s)",
              summary["n_files"], summary["n_accepted"], summary["n_quarantined"], seconds,
-             summary["n_files"] / seconds if seconds else 0.0, settings.workers)
+             summary["n_files"] / seconds if seconds else 0.0, workers)
     if error:
         raise IngestError(error)
     return summary
 
 
 def _ingest_into(
-    source: Path, out: Path, classes: Sequence[str], settings: IngestConfig,
+    source: Path, out: Path, classes: Sequence[str], settings: IngestConfig, workers: int,
     labels: dict[str, tuple[str, str]] | None, counts: dict[str, Counter], progress: bool,
 ) -> None:
     (out / IMAGES_DIR).mkdir()
+    (out / ROI_DIR).mkdir()
     job = FileJob(source.resolve(), out, settings.max_side, settings.max_pixels, settings.multiframe,
-                  settings.worker_memory_mb)
+                  settings.roi, settings.roi_height, settings.worker_memory_mb)
     unsorted = out / f".{MANIFEST}.unsorted"
     seen_labelled = 0
     with unsorted.open("w", newline="", encoding="utf-8") as fh, logging_redirect_tqdm(), \
             tqdm(desc="ingest", unit="file", disable=not progress) as bar:
         writer = csv.DictWriter(fh, fieldnames=MANIFEST_COLUMNS)
-        for row in _rows(iter_sources(source, classes, labels), job, settings.workers):
+        for row in _rows(iter_sources(source, classes, labels), job, workers):
             writer.writerow(row)
             _count(row, counts)
             seen_labelled += labels is not None and row["source"] in labels

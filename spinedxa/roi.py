@@ -30,12 +30,20 @@ step 3 fewer than five discs in a regular rhythm raises :class:`RoiNotFound`; in
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+from PIL import Image
 from scipy import ndimage, signal
 
 from spinedxa.contracts.manifest import ROI_ASPECT as ASPECT  # the ROI boxes' height / width
+from spinedxa.files import atomic_path
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 #: Candidate band widths of the ridge filter, as fractions of the image width (a lumbar body is ~45 mm: 15-45 % of
 #: the 100-300 mm fields of view of AP spine scans).
@@ -172,32 +180,40 @@ def _body_width(strip: np.ndarray, half_width: float) -> float:
 def _discs(profile: np.ndarray, body: float, contrast: float) -> np.ndarray:
     """Rows of the disc spaces along the axis: the deepest minima of the axial profile in one regular rhythm.
 
-    The rhythm (body + disc height) is the first peak of the profile's autocorrelation between 0.5 and 1.3 body
-    widths; minima at least 0.6 periods apart whose prominence is a quarter of the profile's 10-90 % range, and at
+    The rhythm (body + disc height) is the first peak of the profile's autocorrelation between 0.5 and 1.6 body
+    widths; minima at least 0.45 periods apart whose prominence is a quarter of the profile's 10-90 % range, and at
     least :data:`MIN_DISC_DEPTH` of the column's contrast against its flanks (a uniform bright bar has no discs),
-    are disc candidates, and the longest chain of candidates spaced 0.7-1.4 periods apart is kept.
+    are disc candidates. The discs are the longest chain of candidates with neighbours 0.6-1.5 periods apart
+    (dynamic programming over the candidates, so a dark spot inside a body is skipped instead of breaking the
+    chain); among equally long chains, the one with the deepest minima.
     """
     detrended = profile - ndimage.uniform_filter1d(profile, size=max(int(3.0 * body), 3), mode="nearest")
     centred = detrended - detrended.mean()
     ac = np.correlate(centred, centred, mode="full")[len(centred) - 1:]
-    lo, hi = max(int(0.5 * body), 2), min(int(1.3 * body) + 1, len(ac) - 1)
+    lo, hi = max(int(0.5 * body), 2), min(int(1.6 * body) + 1, len(ac) - 1)
     if hi <= lo:
         return np.array([], dtype=int)
     period = float(lo + np.argmax(ac[lo:hi]))
     spread = float(np.subtract(*np.percentile(profile, [90, 10])))
-    minima, _ = signal.find_peaks(-profile, distance=max(int(0.6 * period), 2), prominence=max(0.25 * spread, MIN_DISC_DEPTH * contrast))
-    best: list[int] = []
-    for i in range(len(minima)):
-        chain = [int(minima[i])]
-        for m in minima[i + 1:]:
-            gap = m - chain[-1]
-            if gap > 1.4 * period:
-                break
-            if gap >= 0.7 * period:
-                chain.append(int(m))
-        if len(chain) > len(best):
-            best = chain
-    return np.array(best, dtype=int)
+    minima, props = signal.find_peaks(-profile, distance=max(int(0.45 * period), 2),
+                                      prominence=max(0.25 * spread, MIN_DISC_DEPTH * contrast))
+    if len(minima) == 0:
+        return minima
+    depth = props["prominences"]
+    length = np.ones(len(minima), dtype=int)
+    score = depth.copy()
+    previous = np.full(len(minima), -1)
+    for j in range(len(minima)):
+        for i in range(j):
+            gap = minima[j] - minima[i]
+            if 0.6 * period <= gap <= 1.5 * period and (length[i] + 1, score[i] + depth[j]) > (length[j], score[j]):
+                length[j], score[j], previous[j] = length[i] + 1, score[i] + depth[j], i
+    end = max(range(len(minima)), key=lambda k: (length[k], score[k]))
+    chain = []
+    while end >= 0:
+        chain.append(int(minima[end]))
+        end = previous[end]
+    return np.array(chain[::-1], dtype=int)
 
 
 def locate(image: np.ndarray) -> Roi:
@@ -296,6 +312,14 @@ def _levels(smooth: np.ndarray, axis: np.ndarray, body: float, discs: np.ndarray
     return int(discs[idx]), int(discs[idx + 4]), "centre"
 
 
+def whole(image: np.ndarray) -> Roi:
+    """The whole image as the ROI, padded (centred) to the ROI's aspect ratio: for cohorts prepared as L1-L4 crops
+    elsewhere (``ingest.roi: whole``)."""
+    h, w = image.shape[:2]
+    height, width = (h, int(round(h / ASPECT))) if h >= ASPECT * w else (int(round(w * ASPECT)), w)
+    return Roi((h - height) // 2, (w - width) // 2, height, width, "whole", float("nan"), 0)
+
+
 def crop(image: np.ndarray, roi: Roi) -> np.ndarray:
     """The ROI box of ``image`` (zero-padded where the box extends beyond the image)."""
     h, w = image.shape
@@ -305,3 +329,53 @@ def crop(image: np.ndarray, roi: Roi) -> np.ndarray:
     if y1 > y0 and x1 > x0:
         out[y0 - roi.top: y1 - roi.top, x0 - roi.left: x1 - roi.left] = image[y0:y1, x0:x1]
     return out
+
+
+def extract(image: np.ndarray, roi: Roi, height: int) -> np.ndarray:
+    """The ROI of a uint16 image, resized to ``height x height / ASPECT`` (Lanczos, anti-aliased), as uint16.
+
+    Every scan's L1-L4 region then has the same size in pixels whatever the patient's build or the field of view.
+    """
+    width = max(1, int(round(height / ASPECT)))
+    box = crop(np.asarray(image, dtype=np.float32), roi)
+    resized = np.asarray(Image.fromarray(box).resize((width, height), Image.Resampling.LANCZOS))
+    return np.clip(np.rint(resized), 0, 65535).astype(np.uint16)
+
+
+def write_examples_figure(manifest: "pd.DataFrame", ingested: Path, path: Path, classes: Sequence[str],
+                          per_class: int = 3) -> None:
+    """A PNG of located ROIs: per class, the first ``per_class`` accepted scans (by source) with their box drawn,
+    beside the ROI image the models see. Scans are numbered, never named (file names can hold identifiers).
+
+    Raises:
+        ValueError: no accepted scan to show.
+    """
+    from matplotlib.figure import Figure  # the object API: no pyplot state, no display backend
+    from matplotlib.patches import Rectangle
+
+    from spinedxa.contracts import png16
+
+    accepted = manifest[manifest["status"] == "accepted"].sort_values("source", kind="stable")
+    rows = [r for c in classes for r in accepted[accepted["label"] == c].head(per_class).itertuples(index=False)]
+    if not rows:
+        raise ValueError(f"{path}: no accepted scan to show")
+    fig = Figure(figsize=(1.9 * 2 * per_class, 3.3 * len(classes)))
+    axes = fig.subplots(len(classes), 2 * per_class, squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    counters = dict.fromkeys(classes, 0)
+    for number, r in enumerate(rows, start=1):
+        row, col = list(classes).index(r.label), 2 * counters[r.label]
+        counters[r.label] += 1
+        scan, roi_img = png16.read(ingested / r.image), png16.read(ingested / r.roi)
+        axes[row, col].imshow(scan, cmap="gray", vmin=0, vmax=1)
+        axes[row, col].add_patch(Rectangle((int(r.roi_left), int(r.roi_top)), int(r.roi_width), int(r.roi_height),
+                                           fill=False, edgecolor="yellow", linewidth=1.0))
+        axes[row, col].set_title(f"scan {number}: {r.label}\nROI ({r.roi_method})", fontsize=7)
+        axes[row, col + 1].imshow(roi_img, cmap="gray", vmin=0, vmax=1)
+        axes[row, col + 1].set_title("model input (L1-L4)", fontsize=7)
+    fig.suptitle("Located L1-L4 regions of interest (yellow) and the ROI images the models and the baseline see",
+                 fontsize=9)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)

@@ -1,9 +1,12 @@
 """Stage ``ingest``: raw scans -> de-identified, normalised 16-bit PNGs and a manifest.
 
 Reads:   --source (data.source): DICOM / PNG / JPEG / TIFF files labelled by class folders or labels.csv.
-Writes:  --out (data/ingested): images/<sha256[:16]>.png and manifest.csv (docs/CONTRACTS.md);
-         --summary (reports/ingest.json): counts per status, label, reason and format.
-Params:  data.classes, ingest.workers, ingest.max_side, ingest.max_pixels, ingest.multiframe, ingest.worker_memory_mb.
+Writes:  --out (data/ingested): images/<sha256[:16]>.png (the processed scan), roi/<sha256[:16]>.png (its located
+         L1-L4 region, what the models and the baseline see) and manifest.csv (docs/CONTRACTS.md);
+         --summary (reports/ingest.json): counts per status, label, reason and format;
+         --roi-figure (reports/figures/roi_examples.png): located ROIs on sample scans of both classes.
+Params:  data.classes, ingest.* (max_side, max_pixels, multiframe, roi, roi_height, worker_memory_mb);
+         runtime.workers (bookkeeping, not a DVC param: the output does not depend on it).
 Secret:  $SPINEDXA_DEID_KEY, else .spinedxa/deid.key (created on first use): keys the patient pseudonyms.
 
 Exit status 1 on a systemic problem (source missing or empty, labels.csv malformed or not UTF-8 / UTF-16 with BOM, a
@@ -18,7 +21,9 @@ import logging
 import sys
 from pathlib import Path
 
+from spinedxa import roi
 from spinedxa.config import load_params
+from spinedxa.contracts import manifest as manifest_contract
 from spinedxa.ingest import IngestError, run_ingest
 
 log = logging.getLogger("spinedxa.ingest")
@@ -30,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--source", type=Path, required=True, help="directory of raw scans (data.source)")
     parser.add_argument("--out", type=Path, required=True, help="output directory (data/ingested)")
     parser.add_argument("--summary", type=Path, required=True, help="summary JSON (reports/ingest.json)")
+    parser.add_argument("--roi-figure", type=Path, required=True, help="PNG of located ROIs (reports/figures)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
@@ -37,10 +43,12 @@ def main(argv: list[str] | None = None) -> int:
     params = load_params(args.params)
     try:
         run_ingest(args.source, args.out, args.summary, classes=params.data.classes, settings=params.ingest,
-                   progress=not args.no_progress)
+                   workers=params.runtime.workers, progress=not args.no_progress)
     except IngestError as exc:
         log.error("%s", exc)
         return 1
+    manifest = manifest_contract.read(args.out / manifest_contract.FILE_NAME)
+    roi.write_examples_figure(manifest, args.out, args.roi_figure, params.data.classes)
     return 0
 
 
