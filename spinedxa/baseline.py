@@ -22,6 +22,7 @@ as every CNN (:mod:`spinedxa.metrics`).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -137,11 +138,16 @@ def _pipeline(seed: int, c: float = 1.0) -> Pipeline:
 
 @dataclass(frozen=True)
 class FittedBaseline:
-    """The fitted pipeline, the chosen C and the validation log-loss of every candidate (None: no validation)."""
+    """The fitted pipeline, the chosen C and the validation log-loss of every candidate (None: no validation).
+
+    ``fold`` and ``test_metrics`` (point metrics on the fold's held-out part) are filled by :func:`run_baseline`.
+    """
 
     model: Pipeline
     c: float
     val_log_loss: dict[float, float] | None
+    fold: int = 0
+    test_metrics: dict[str, float] | None = None
 
 
 def fit_baseline(
@@ -203,8 +209,9 @@ def run_baseline(params: Params, paths: BaselinePaths) -> tuple[dict[str, object
             raise ValueError(f"{paths.splits}: fold {fold} has no test images")
         y = {r: np.array([it.label for it in its], dtype=int) for r, its in items.items()}
         model = fit_baseline(matrix(items["train"]), y["train"], matrix(items["val"]), y["val"], seed=cfg.seed)
-        fitted.append(model)
         prob = model.model.predict_proba(matrix(items["test"]))[:, 1]
+        fitted.append(dataclasses.replace(model, fold=fold,
+                                          test_metrics=metrics.point_metrics(y["test"], prob, cfg.threshold)))
         parts.append(metrics.predictions_frame(
             [it.source for it in items["test"]], [it.patient_id for it in items["test"]], y["test"], prob,
             classes=classes, threshold=cfg.threshold, folds=[fold] * len(prob)))
@@ -216,3 +223,30 @@ def run_baseline(params: Params, paths: BaselinePaths) -> tuple[dict[str, object
     metrics.write_evaluation(predictions, record, metrics_path=paths.metrics, predictions_path=paths.predictions,
                              plots_dir=paths.plots)
     return record, fitted
+
+
+def log_baseline(params: Params, paths: BaselinePaths, record: dict[str, object],
+                 fitted: Sequence[FittedBaseline]) -> str:
+    """Log the baseline to MLflow like a CNN: a parent run with the pooled metrics (``test_*``) and the output files,
+    and one nested run per fold with its chosen C, validation log-losses and fold metrics. Returns the parent id."""
+    from spinedxa import tracking
+    from spinedxa.provenance import provenance
+
+    experiment = tracking.experiment_name(params.runtime.mlflow_experiment)
+    prov = provenance()
+    tags = {"git_commit": prov.commit, "git_dirty": str(prov.dirty), "dvc_stage": "baseline"}
+    base_params = {"model": "logistic_regression", "features": ",".join(FEATURE_NAMES),
+                   "c_grid": ",".join(map(str, C_GRID)), "class_weight": "balanced", "seed": params.evaluate.seed}
+    numbers = {f"test_{k}": float(v) for k, v in record.items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)}
+    with tracking.training_run(experiment, "baseline", params=base_params, tags=tags) as parent:
+        for fit in fitted:
+            fold_metrics = {f"test_{k}": float(v) for k, v in (fit.test_metrics or {}).items() if np.isfinite(v)}
+            losses = {f"val_log_loss_c{c:g}": v for c, v in (fit.val_log_loss or {}).items()}
+            with tracking.training_run(experiment, f"baseline/fold{fit.fold}",
+                                       params={**base_params, "fold": fit.fold, "c": fit.c},
+                                       tags={**tags, "fold": str(fit.fold)}, parent_run_id=parent):
+                tracking.log_epoch({**fold_metrics, **losses}, 0)
+    artifacts = [paths.metrics, paths.predictions, *sorted(Path(paths.plots).glob("*.csv"))]
+    tracking.log_metrics_to_run(parent, numbers, artifacts=artifacts)
+    return parent

@@ -209,8 +209,8 @@ class IngestConfig(_Section):
     # whole: the whole image is the region (cohorts already cropped to L1-L4 elsewhere).
     roi: Literal["locate", "whole"] = "locate"
     # Rows of the ROI image (the located L1-L4 region, spinedxa.roi) written per accepted scan; width = rows / 2.
-    # 160 keeps the ~1 mm pixels of a 256-px processed AP lumbar scan (the L1-L4 column is ~125-175 mm tall).
-    roi_height: int = bounded(32, default=160)
+    # 224 keeps the ~0.7 mm pixels of a 384-px processed AP lumbar scan (the L1-L4 column is ~185-265 px tall there).
+    roi_height: int = bounded(32, default=224)
     # Address space each ingest worker may add to its size at start-up (RLIMIT_AS; spinedxa/ingest.py _init_worker).
     # Decoding and normalising a grayscale image needs ~8 bytes a pixel (measured: +380 MB for 49 M pixels), so 1024
     # fits the default max_pixels (50 M) with room to spare; a file needing more is quarantined too_large instead of
@@ -313,7 +313,6 @@ class TrainConfig(_Section):
     class_weighting: bool
     monitor: Literal["val_loss", "val_auc"]
     patience: int = non_negative()  # 0 = no early stopping
-    num_workers: int = non_negative()  # DataLoader worker processes; 0 = load in the training process
     cnn21: ModelTrainConfig
     resnet50: ModelTrainConfig
     vgg16: ModelTrainConfig

@@ -53,6 +53,12 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
 
 
+def experiment_name(configured: str) -> str:
+    """The experiment runs go to: MLflow's own ``$MLFLOW_EXPERIMENT_NAME`` when set, else ``runtime.mlflow_experiment``
+    (bookkeeping, not a DVC param: renaming the experiment retrains nothing)."""
+    return os.environ.get("MLFLOW_EXPERIMENT_NAME", "").strip() or configured
+
+
 def redact_uri(uri: str) -> str:
     """Return ``uri`` without user name and password (safe for meta.json and logs)."""
     parts = urlsplit(uri)
@@ -142,6 +148,7 @@ def training_run(
     tags: Mapping[str, str],
     run_id: str | None = None,
     uri: str | None = None,
+    parent_run_id: str | None = None,
 ) -> Iterator[str]:
     """Open (or, given ``run_id``, reopen) the MLflow run of one training; yield its run id.
 
@@ -156,6 +163,7 @@ def training_run(
         tags: tags such as ``git_commit``, ``dvc_stage``, ``seed``.
         run_id: resume this run (a training resumed from a checkpoint keeps its run and its metric history).
         uri: tracking URI; defaults to :func:`tracking_uri`.
+        parent_run_id: open a nested run under this parent (a fold under its model's run).
     """
     uri = uri or tracking_uri()
     experiment_id = init_store(uri, experiment)
@@ -165,7 +173,8 @@ def training_run(
     resumed = run_id is not None
     with mlflow.start_run(
         run_id=run_id, experiment_id=experiment_id, run_name=None if resumed else run_name,
-        tags=_anonymous_context_tags(),
+        tags=_anonymous_context_tags(), nested=parent_run_id is not None,
+        parent_run_id=None if resumed else parent_run_id,
     ) as run:
         mlflow.set_tags(dict(tags))
         if not resumed:

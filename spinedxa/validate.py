@@ -29,28 +29,23 @@ from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
-from PIL import Image
 from skimage.metrics import structural_similarity
 from skimage.transform import resize
 
 from spinedxa.config import Params, ValidateConfig
+from spinedxa.contracts import manifest as manifest_contract, png16
 from spinedxa.files import atomic_dir, sha256_file, write_json_atomic
 
 log = logging.getLogger(__name__)
 
 Severity = Literal["error", "warning"]
 
-# The ingest manifest's columns (docs/CONTRACTS.md, "ingest"). Extra columns are allowed (and scanned for PHI).
-MANIFEST_COLUMNS: tuple[str, ...] = (
-    "source", "sha256", "status", "reason", "label", "patient_id", "image", "width", "height", "orig_width",
-    "orig_height", "format", "modality", "photometric", "bits_stored", "pixel_spacing_mm", "frames",
-    "converted_from_color", "mean", "std", "min", "max", "phash",
-)
-NUMERIC_COLUMNS: tuple[str, ...] = (
-    "width", "height", "orig_width", "orig_height", "bits_stored", "pixel_spacing_mm", "frames", "mean", "std",
-    "min", "max",
-)
-STATUSES: tuple[str, ...] = ("accepted", "quarantined")
+# The ingest manifest's contract (columns, statuses, its reader) has one owner: spinedxa.contracts.manifest.
+MANIFEST_COLUMNS = manifest_contract.COLUMNS
+NUMERIC_COLUMNS = manifest_contract.NUMERIC_COLUMNS
+STATUSES = manifest_contract.STATUSES
+ManifestError = manifest_contract.ManifestError
+read_manifest = manifest_contract.read
 # Near-duplicate confirmation compares images at 64x64. Measured on the default synthetic cohort (174 scans): SSIM of
 # different subjects <= 0.74; rescaled, brightened (+5 %), gamma 0.9 or noisy (1 %) copies of a scan >= 0.97.
 SSIM_SIZE = (64, 64)
@@ -64,6 +59,7 @@ KNOWN_FORMATS: dict[str, re.Pattern[str]] = {
     "phash": re.compile(r"[0-9a-f]{%d}" % (PHASH_BITS // 4)),
     "patient_id": re.compile(r"P[0-9a-f]{12}"),  # keyed HMAC pseudonym: P + 12 hex chars
     "image": re.compile(r"images/[0-9a-f]+\.png"),
+    "roi": re.compile(r"roi/[0-9a-f]+\.png"),
     **{col: re.compile(_NUMBER) for col in NUMERIC_COLUMNS},
 }
 # Columns whose values must be pseudonyms: any other value there is a real identifier that escaped ingest.
@@ -107,10 +103,6 @@ REQUIRED_NUMERIC = ("width", "height", "orig_width", "orig_height", "std")
 
 SUITE_NAME = "manifest"
 MAX_LISTED_ROWS = 20  # offending rows named per expectation in messages and in the JSON summary
-
-
-class ManifestError(ValueError):
-    """The manifest file breaks its contract (missing columns, no rows): a systemic problem, not a data finding."""
 
 
 class ValidationFailed(RuntimeError):
@@ -188,24 +180,6 @@ class Annotated:
     stats: dict[str, Any] = field(default_factory=dict)
 
 
-def read_manifest(path: str | Path, columns: Sequence[str] = MANIFEST_COLUMNS) -> pd.DataFrame:
-    """Read the ingest manifest as text (empty cells stay ``""``), checking that ``columns`` are present.
-
-    Raises:
-        ManifestError: a required column is missing or the manifest has no rows.
-        FileNotFoundError: ``path`` does not exist.
-    """
-    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
-    missing = [c for c in columns if c not in frame.columns]
-    if missing:
-        raise ManifestError(
-            f"{path}: missing column(s) {missing}; expected at least {list(columns)} (docs/CONTRACTS.md)"
-        )
-    if frame.empty:
-        raise ManifestError(f"{path}: the manifest has no rows; ingest lists every input file exactly once")
-    return frame
-
-
 def find_phi(manifest: pd.DataFrame) -> pd.DataFrame:
     """Flag cells that look like PHI.
 
@@ -280,15 +254,9 @@ def near_duplicate_pairs(hashes: Sequence[str], max_distance: int, block: int = 
     return pd.DataFrame({"i": i.astype(int), "j": j.astype(int), "distance": d.astype(int)})
 
 
-def read_image(path: str | Path) -> np.ndarray:
-    """A processed image (16-bit grayscale PNG, docs/CONTRACTS.md) as floats in [0, 1]."""
-    with Image.open(path) as image:
-        return np.asarray(image, dtype=np.float64) / 65535.0
-
-
 def image_similarity(path_a: str | Path, path_b: str | Path) -> float:
     """SSIM (scikit-image) of two images resized to :data:`SSIM_SIZE`, in [-1, 1]; 1 means identical."""
-    a, b = (resize(read_image(p), SSIM_SIZE, anti_aliasing=True) for p in (path_a, path_b))
+    a, b = (resize(png16.read(p).astype(np.float64), SSIM_SIZE, anti_aliasing=True) for p in (path_a, path_b))
     return float(structural_similarity(a, b, data_range=1.0))
 
 

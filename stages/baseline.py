@@ -1,9 +1,10 @@
 """baseline: a non-CNN reference, logistic regression on ROI intensity and texture features.
 
-Reads:  data/split/splits.csv, data/ingested/images/*.png
-Writes: reports/metrics/baseline.json (same keys as every CNN), reports/predictions/baseline.csv,
-        reports/plots/baseline/{roc,pr,calibration}.csv
-Params: data.classes, evaluate.seed (model seed, bootstrap seed), evaluate.bootstrap, evaluate.threshold
+Reads:  data/split/splits.csv (every fold), the ROI images it names under data/ingested
+Writes: reports/metrics/baseline.json (pooled out-of-fold, same keys as every CNN), reports/predictions/baseline.csv,
+        reports/plots/baseline/{roc,pr,calibration}.csv; MLflow: a parent run "baseline" with a nested run per fold
+Params: data.classes, evaluate.seed (model seed, bootstrap seed), evaluate.bootstrap, evaluate.threshold,
+        split.protocol; runtime.mlflow_experiment (bookkeeping)
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from spinedxa.baseline import run_baseline
+from spinedxa.baseline import BaselinePaths, log_baseline, run_baseline
 from spinedxa.config import load_params
 
 
@@ -26,17 +27,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--plots", type=Path, required=True, help="directory for roc.csv, pr.csv, calibration.csv")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    record = run_baseline(
-        load_params(args.params),
-        splits_csv=args.splits,
-        images_dir=args.images,
-        metrics_path=args.metrics,
-        predictions_path=args.predictions,
-        plots_dir=args.plots,
-    )
+    paths = BaselinePaths(args.splits, args.images, args.metrics, args.predictions, args.plots)
+    params = load_params(args.params)
+    record, fitted = run_baseline(params, paths)
+    log_baseline(params, paths, record, fitted)
     logging.getLogger("baseline").info(
-        "test ROC-AUC %s, accuracy %s on %d images (C = %s)",
-        record["roc_auc"], record["accuracy"], record["n_test"], record["baseline_c"],
+        "out-of-fold ROC-AUC %s [%s, %s], accuracy %s on %d scans (C per fold %s)",
+        record["roc_auc"], record["roc_auc_ci_low"], record["roc_auc_ci_high"], record["accuracy"],
+        record["n_test"], record["baseline_c"],
     )
 
 

@@ -1,14 +1,16 @@
-"""evaluate: score one trained model on the held-out test split (evaluate@<model>, a DVC matrix stage).
+"""evaluate: score every fold model on its held-out part, out of fold (evaluate@<model>, a DVC matrix stage).
 
-Reads:  --model-dir (models/<model>/model.pt + meta.json), --splits (data/split/splits.csv: test rows only) and
-        the images they name under --images (data/ingested).
-Writes: --metrics (reports/metrics/<model>.json: flat keys, 95 % patient-bootstrap CIs; docs/CONTRACTS.md),
-        --predictions (reports/predictions/<model>.csv: one row per test image),
+Reads:  --model-dir (models/<model>/fold<k>/model.pt + meta.json, models/<model>/meta.json), --splits
+        (data/split/splits.csv: each fold's test rows only) and the ROI images they name under --images.
+Writes: --metrics (reports/metrics/<model>.json: pooled out-of-fold metrics with 95 % patient-bootstrap CIs,
+        per-fold mean and SD, patient-level metrics; flat keys, docs/CONTRACTS.md),
+        --predictions (reports/predictions/<model>.csv: one row per scored scan, with its fold),
         --plots (reports/plots/<model>/roc.csv, pr.csv, calibration.csv),
-        --gradcam (reports/figures/gradcam_<model>.png),
-        and the same metrics (prefixed test_) plus these files as artifacts into the model's MLflow training run.
-Params: data.classes, evaluate (seed, bootstrap, threshold, gradcam_images), train.device,
-        train.<model>.image_size, mlflow.
+        --gradcam (reports/figures/gradcam_<model>.png; degenerate maps flagged),
+        and the pooled metrics (prefixed test_) plus these files into the model's MLflow parent run, each fold's
+        metrics into its nested run.
+Params: data.classes, evaluate (seed, bootstrap, threshold, gradcam_images), split.protocol, train.device,
+        train.<model>.image_size.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     record = evaluate_model(load_params(args.params), args.model, paths)
     logging.getLogger("evaluate").info(
-        "%s: test ROC-AUC %s [%s, %s], accuracy %s on %d images of %d patients",
+        "%s: out-of-fold ROC-AUC %s [%s, %s], accuracy %s on %d scans of %d patients",
         args.model, record["roc_auc"], record["roc_auc_ci_low"], record["roc_auc_ci_high"],
         record["accuracy"], record["n_test"], record["n_test_patients"],
     )

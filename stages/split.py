@@ -1,10 +1,11 @@
-"""split: patient-grouped, stratified train/val/test split of the accepted images (optional k folds).
+"""split: patient-grouped, stratified assignment of the accepted scans to folds and to train / val / test roles.
 
 Reads:   --manifest (data/ingested/manifest.csv), --validation (reports/validation.json: must say success: true
          for this very manifest, else the stage refuses to run)
-Writes:  --out (data/split/splits.csv: source, sha256, patient_id, label, image, split [, fold])
-         --summary (reports/split.json: DVC metric with images and patients per split and class, actual fractions)
-Params:  data.classes, split.* (seed, train, val, test, folds)
+Writes:  --out (data/split/splits.csv: one row per scan and fold: source, sha256, patient_id, label, image, roi, fold,
+         split; docs/CONTRACTS.md)
+         --summary (reports/split.json: DVC metric with images and patients per fold, role and class)
+Params:  data.classes, split.* (protocol, seed, folds, val, test)
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     summary = split_manifest(args.manifest, args.validation, load_params(args.params), args.out, args.summary)
-    print(json.dumps({"images": summary["images"], "patients": summary["patients"]}))
+    print(json.dumps({"protocol": summary["protocol"], "folds": summary["folds"]}))
 
 
 if __name__ == "__main__":

@@ -1,13 +1,16 @@
-"""train: train one model (train@<model>, a DVC matrix stage) and record it in MLflow.
+"""train: train one model on every fold (train@<model>, a DVC matrix stage) and record it in MLflow.
 
-Reads:  --splits (data/split/splits.csv: train and val rows), the images they name under --images (data/ingested),
-        and --augmented (data/augmented: offline copies of the training images, index.csv).
-Writes: --out (models/<model>/model.pt: the best epoch's state dict; meta.json: keys in docs/CONTRACTS.md),
-        --curves (reports/train/<model>.csv: epoch, train_loss, val_loss, val_auc, val_accuracy, lr, seconds),
-        --checkpoints (checkpoints/<model>/last.pt while training; removed once the training finishes),
-        and one MLflow run (store: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working directory).
-Params: data.classes, augment, train.{seed, device, fast, threads, class_weighting, monitor, patience, num_workers},
-        train.<model>, mlflow.experiment. $SPINEDXA_THREADS overrides train.threads.
+Reads:  --splits (data/split/splits.csv: each fold's train and val rows; test rows are never read), the ROI images
+        they name under --images (data/ingested), and --augmented (data/augmented: offline copies, index.csv).
+Writes: --out (models/<model>/fold<k>/model.pt: fold k's best epoch's state dict, fold<k>/meta.json;
+        models/<model>/meta.json: the parent run and runtime; keys in docs/CONTRACTS.md),
+        --curves (reports/train/<model>.csv: fold, epoch, train_loss, val_loss, val_auc, val_accuracy, lr, seconds),
+        --checkpoints (checkpoints/<model>/fold<k>/ while training; removed once every fold has finished),
+        and MLflow: a parent run per model with a nested run per fold (store: $MLFLOW_TRACKING_URI, else
+        sqlite:///mlflow.db in the working directory).
+Params: data.classes, augment, train.{seed, device, fast, threads, class_weighting, monitor, patience},
+        train.<model>. Bookkeeping (not DVC params): runtime.train_processes (folds side by side),
+        runtime.mlflow_experiment ($MLFLOW_EXPERIMENT_NAME overrides it). $SPINEDXA_THREADS overrides train.threads.
 
 Several processes: ``torchrun --nproc_per_node N --standalone stages/train.py ...`` trains with DDP.
 """

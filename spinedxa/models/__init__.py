@@ -41,6 +41,7 @@ __all__ = [
     "get_spec",
     "list_models",
     "load_trained",
+    "variant",
     "predict_proba",
     "weights_file",
 ]
@@ -105,43 +106,57 @@ def _inception_unwrap(output: Tensor | InceptionOutputs) -> tuple[Tensor, Tensor
 # ----------------------------------------------------------------------------------------------- builders
 
 
-def _build_cnn21(num_classes: int, weights: str | None) -> nn.Module:
+def _build_cnn21(num_classes: int, weights: str | None, batch_norm: bool) -> nn.Module:
+    _no_variant("cnn21", batch_norm)
     if weights is not None:
         raise ValueError(f"cnn21: no ImageNet weights exist for this model (trained from scratch); use weights=None")
     return CNN21(num_classes=num_classes)
 
 
-def _torchvision_backbone(name: str, weights: str | None, **kwargs: Any) -> nn.Module:
-    """Build a torchvision classifier, with ImageNet weights read from the local cache when asked for."""
+def _no_variant(name: str, batch_norm: bool) -> None:
+    if batch_norm:
+        raise ValueError(f"{name}: batch_norm selects the BatchNorm variant of VGG only; set it false for {name}")
+
+
+def _torchvision_backbone(name: str, weights: str | None, batch_norm: bool = False, **kwargs: Any) -> nn.Module:
+    """Build a torchvision classifier (its ``_bn`` variant when ``batch_norm``), with ImageNet weights read from the
+    local cache when asked for."""
+    arch = variant(name, batch_norm)
     if weights is None:
-        return torchvision.models.get_model(name, weights=None, **kwargs)
-    enum = _imagenet_weights(name)
-    path = weights_file(name)
+        return torchvision.models.get_model(arch, weights=None, **kwargs)
+    enum = _imagenet_weights(name, batch_norm)
+    path = weights_file(name, batch_norm=batch_norm)
     if not path.is_file():
         raise FileNotFoundError(
             f"{name}: ImageNet weights file {path.name!r} not found in {path.parent} (nothing is downloaded). "
             f"Copy {enum.url} to {path}, or set TORCH_HOME to a directory whose hub/checkpoints holds it."
         )
     # The file is in the cache, so torchvision's loader reads it rather than downloading.
-    return torchvision.models.get_model(name, weights=enum, **kwargs)
+    return torchvision.models.get_model(arch, weights=enum, **kwargs)
 
 
-def _build_resnet50(num_classes: int, weights: str | None) -> nn.Module:
-    net = _torchvision_backbone("resnet50", weights)
+def _build_resnet50(num_classes: int, weights: str | None, batch_norm: bool) -> nn.Module:
+    _no_variant("resnet50", batch_norm)
+    # From scratch, the last BatchNorm of every residual branch starts at zero, so each block starts as the identity
+    # (Goyal et al. 2017, "Accurate, large minibatch SGD", section 5.1; torchvision's zero_init_residual): measured
+    # here, ResNet-50 from scratch on ~100 ROI images trains without the early loss blow-ups it had without it.
+    extra = {"zero_init_residual": True} if weights is None else {}
+    net = _torchvision_backbone("resnet50", weights, **extra)
     net.fc = nn.Linear(net.fc.in_features, num_classes)
     return ImageNetInput(net)
 
 
-def _build_vgg(name: str) -> Callable[[int, str | None], nn.Module]:
-    def build(num_classes: int, weights: str | None) -> nn.Module:
-        net = _torchvision_backbone(name, weights)
+def _build_vgg(name: str) -> Callable[[int, str | None, bool], nn.Module]:
+    def build(num_classes: int, weights: str | None, batch_norm: bool) -> nn.Module:
+        net = _torchvision_backbone(name, weights, batch_norm)
         net.classifier[-1] = nn.Linear(net.classifier[-1].in_features, num_classes)
         return ImageNetInput(net)
 
     return build
 
 
-def _build_inception_v3(num_classes: int, weights: str | None) -> nn.Module:
+def _build_inception_v3(num_classes: int, weights: str | None, batch_norm: bool) -> nn.Module:
+    _no_variant("inception_v3", batch_norm)
     # init_weights=True: torchvision's own truncated-normal init (and silences its FutureWarning about the default).
     kwargs: dict[str, Any] = {"aux_logits": True}
     if weights is None:
@@ -167,7 +182,7 @@ class ModelSpec:
         name: registry name (``spinedxa.config.MODEL_NAMES``).
         input_size: native input size in pixels (224; InceptionV3 299).
         min_size: smallest input the network accepts, in pixels (in both training and eval mode).
-        build: ``build(num_classes, weights)`` with ``weights`` None or "imagenet"; use :func:`get_model`.
+        build: ``build(num_classes, weights, batch_norm)`` with ``weights`` None or "imagenet"; use :func:`get_model`.
         gradcam_layer: ``gradcam_layer(model)`` the module whose activations Grad-CAM explains (last conv block).
         unwrap: ``unwrap(output)`` returns ``(logits, aux_logits or None)``.
         imagenet_weights: torchvision weights enum member for ``weights="imagenet"`` (None: no pretrained weights).
@@ -176,7 +191,7 @@ class ModelSpec:
     name: str
     input_size: int
     min_size: int
-    build: Callable[[int, str | None], nn.Module]
+    build: Callable[[int, str | None, bool], nn.Module]
     gradcam_layer: Callable[[nn.Module], nn.Module]
     unwrap: Callable[[Any], tuple[Tensor, Tensor | None]]
     imagenet_weights: str | None = None
@@ -238,24 +253,32 @@ def _normalise_weights(name: str, weights: str | None) -> str | None:
     return None if weights in (None, "none") else weights
 
 
-def _imagenet_weights(name: str) -> torchvision.models.WeightsEnum:
+def variant(name: str, batch_norm: bool = False) -> str:
+    """The architecture that runs: ``vgg16_bn`` for ``vgg16`` with ``batch_norm``, else ``name``."""
+    return f"{name}_bn" if batch_norm else name
+
+
+def _imagenet_weights(name: str, batch_norm: bool = False) -> torchvision.models.WeightsEnum:
     spec = get_spec(name)
     if spec.imagenet_weights is None:
         raise ValueError(f"{name}: no ImageNet weights exist for this model; use weights=None")
-    return torchvision.models.get_weight(spec.imagenet_weights)
+    enum = spec.imagenet_weights
+    if batch_norm:  # VGG16_Weights.IMAGENET1K_V1 -> VGG16_BN_Weights.IMAGENET1K_V1
+        enum = enum.replace("_Weights.", "_BN_Weights.")
+    return torchvision.models.get_weight(enum)
 
 
-def weights_file(name: str) -> Path:
+def weights_file(name: str, *, batch_norm: bool = False) -> Path:
     """Where the ImageNet weights of ``name`` must lie: ``torch.hub.get_dir()/checkpoints/<file name of the url>``.
 
     Raises:
         ValueError: unknown model, or a model without ImageNet weights (cnn21).
     """
-    url = _imagenet_weights(name).url
+    url = _imagenet_weights(name, batch_norm).url
     return Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name
 
 
-def get_model(name: str, num_classes: int, *, weights: str | None = None) -> nn.Module:
+def get_model(name: str, num_classes: int, *, weights: str | None = None, batch_norm: bool = False) -> nn.Module:
     """Build a registered model with a ``num_classes``-way head for ``N x 1 x H x W`` input in [0, 1].
 
     Args:
@@ -263,15 +286,18 @@ def get_model(name: str, num_classes: int, *, weights: str | None = None) -> nn.
         num_classes: number of output classes (2 here).
         weights: None or "none" (random init) or "imagenet" (torchvision's ImageNet weights from the local cache;
             the classification head is replaced, so it is always freshly initialised).
+        batch_norm: VGG only: torchvision's BatchNorm variant (``vgg16_bn``, ``vgg19_bn``; Simonyan & Zisserman's
+            plain VGG does not train from scratch on this cohort, measured: README "Recipes").
 
     Raises:
-        ValueError: unknown model or weights value, ``num_classes < 1``, or "imagenet" for cnn21.
+        ValueError: unknown model or weights value, ``num_classes < 1``, "imagenet" for cnn21, or ``batch_norm`` for
+            a network other than VGG.
         FileNotFoundError: "imagenet" asked for and the weights file is not in the torch cache (the message names it).
     """
     spec = get_spec(name)
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"{name}: num_classes must be a positive integer, got {num_classes!r}")
-    return spec.build(num_classes, _normalise_weights(name, weights))
+    return spec.build(num_classes, _normalise_weights(name, weights), batch_norm)
 
 
 def load_trained(model_dir: str | Path, *, map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
@@ -294,7 +320,7 @@ def load_trained(model_dir: str | Path, *, map_location: str | torch.device = "c
     missing = [key for key in ("model", "classes") if key not in meta]
     if missing:
         raise ValueError(f"{meta_path}: missing key(s) {missing}")
-    model = get_model(meta["model"], len(meta["classes"]))
+    model = get_model(meta["model"], len(meta["classes"]), batch_norm=bool(meta.get("batch_norm", False)))
     state = torch.load(weights_path, map_location=map_location, weights_only=True)
     try:
         model.load_state_dict(state)
@@ -314,7 +340,7 @@ def predict_proba(
     Args:
         model: a module from :func:`get_model` or :func:`load_trained`.
         name: its registry name (selects how to unwrap its output).
-        images: ``N x 1 x S x S`` float tensor in [0, 1].
+        images: ``N x 1 x H x W`` float tensor in [0, 1].
         batch_size: images per forward pass.
         device: where to run.
 
@@ -323,7 +349,7 @@ def predict_proba(
     """
     spec = get_spec(name)
     if images.ndim != 4 or images.shape[1] != 1:
-        raise ValueError(f"{name}: expected images N x 1 x S x S, got shape {tuple(images.shape)}")
+        raise ValueError(f"{name}: expected images N x 1 x H x W, got shape {tuple(images.shape)}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     was_training = model.training
