@@ -52,13 +52,18 @@ class SynthesizeConfig:
     fracture_rate: float
     scoliosis_rate: float
     workers: int = 1
+    # Share of scans that also get a secondary-capture copy with a burned-in PHI banner (<class>/scan_NNNN_sc.dcm),
+    # and share of scans drawn with benign L1-L4 level labels; both exercise ingest's burned-in text check.
+    burned_in_fraction: float = 0.07
+    level_label_fraction: float = 0.15
 
     def __post_init__(self) -> None:
         if not 0 <= self.n_osteoporosis <= self.n_scans:
             raise ConfigError(
                 f"synthesize.n_osteoporosis: {self.n_osteoporosis} must lie in [0, n_scans={self.n_scans}]"
             )
-        for name in ("followup_fraction", "monochrome1_fraction", "osteophyte_rate", "fracture_rate", "scoliosis_rate"):
+        for name in ("followup_fraction", "monochrome1_fraction", "osteophyte_rate", "fracture_rate", "scoliosis_rate",
+                     "burned_in_fraction", "level_label_fraction"):
             _check_unit(f"synthesize.{name}", getattr(self, name))
 
 
@@ -68,11 +73,17 @@ class IngestConfig:
     max_side: int
     max_pixels: int
     multiframe: Literal["first", "middle", "reject"] = "first"
+    # Text burned into the pixels (spinedxa.burnedin): quarantine the file (reason burned_in_text), or black out the
+    # counted text regions, grown by burned_in_margin_px on each side (original pixels), and keep the file.
+    burned_in_text: Literal["quarantine", "redact"] = "quarantine"
+    burned_in_margin_px: int = 4
 
     def __post_init__(self) -> None:
         for name in ("workers", "max_side", "max_pixels"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"ingest.{name}: {getattr(self, name)} must be >= 1")
+        if self.burned_in_margin_px < 0:
+            raise ConfigError(f"ingest.burned_in_margin_px: {self.burned_in_margin_px} must be >= 0")
 
 
 @dataclass(frozen=True)
