@@ -22,18 +22,20 @@ everything but letters and digits:
 * a scale bar's label: up to 4 digits and ``MM`` or ``CM`` (``5 cm``, ``10mm``, ``2.5 cm``);
 * nothing at all: regions with no letter or digit (arrows, tick marks, lines).
 
-Levels and scales are also tried with the usual OCR confusions mapped to digits (``I``/``|``/``!`` -> 1, ``O`` -> 0,
-``S`` -> 5, ``Z`` -> 2), so ``LI`` reads as ``L1``. Anything else counts: a report page, a date, a word. A region that
+Levels and scales are also tried with the usual OCR confusions mapped to digits (``I``/``l``/``|``/``!`` -> 1,
+``O`` -> 0, ``S`` -> 5, ``Z`` -> 2), so ``LI`` reads as ``L1``. Anything else counts: a report page, a date, a word. A region that
 matches a header PHI value counts even when it would pass the allow-list (a patient whose ID is ``L1``).
 
 Never written anywhere: the recognised text. :class:`TextBox` keeps it out of its ``repr``; :class:`Finding`,
 :class:`Screening` and every message hold counts and boxes only.
 
-Limits (see README, de-identification): text the OCR model cannot see is not found (glyphs under ~6 px high after
-the resize below, text drawn at near-zero contrast, heavily stylised or handwritten text, text rotated by other than
-0/90/180 degrees may be recognised as garbage: it is still detected and then counts, since garbage is not on the
-allow-list). RapidOCR drops regions in which it recognises no character at all. PHI matching is for the reason and
-for overriding the allow-list; detection does not depend on it.
+Limits (see README, de-identification): text the OCR model cannot see is not found: glyphs under ~6 px high after
+the resize described at :data:`DETECT_MIN_SIDE`, text at near-zero contrast, heavily stylised or handwritten text.
+Lines taller than :data:`MAX_LINE_FRACTION` of the image's short side are taken for anatomy (the detector reads the
+vertebral column as a text line), so very large lettering is not found; one- or two-character regions read with low
+confidence are dropped as specks (:data:`SPECK_SCORE`). Rotated or garbled text that is detected but misread still
+counts (garbage is not on the allow-list). RapidOCR drops regions in which it recognises no character at all. PHI
+matching gives the reason and overrides the allow-list; detection does not depend on it.
 """
 
 from __future__ import annotations
@@ -408,13 +410,19 @@ def _compiled(allow: tuple[str, ...]) -> tuple[re.Pattern[str], ...]:
 
 def is_allowed(text: str, allow: Sequence[str] = ALLOW_PATTERNS) -> bool:
     """True when a region's whole text is an allow-listed label (see :data:`ALLOW_PATTERNS`)."""
-    norm = _alnum(text)  # any script: a region read as Chinese characters is not "no letter or digit"
-    candidates = {norm, norm.translate(_CONFUSABLE_DIGITS)}
+    plain = unicodedata.normalize("NFKC", text)
+    norm = _alnum(plain)  # any script: a region read as Chinese characters is not "no letter or digit"
+
+    def digits(part: str) -> str:  # OCR confusions read as digits (a lower-case l too, before upper-casing)
+        return _alnum(part.replace("l", "1").upper().translate(_CONFUSABLE_DIGITS))
+
+    candidates = {norm, digits(plain)}
     # Confusions keep a leading level letter (L, T, S, C) and unit letters (MM, CM) as they are.
-    if norm[:1] in "CTLS":
-        candidates.add(norm[:1] + norm[1:].translate(_CONFUSABLE_DIGITS))
+    head = next((i for i, c in enumerate(plain) if c.isalnum()), None)
+    if head is not None and plain[head].upper() in "CTLS":
+        candidates.add(plain[head].upper() + digits(plain[head + 1:]))
     if norm.endswith(("MM", "CM")):
-        candidates.add(norm[:-2].translate(_CONFUSABLE_DIGITS) + norm[-2:])
+        candidates.add(digits(plain)[:-2] + norm[-2:])
     patterns = _compiled(tuple(allow))
     return any(p.fullmatch(c) for p in patterns for c in candidates)
 

@@ -965,33 +965,48 @@ def _scan_statistics(scan: SyntheticScan) -> dict[str, float]:
     }
 
 
-def _render_plan(plan: ScanPlan, cfg: SynthesizeConfig) -> SyntheticScan:
-    """The scan as written to ``plan.source``: the forward model, plus level labels when ``plan.level_labels``."""
-    scan = simulate_scan(
+def _forward(plan: ScanPlan, cfg: SynthesizeConfig) -> SyntheticScan:
+    """The forward model's scan for a plan (no text drawn)."""
+    return simulate_scan(
         np.random.default_rng(plan.seed), plan.t_score, height=cfg.height, width=cfg.width,
         pixel_spacing_mm=cfg.pixel_spacing_mm, bits_stored=plan.bits_stored, osteophyte=plan.osteophyte,
         fracture=plan.fracture, scoliosis_deg=plan.scoliosis_deg, anatomy_rng=np.random.default_rng(plan.anatomy_seed),
     )
+
+
+def _labelled(plan: ScanPlan, cfg: SynthesizeConfig, scan: SyntheticScan) -> np.ndarray:
+    """The image written to ``plan.source``: the scan, with level labels when ``plan.level_labels``."""
     if not plan.level_labels:
-        return scan
+        return scan.image
     side = -1 if _overlay_rng(cfg, LABEL_STREAM, plan).random() < 0.5 else 1
-    return replace(scan, image=draw_level_labels(scan.image, scan.roi_mask, cfg.pixel_spacing_mm, side,
-                                                 plan.bits_stored))
+    return draw_level_labels(scan.image, scan.roi_mask, cfg.pixel_spacing_mm, side, plan.bits_stored)
 
 
-def render_banner_copy(plan: ScanPlan, cfg: SynthesizeConfig, scan: SyntheticScan | None = None) -> np.ndarray:
-    """The pixels of a scan's burned-in banner copy: the scan as written, plus its banner (fake PHI in a corner)."""
-    scan = _render_plan(plan, cfg) if scan is None else scan
+def _render_plan(plan: ScanPlan, cfg: SynthesizeConfig) -> SyntheticScan:
+    """The scan as written to ``plan.source`` (level labels included), with the forward model's masks and factors."""
+    scan = _forward(plan, cfg)
+    return replace(scan, image=_labelled(plan, cfg, scan))
+
+
+def render_banner_copy(plan: ScanPlan, cfg: SynthesizeConfig, image: np.ndarray | None = None) -> np.ndarray:
+    """The pixels of a scan's burned-in banner copy: the scan as written (``image``, else re-rendered), plus its
+    banner (fake PHI in a corner)."""
+    image = _render_plan(plan, cfg).image if image is None else image
     rng = _overlay_rng(cfg, BANNER_STREAM, plan)
-    return draw_banner(scan.image, banner_lines(plan.identity, rng), rng, plan.bits_stored)
+    return draw_banner(image, banner_lines(plan.identity, rng), rng, plan.bits_stored)
 
 
 def _make_scan(plan: ScanPlan, cfg: SynthesizeConfig, out_dir: Path) -> list[dict[str, object]]:
-    """Render, write and describe one scan, and its banner copy if it has one (runs in a worker process)."""
-    scan = _render_plan(plan, cfg)
+    """Render, write and describe one scan, and its banner copy if it has one (runs in a worker process).
+
+    The audit statistics describe the forward model's image, before any text is drawn: the text is chosen
+    independently of the label, and level labels beside the spine would otherwise enter the soft-tissue baseline.
+    """
+    scan = _forward(plan, cfg)
+    image = _labelled(plan, cfg, scan)
     path = out_dir / plan.source
     path.parent.mkdir(parents=True, exist_ok=True)
-    build_dataset(plan, scan.image, cfg.seed, cfg.pixel_spacing_mm).save_as(path, enforce_file_format=True)
+    build_dataset(plan, image, cfg.seed, cfg.pixel_spacing_mm).save_as(path, enforce_file_format=True)
     row = {
         "source": plan.source, "subject": plan.subject, "visit": plan.visit, "t_score": plan.t_score,
         "bmd_g_cm2": round(float(t_to_bmd(plan.t_score)), 4), "who_class": who_class(plan.t_score),
@@ -1003,10 +1018,9 @@ def _make_scan(plan: ScanPlan, cfg: SynthesizeConfig, out_dir: Path) -> list[dic
     }
     if not plan.burned_in:
         return [row]
-    copy = replace(scan, image=render_banner_copy(plan, cfg, scan))
-    build_dataset(plan, copy.image, cfg.seed, cfg.pixel_spacing_mm, capture=True).save_as(
+    build_dataset(plan, render_banner_copy(plan, cfg, image), cfg.seed, cfg.pixel_spacing_mm, capture=True).save_as(
         out_dir / plan.banner_source, enforce_file_format=True)
-    return [row, {**row, "source": plan.banner_source, "burned_in": True, **_scan_statistics(copy)}]
+    return [row, {**row, "source": plan.banner_source, "burned_in": True}]
 
 
 def synthesize_cohort(
