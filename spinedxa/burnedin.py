@@ -23,8 +23,9 @@ everything but letters and digits:
 * nothing at all: regions with no letter or digit (arrows, tick marks, lines).
 
 Levels and scales are also tried with the usual OCR confusions mapped to digits (``I``/``l``/``|``/``!`` -> 1,
-``O`` -> 0, ``S`` -> 5, ``Z`` -> 2), so ``LI`` reads as ``L1``. Anything else counts: a report page, a date, a word. A region that
-matches a header PHI value counts even when it would pass the allow-list (a patient whose ID is ``L1``).
+``O`` -> 0, ``S`` -> 5, ``Z`` -> 2), so ``LI`` reads as ``L1``. Anything else counts: a report page, a date, a
+word. A region that matches a header PHI value counts even when it would pass the allow-list (a patient whose ID is
+``L1``).
 
 Never written anywhere: the recognised text. :class:`TextBox` keeps it out of its ``repr``; :class:`Finding`,
 :class:`Screening` and every message hold counts and boxes only.

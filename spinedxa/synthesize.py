@@ -784,12 +784,11 @@ def banner_lines(identity: FakeIdentity, rng: np.random.Generator) -> list[str]:
     family, given = identity.patient_name.split("^")[:2]
     born = dt.datetime.strptime(identity.birth_date, "%Y%m%d").date()
     name = (f"{family}, {given}", f"{given} {family}", f"{family}^{given}")[rng.integers(3)]
-    return [
-        f"{('NAME: ', 'PATIENT: ', '')[rng.integers(3)]}{name}",
-        f"{('ID: ', 'PATIENT ID: ', 'MRN: ')[rng.integers(3)]}{identity.patient_id}",
-        f"{('DOB: ', 'BIRTH DATE: ')[rng.integers(2)]}{born.strftime(_DATE_STYLES[rng.integers(len(_DATE_STYLES))]).upper()}",
-        identity.institution,
-    ]
+    name_tag = ("NAME: ", "PATIENT: ", "")[rng.integers(3)]
+    id_tag = ("ID: ", "PATIENT ID: ", "MRN: ")[rng.integers(3)]
+    birth_tag = ("DOB: ", "BIRTH DATE: ")[rng.integers(2)]
+    birth = born.strftime(_DATE_STYLES[rng.integers(len(_DATE_STYLES))]).upper()
+    return [f"{name_tag}{name}", f"{id_tag}{identity.patient_id}", f"{birth_tag}{birth}", identity.institution]
 
 
 def _wrap(lines: Sequence[str], size: int, max_width: float) -> list[str]:

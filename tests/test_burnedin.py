@@ -188,7 +188,8 @@ def test_detect_text_rejects_non_images(image: np.ndarray):
 
 @pytest.mark.parametrize(
     ("text", "allowed"),
-    [("L1", True), ("L4", True), ("L1-L4", True), ("T12", True), ("S1", True), ("LI", True), ("L|", True), ("LS", True), ("Ll", True),
+    [("L1", True), ("L4", True), ("L1-L4", True), ("T12", True), ("S1", True), ("LI", True), ("L|", True),
+     ("LS", True), ("Ll", True),
      ("5 CM", True), ("1O mm", True),
      ("R", True), ("LEFT", True), ("AP", True), ("5 cm", True), ("10mm", True), ("2.5 cm", True), ("→", True),
      ("--", True), ("", True),
