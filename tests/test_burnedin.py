@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ import pytest
 from PIL import Image, ImageDraw, ImageFont
 from skimage.color import rgb2gray
 
+from conftest import REPO, run
 from spinedxa import burnedin
 from spinedxa.burnedin import (
     ALLOW_PATTERNS,
@@ -137,7 +139,7 @@ def test_colour_input_is_read_as_luma(scan: np.ndarray):
 
 @pytest.mark.parametrize(
     ("height", "width", "size"),
-    [(160, 120, 8), (3000, 2400, 56)],  # enlarged for detection; reduced for detection (bounded memory)
+    [(160, 120, 8), (128, 512, 18), (3000, 2400, 56)],  # enlarged / a wide strip / reduced (bounded memory)
 )
 def test_small_and_large_images_map_boxes_back(height: int, width: int, size: int):
     rng = np.random.default_rng(0)
@@ -340,3 +342,20 @@ def test_allow_patterns_are_documented():
         assert example in doc
     assert all(is_allowed(example) for example in ("L1", "T12", "RIGHT", "5 cm", "<-"))
     assert ALLOW_PATTERNS == burnedin.ALLOW_PATTERNS
+
+
+def test_ocr_needs_no_network(tmp_path: Path):
+    """The engine starts and reads text with every HTTP(S) request sent to a closed port: nothing is downloaded."""
+    script = (
+        "import numpy as np\n"
+        "from PIL import Image, ImageDraw, ImageFont\n"
+        "from spinedxa import burnedin\n"
+        "img = Image.new('L', (384, 128), 0)\n"
+        "ImageDraw.Draw(img).text((8, 8), 'ID: 4821937', fill=255, font=ImageFont.load_default(size=16))\n"
+        "print(burnedin.classify(burnedin.detect_text(np.asarray(img)), ['4821937']).phi)\n"
+    )
+    dead = "http://127.0.0.1:9"
+    proc = run([sys.executable, "-c", script], cwd=tmp_path,
+               env={"PYTHONPATH": str(REPO), "HTTP_PROXY": dead, "HTTPS_PROXY": dead, "NO_PROXY": "",
+                    "http_proxy": dead, "https_proxy": dead, "no_proxy": ""}, timeout=120)
+    assert proc.stdout.strip().splitlines()[-1] == "1"
