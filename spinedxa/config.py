@@ -188,7 +188,10 @@ class SynthesizeConfig(_Section):
     osteophyte_rate: float = unit()
     fracture_rate: float = unit()
     scoliosis_rate: float = unit()
-    workers: int = count(default=1)
+    # Share of scans that also get a secondary-capture copy with a burned-in PHI banner (<class>/scan_NNNN_sc.dcm),
+    # and share of scans drawn with benign L1-L4 level labels; both exercise ingest's burned-in text check.
+    burned_in_fraction: float = unit(default=0.07)
+    level_label_fraction: float = unit(default=0.15)
 
     def _check(self) -> None:
         if not 0 <= self.n_osteoporosis <= self.n_scans:
@@ -205,6 +208,10 @@ class IngestConfig(_Section):
     max_side: int = count()
     max_pixels: int = count()
     multiframe: Literal["first", "middle", "reject"] = "first"
+    # Text burned into the pixels (spinedxa.burnedin): quarantine the file (reason burned_in_text), or black out the
+    # counted text regions, grown by burned_in_margin_px on each side (original pixels), and keep the file.
+    burned_in_text: Literal["quarantine", "redact"] = "quarantine"
+    burned_in_margin_px: int = non_negative(default=4)
     # locate: find the L1-L4 region in each scan (spinedxa.roi; a scan without one is quarantined no_roi);
     # whole: the whole image is the region (cohorts already cropped to L1-L4 elsewhere).
     roi: Literal["locate", "whole"] = "locate"

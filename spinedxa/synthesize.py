@@ -22,10 +22,15 @@ splitting by scan instead of by patient would leak.
 
 Public API: :func:`synthesize_cohort` (write a cohort of DICOM files and its truth CSV), :func:`render_scan` (one
 image, uint16, MONOCHROME2 orientation), :func:`simulate_scan` (the same with the masks and acquisition factors
-used by audits), :func:`plot_examples` and :func:`shortcut_audit`.
+used by audits), :func:`render_banner_copy`, :func:`plot_examples` and :func:`shortcut_audit`.
 
-The truth CSV never holds PHI: the fake patient identities exist only in the DICOM headers (so that
-de-identification in ``ingest`` is exercised on every run).
+The truth CSV never holds PHI: the fake patient identities exist in the DICOM headers (so that de-identification in
+``ingest`` is exercised on every run) and, for a share of scans (``burned_in_fraction``), burned into the pixels of
+an extra secondary-capture copy ``<class>/scan_NNNN_sc.dcm``: a vendor-style banner with the fake name, patient ID,
+birth date and institution in a corner (so that ingest's burned-in text check is exercised too). Another share
+(``level_label_fraction``) of the scans carries benign ``L1``-``L4`` labels beside the vertebral bodies, which that
+check must let through. Both overlays draw from their own random streams, so every other draw, and every pixel
+outside the drawn text, is what it was without them.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ import concurrent.futures
 import datetime as dt
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -43,8 +48,10 @@ import pandas as pd
 import pydicom
 from pydicom.dataset import FileMetaDataset
 from matplotlib.figure import Figure
+from PIL import Image, ImageDraw, ImageFont
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
-from scipy.ndimage import gaussian_filter
+from scipy.ndimage import find_objects, gaussian_filter
+from scipy.ndimage import label as label_components
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedGroupKFold, cross_val_predict
@@ -115,6 +122,21 @@ _INSTITUTIONS = ("ST. EXAMPLE GENERAL HOSPITAL", "NORTHFIELD BONE HEALTH CLINIC"
                  "LAKEVIEW UNIVERSITY HOSPITAL", "MAPLE GROVE DIAGNOSTIC IMAGING")
 _FEMALE_SHARE = 0.85  # DXA cohorts for osteoporosis are mostly post-menopausal women
 
+# --- Text in the pixels (exercises ingest's burned-in text check, spinedxa.burnedin) -------------------------------
+# Both overlays draw from their own streams, SeedSequence((seed, stream[, scan])), never from the plan, acquisition or
+# anatomy streams, so adding them changes no other draw: the scans keep their bytes except where text is drawn.
+BANNER_STREAM = 0x42414E  # "BAN": which scans get a burned-in banner copy, and each banner's layout
+LABEL_STREAM = 0x4C424C  # "LBL": which scans carry level labels, and on which side
+BANNER_SUFFIX = "_sc"  # the copy is <class>/scan_NNNN_sc.dcm, a secondary capture of scan_NNNN
+# Banner font: 2.2-4.5 % of the image height (11-23 px at 512, as vendor captures at typical export sizes), never
+# under 8 px (Pillow's Aileron at 8 px has 6 px capitals: legible to a person, and to OCR after ingest's resize).
+BANNER_FONT_FRACTION = (0.022, 0.045)
+MIN_FONT_PX = 8
+LABEL_FONT_MM = 5.5  # level labels: ~5 mm capitals, like the L1-L4 annotations of DXA analysis software
+LABEL_GAP_MM = 25.0  # from the body's lateral edge to the label: beyond the transverse processes (<= 22 mm, L3)
+_DATE_STYLES = ("%d.%m.%Y", "%m/%d/%Y", "%Y-%m-%d", "%d-%b-%Y")
+_BANNER_STYLES = ("plain", "dark_bar", "light_bar")  # white text on the image, white on black, black on white
+
 
 @dataclass(frozen=True)
 class FakeIdentity:
@@ -151,6 +173,8 @@ class ScanPlan:
     identity: FakeIdentity
     seed: np.random.SeedSequence  # this scan's acquisition
     anatomy_seed: np.random.SeedSequence  # the patient's body, shared by both visits
+    level_labels: bool = False  # L1-L4 labels drawn beside the bodies (benign annotation)
+    burned_in: bool = False  # the scanner also exported a secondary capture with a burned-in PHI banner
 
     @property
     def scan_id(self) -> str:
@@ -160,6 +184,11 @@ class ScanPlan:
     def source(self) -> str:
         """Path of the DICOM file relative to the cohort directory (``normal/scan_0001.dcm``)."""
         return f"{self.class_name}/{self.scan_id}.dcm"
+
+    @property
+    def banner_source(self) -> str:
+        """Path of the burned-in banner copy (``normal/scan_0001_sc.dcm``); written only when ``burned_in``."""
+        return f"{self.class_name}/{self.scan_id}{BANNER_SUFFIX}.dcm"
 
 
 @dataclass(frozen=True)
@@ -314,7 +343,17 @@ def plan_cohort(cfg: SynthesizeConfig, classes: Sequence[str]) -> list[ScanPlan]
             })
     scan_order = rng.permutation(len(scans))
     seeds = scan_seq.spawn(len(scans))
-    return [ScanPlan(index=i + 1, seed=seeds[i], **scans[j]) for i, j in enumerate(scan_order)]
+    plans = [ScanPlan(index=i + 1, seed=seeds[i], **scans[j]) for i, j in enumerate(scan_order)]
+    # Overlays last, from their own streams (see BANNER_STREAM): exact counts, chosen independently of everything else.
+    banner = _chosen(cfg.seed, BANNER_STREAM, len(plans), cfg.burned_in_fraction)
+    labels = _chosen(cfg.seed, LABEL_STREAM, len(plans), cfg.level_label_fraction)
+    return [replace(p, level_labels=k in labels, burned_in=k in banner) for k, p in enumerate(plans)]
+
+
+def _chosen(seed: int, stream: int, n: int, fraction: float) -> set[int]:
+    """``round(fraction * n)`` distinct indices out of ``range(n)``, drawn from the stream ``(seed, stream)``."""
+    rng = np.random.default_rng(np.random.SeedSequence((seed, stream)))
+    return {int(i) for i in rng.choice(n, size=int(round(fraction * n)), replace=False)}
 
 
 # ==================================================================================================================
@@ -689,6 +728,117 @@ def render_scan(
 
 
 # ==================================================================================================================
+# Text in the pixels
+# ==================================================================================================================
+
+def _draw_text(image: np.ndarray, items: Sequence[tuple[float, float, str]], size: int, value: float) -> np.ndarray:
+    """``image`` with each ``(x, y, text)`` drawn at ``size`` px in Pillow's built-in font, anti-aliased, at ``value``.
+
+    ``(x, y)`` is the top-left corner of the text in pixels. Text beyond the image is clipped.
+    """
+    height, width = image.shape
+    mask = Image.new("L", (width, height), 0)
+    draw = ImageDraw.Draw(mask)
+    font = ImageFont.load_default(size=size)  # Aileron Regular, embedded in Pillow >= 10.1 (no font files)
+    for x, y, text in items:
+        draw.text((x, y), text, fill=255, font=font)
+    alpha = np.asarray(mask, dtype=np.float32) / 255.0
+    out = image.astype(np.float32) * (1.0 - alpha) + np.float32(value) * alpha
+    return np.rint(out).astype(image.dtype)
+
+
+def _text_width(text: str, size: int) -> float:
+    return float(ImageFont.load_default(size=size).getlength(text))
+
+
+def draw_level_labels(image: np.ndarray, roi_mask: np.ndarray, pixel_spacing_mm: float, side: int,
+                      bits_stored: int) -> np.ndarray:
+    """Label the L1-L4 bodies as DXA analysis software does: ``L1``..``L4`` lateral to each body, at its height.
+
+    ``roi_mask`` holds the four bodies (:class:`SyntheticScan`); they are labelled top to bottom. ``side`` is -1
+    (image left) or +1 (image right). The labels are small, white, and outside the vertebral column. If the mask does
+    not split into four bodies (tiny images), the rows of the ROI are split into four equal bands instead.
+    """
+    rows = np.flatnonzero(roi_mask.any(axis=1))
+    if rows.size == 0:
+        return image
+    components, n = label_components(roi_mask)
+    if n == len(ROI_LEVELS):
+        spans = sorted(find_objects(components), key=lambda sl: sl[0].start)
+    else:
+        edges = np.linspace(rows[0], rows[-1] + 1, len(ROI_LEVELS) + 1).round().astype(int)
+        cols = np.flatnonzero(roi_mask.any(axis=0))
+        spans = [(slice(a, b), slice(cols[0], cols[-1] + 1)) for a, b in zip(edges[:-1], edges[1:])]
+    size = max(MIN_FONT_PX, int(round(LABEL_FONT_MM / pixel_spacing_mm)))
+    gap = LABEL_GAP_MM / pixel_spacing_mm
+    items = []
+    for level, (rs, cs) in zip(ROI_LEVELS, spans):
+        y = (rs.start + rs.stop) / 2 - size * 0.6
+        x = cs.start - gap - _text_width(level, size) if side < 0 else cs.stop + gap
+        items.append((float(np.clip(x, 1, image.shape[1] - _text_width(level, size) - 1)), float(y), level))
+    return _draw_text(image, items, size, MAX_FRACTION_OF_RANGE * (2**bits_stored - 1))
+
+
+def banner_lines(identity: FakeIdentity, rng: np.random.Generator) -> list[str]:
+    """The lines of a vendor-style burned-in banner: name, patient ID, birth date, institution (formats vary)."""
+    family, given = identity.patient_name.split("^")[:2]
+    born = dt.datetime.strptime(identity.birth_date, "%Y%m%d").date()
+    name = (f"{family}, {given}", f"{given} {family}", f"{family}^{given}")[rng.integers(3)]
+    name_tag = ("NAME: ", "PATIENT: ", "")[rng.integers(3)]
+    id_tag = ("ID: ", "PATIENT ID: ", "MRN: ")[rng.integers(3)]
+    birth_tag = ("DOB: ", "BIRTH DATE: ")[rng.integers(2)]
+    birth = born.strftime(_DATE_STYLES[rng.integers(len(_DATE_STYLES))]).upper()
+    return [f"{name_tag}{name}", f"{id_tag}{identity.patient_id}", f"{birth_tag}{birth}", identity.institution]
+
+
+def _wrap(lines: Sequence[str], size: int, max_width: float) -> list[str]:
+    """Break lines at spaces so that each fits ``max_width`` pixels (a word longer than that stays whole)."""
+    out = []
+    for line in lines:
+        current = ""
+        for word in line.split(" "):
+            trial = f"{current} {word}".strip()
+            if current and _text_width(trial, size) > max_width:
+                out.append(current)
+                current = word
+            else:
+                current = trial
+        out.append(current)
+    return out
+
+
+def draw_banner(image: np.ndarray, lines: Sequence[str], rng: np.random.Generator, bits_stored: int) -> np.ndarray:
+    """Burn a text banner into a corner chosen by ``rng`` (font size and style too), as a scanner's screen capture.
+
+    Styles: white text straight on the image, white text on a black bar, black text on a white bar.
+    """
+    height, width = image.shape
+    corner = int(rng.integers(4))  # 0 top-left, 1 top-right, 2 bottom-left, 3 bottom-right
+    size = max(MIN_FONT_PX, int(round(rng.uniform(*BANNER_FONT_FRACTION) * height)))
+    style = _BANNER_STYLES[rng.integers(len(_BANNER_STYLES))]
+    margin = max(2, size // 3)
+    lines = _wrap(lines, size, width - 2 * margin)
+    line_height = int(round(size * 1.3))
+    text_width = max(_text_width(t, size) for t in lines)
+    x0 = margin if corner in (0, 2) else width - margin - text_width
+    y0 = margin if corner in (0, 1) else height - margin - line_height * len(lines)
+    items = [(max(x0, 0.0), float(y0 + i * line_height), t) for i, t in enumerate(lines)]
+    white = MAX_FRACTION_OF_RANGE * (2**bits_stored - 1)
+    out = image.copy()
+    if style != "plain":
+        pad = margin // 2 + 1
+        top, left = max(int(y0) - pad, 0), max(int(x0) - pad, 0)
+        bottom = min(int(y0 + line_height * len(lines)) + pad, height)
+        right = min(int(np.ceil(x0 + text_width)) + pad, width)
+        out[top:bottom, left:right] = 0 if style == "dark_bar" else int(white)
+    return _draw_text(out, items, size, white if style != "light_bar" else 0)
+
+
+def _overlay_rng(cfg: SynthesizeConfig, stream: int, plan: ScanPlan) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence((cfg.seed, stream, plan.index)))
+
+
+# ==================================================================================================================
 # DICOM
 # ==================================================================================================================
 
@@ -718,12 +868,18 @@ def to_stored(image: np.ndarray, photometric: str, bits_stored: int, rescale_int
     return stored.astype(np.uint16)
 
 
-def build_dataset(plan: ScanPlan, image: np.ndarray, cohort_seed: int, pixel_spacing_mm: float) -> pydicom.Dataset:
-    """A Secondary Capture DICOM dataset (Modality BMD, explicit VR little endian) with fake PHI for one scan."""
+def build_dataset(plan: ScanPlan, image: np.ndarray, cohort_seed: int, pixel_spacing_mm: float,
+                  *, capture: bool = False) -> pydicom.Dataset:
+    """A Secondary Capture DICOM dataset (Modality BMD, explicit VR little endian) with fake PHI for one scan.
+
+    ``capture=True``: the scan's burned-in banner copy, same study and header PHI, its own series and instance
+    (``BurnedInAnnotation`` is left unset, as in the vendor files that motivate the pixel check).
+    """
     who = plan.identity
+    extra = ("capture",) if capture else ()
     study_uid = _uid(cohort_seed, "study", plan.subject, plan.visit)
-    series_uid = _uid(cohort_seed, "series", plan.subject, plan.visit)
-    sop_uid = _uid(cohort_seed, "sop", plan.subject, plan.visit)
+    series_uid = _uid(cohort_seed, "series", plan.subject, plan.visit, *extra)
+    sop_uid = _uid(cohort_seed, "sop", plan.subject, plan.visit, *extra)
 
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
@@ -745,7 +901,7 @@ def build_dataset(plan: ScanPlan, image: np.ndarray, cohort_seed: int, pixel_spa
     ds.InstitutionName = who.institution
     ds.ReferringPhysicianName = who.referring_physician
     ds.StudyDescription = "DXA LUMBAR SPINE"
-    ds.SeriesDescription = "AP Spine L1-L4"
+    ds.SeriesDescription = "AP Spine L1-L4" + (" screen capture" if capture else "")
     ds.PatientName = who.patient_name
     ds.PatientID = who.patient_id
     ds.PatientBirthDate = who.birth_date
@@ -756,7 +912,7 @@ def build_dataset(plan: ScanPlan, image: np.ndarray, cohort_seed: int, pixel_spa
     ds.StudyInstanceUID = study_uid
     ds.SeriesInstanceUID = series_uid
     ds.StudyID = f"{plan.visit}"
-    ds.SeriesNumber = 1
+    ds.SeriesNumber = 2 if capture else 1
     ds.InstanceNumber = 1
     ds.PatientOrientation = ["L", "F"]  # AP view as a radiograph: columns run to the patient's left, rows to the feet
     ds.PixelSpacing = [pixel_spacing_mm, pixel_spacing_mm]
@@ -781,6 +937,8 @@ def build_dataset(plan: ScanPlan, image: np.ndarray, cohort_seed: int, pixel_spa
 TRUTH_COLUMNS = (
     "source", "subject", "visit", "t_score", "bmd_g_cm2", "who_class", "label", "osteophyte", "fracture",
     "scoliosis_deg", "photometric",
+    # Text in the pixels: benign L1-L4 labels; a burned-in PHI banner (the *_sc.dcm copies, same label/subject/visit).
+    "level_labels", "burned_in",
     # Nuisance ground truth and per-scan statistics for the shortcut audit (see shortcut_audit).
     "bits_stored", "rescale_intercept", "gain", "offset", "gamma", "soft_tissue", "noise_sd",
     "audit_mean", "audit_std", "audit_window_mean", "audit_window_std", "audit_body_signal",
@@ -806,7 +964,8 @@ def _scan_statistics(scan: SyntheticScan) -> dict[str, float]:
     }
 
 
-def _render_plan(plan: ScanPlan, cfg: SynthesizeConfig) -> SyntheticScan:
+def _forward(plan: ScanPlan, cfg: SynthesizeConfig) -> SyntheticScan:
+    """The forward model's scan for a plan (no text drawn)."""
     return simulate_scan(
         np.random.default_rng(plan.seed), plan.t_score, height=cfg.height, width=cfg.width,
         pixel_spacing_mm=cfg.pixel_spacing_mm, bits_stored=plan.bits_stored, osteophyte=plan.osteophyte,
@@ -814,53 +973,91 @@ def _render_plan(plan: ScanPlan, cfg: SynthesizeConfig) -> SyntheticScan:
     )
 
 
-def _make_scan(plan: ScanPlan, cfg: SynthesizeConfig, out_dir: Path) -> dict[str, object]:
-    """Render, write and describe one scan (runs in a worker process)."""
-    scan = _render_plan(plan, cfg)
+def _labelled(plan: ScanPlan, cfg: SynthesizeConfig, scan: SyntheticScan) -> np.ndarray:
+    """The image written to ``plan.source``: the scan, with level labels when ``plan.level_labels``."""
+    if not plan.level_labels:
+        return scan.image
+    side = -1 if _overlay_rng(cfg, LABEL_STREAM, plan).random() < 0.5 else 1
+    return draw_level_labels(scan.image, scan.roi_mask, cfg.pixel_spacing_mm, side, plan.bits_stored)
+
+
+def _render_plan(plan: ScanPlan, cfg: SynthesizeConfig) -> SyntheticScan:
+    """The scan as written to ``plan.source`` (level labels included), with the forward model's masks and factors."""
+    scan = _forward(plan, cfg)
+    return replace(scan, image=_labelled(plan, cfg, scan))
+
+
+def render_banner_copy(plan: ScanPlan, cfg: SynthesizeConfig, image: np.ndarray | None = None) -> np.ndarray:
+    """The pixels of a scan's burned-in banner copy: the scan as written (``image``, else re-rendered), plus its
+    banner (fake PHI in a corner)."""
+    image = _render_plan(plan, cfg).image if image is None else image
+    rng = _overlay_rng(cfg, BANNER_STREAM, plan)
+    return draw_banner(image, banner_lines(plan.identity, rng), rng, plan.bits_stored)
+
+
+def _make_scan(plan: ScanPlan, cfg: SynthesizeConfig, out_dir: Path) -> list[dict[str, object]]:
+    """Render, write and describe one scan, and its banner copy if it has one (runs in a worker process).
+
+    The audit statistics describe the forward model's image, before any text is drawn: the text is chosen
+    independently of the label, and level labels beside the spine would otherwise enter the soft-tissue baseline.
+    """
+    scan = _forward(plan, cfg)
+    image = _labelled(plan, cfg, scan)
     path = out_dir / plan.source
     path.parent.mkdir(parents=True, exist_ok=True)
-    build_dataset(plan, scan.image, cfg.seed, cfg.pixel_spacing_mm).save_as(path, enforce_file_format=True)
-    return {
+    build_dataset(plan, image, cfg.seed, cfg.pixel_spacing_mm).save_as(path, enforce_file_format=True)
+    row = {
         "source": plan.source, "subject": plan.subject, "visit": plan.visit, "t_score": plan.t_score,
         "bmd_g_cm2": round(float(t_to_bmd(plan.t_score)), 4), "who_class": who_class(plan.t_score),
         "label": plan.label, "osteophyte": plan.osteophyte, "fracture": plan.fracture,
-        "scoliosis_deg": plan.scoliosis_deg, "photometric": plan.photometric, "bits_stored": plan.bits_stored,
+        "scoliosis_deg": plan.scoliosis_deg, "photometric": plan.photometric, "level_labels": plan.level_labels,
+        "burned_in": False, "bits_stored": plan.bits_stored,
         "rescale_intercept": plan.rescale_intercept, "gain": scan.gain, "offset": scan.offset, "gamma": scan.gamma,
         "soft_tissue": scan.soft_tissue, "noise_sd": scan.noise_sd, **_scan_statistics(scan),
     }
+    if not plan.burned_in:
+        return [row]
+    build_dataset(plan, render_banner_copy(plan, cfg, image), cfg.seed, cfg.pixel_spacing_mm, capture=True).save_as(
+        out_dir / plan.banner_source, enforce_file_format=True)
+    return [row, {**row, "source": plan.banner_source, "burned_in": True}]
 
 
 def synthesize_cohort(
-    cfg: SynthesizeConfig, out_dir: Path, truth_csv: Path, classes: tuple[str, str]
+    cfg: SynthesizeConfig, out_dir: Path, truth_csv: Path, classes: tuple[str, str], *, workers: int = 1
 ) -> pd.DataFrame:
     """Write the synthetic cohort as ``<out_dir>/<class>/scan_NNNN.dcm`` and its ground truth to ``truth_csv``.
 
+    The ``burned_in`` scans also get a banner copy ``<class>/scan_NNNN_sc.dcm`` (see :func:`render_banner_copy`).
     ``out_dir`` is replaced whole and atomically; ``truth_csv`` is written atomically. Scans are rendered by
-    ``cfg.workers`` processes; every scan has its own seed (SeedSequence spawn), so the bytes do not depend on the
+    ``workers`` processes (``runtime.workers``); every scan has its own seed (SeedSequence spawn), so the bytes do not depend on the
     number of workers.
 
     Returns:
-        The truth table (one row per scan, sorted by ``source``; columns :data:`TRUTH_COLUMNS`).
+        The truth table (one row per file, sorted by ``source``; columns :data:`TRUTH_COLUMNS`): ``n_scans`` scans
+        plus one row per banner copy, which has its scan's label, subject and visit and ``burned_in`` true.
 
     Raises:
         ValueError: invalid ``classes`` or image geometry.
     """
     out_dir, truth_csv = Path(out_dir), Path(truth_csv)
     plans = plan_cohort(cfg, classes)
-    workers = max(1, min(cfg.workers, len(plans)))
+    workers = max(1, min(workers, len(plans)))
     with atomic_dir(out_dir) as tmp:
         for name in classes:
             (tmp / name).mkdir()
         if workers == 1:
-            rows = [_make_scan(p, cfg, tmp) for p in plans]
+            per_scan = [_make_scan(p, cfg, tmp) for p in plans]
         else:
             with concurrent.futures.ProcessPoolExecutor(max_workers=workers) as pool:
                 chunk = max(1, len(plans) // (4 * workers))
-                rows = list(pool.map(_make_scan, plans, [cfg] * len(plans), [tmp] * len(plans), chunksize=chunk))
+                per_scan = list(pool.map(_make_scan, plans, [cfg] * len(plans), [tmp] * len(plans), chunksize=chunk))
+    rows = [row for scan_rows in per_scan for row in scan_rows]
     truth = pd.DataFrame(rows, columns=list(TRUTH_COLUMNS)).sort_values("source", ignore_index=True)
     write_text_atomic(truth_csv, truth.to_csv(index=False, float_format="%.6g", lineterminator="\n"))
-    counts = ", ".join(f"{int((truth['label'] == i).sum())} {name}" for i, name in enumerate(classes))
-    log.info("synthesized %d scans (%s) into %s", len(truth), counts, out_dir)
+    scans = truth[~truth["burned_in"]]
+    counts = ", ".join(f"{int((scans['label'] == i).sum())} {name}" for i, name in enumerate(classes))
+    log.info("synthesized %d scans (%s; %d with level labels) and %d burned-in banner copies into %s", len(scans),
+             counts, int(scans["level_labels"].sum()), int(truth["burned_in"].sum()), out_dir)
     return truth
 
 
@@ -921,12 +1118,15 @@ AUDIT_FOLDS = 5
 def shortcut_audit(truth: pd.DataFrame, seed: int = 0) -> ShortcutAudit:
     """Check that whole-image intensity statistics do not give the label while the bone signal is real.
 
-    AUCs are out-of-fold (5-fold, stratified and grouped by subject so a patient's two scans stay together).
+    AUCs are out-of-fold (5-fold, stratified and grouped by subject so a patient's two scans stay together). The
+    burned-in banner copies (``burned_in``) are left out: they repeat their scan and would weigh it twice.
 
     Raises:
         AuditError: a class has fewer than 5 subjects.
         KeyError: ``truth`` lacks the audit columns written by :func:`synthesize_cohort`.
     """
+    if "burned_in" in truth:
+        truth = truth[~truth["burned_in"].astype(bool)]
     per_class = truth.groupby("label")["subject"].nunique().reindex([0, 1], fill_value=0)
     if per_class.min() < AUDIT_FOLDS:
         raise AuditError(f"shortcut audit needs >= {AUDIT_FOLDS} subjects per class, got {per_class.to_dict()}")

@@ -4,7 +4,8 @@ Reads:   params.yaml (sections `synthesize` and `data.classes`).
 Writes:  --out     <dir>/<class>/scan_NNNN.dcm (DICOM, Modality BMD, 16-bit, fake PHI in the headers), replaced whole;
          --truth   the ground-truth CSV (T-score, BMD, WHO class, confounders; no PHI), keyed by `source`;
          --figure  a PNG with example scans of each class.
-Params:  synthesize.* (seed, counts, follow-up share, image geometry, MONOCHROME1 share, confounder rates, workers),
+Params:  synthesize.* (seed, counts, follow-up share, image geometry, MONOCHROME1 share, confounder rates, burned-in banner and level-label shares),
+         runtime.workers (bookkeeping, not a DVC param: the bytes do not depend on it),
          data.classes (the two class folder names: negative, positive).
 
 Usage (as in dvc.yaml):
@@ -36,9 +37,10 @@ def main(argv: list[str] | None = None) -> None:
 
     params = load_params(args.params)
     start = time.perf_counter()
-    truth = synthesize_cohort(params.synthesize, args.out, args.truth, params.data.classes)
+    truth = synthesize_cohort(params.synthesize, args.out, args.truth, params.data.classes,
+                              workers=params.runtime.workers)
     log.info("%d scans in %.1f s with %d worker(s)", len(truth), time.perf_counter() - start,
-             params.synthesize.workers)
+             params.runtime.workers)
     plot_examples(params.synthesize, params.data.classes, args.figure)
     # Logged, not written (the stage's outputs are fixed by dvc.yaml); AUCs near 0.5 mean no intensity shortcut.
     # A diagnostic only: a cohort too small to cross-validate is still a valid cohort.

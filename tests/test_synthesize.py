@@ -22,9 +22,12 @@ from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage
 from conftest import REPO, run
 from spinedxa.config import SynthesizeConfig, apply_profile, load_params
 from spinedxa.synthesize import (
+    BANNER_SUFFIX,
     TRUTH_COLUMNS,
     AuditError,
+    draw_level_labels,
     plan_cohort,
+    render_banner_copy,
     render_scan,
     shortcut_audit,
     simulate_scan,
@@ -42,12 +45,22 @@ PHI_KEYWORDS = (
 
 
 def make_cfg(**overrides: object) -> SynthesizeConfig:
-    """A small cohort: 40 scans (26 osteoporosis) of 64 x 48 pixels at 4 mm, confounders frequent."""
+    """A small cohort: 40 scans (26 osteoporosis) of 64 x 48 pixels at 4 mm, confounders frequent; 4 scans with a
+    burned-in banner copy, 8 with level labels."""
     base = dict(
         seed=7, n_scans=40, n_osteoporosis=26, followup_fraction=0.15, height=64, width=48, pixel_spacing_mm=4.0,
         monochrome1_fraction=0.3, osteophyte_rate=0.2, fracture_rate=0.2, scoliosis_rate=0.2, workers=1,
+        burned_in_fraction=0.1, level_label_fraction=0.2,
     )
     return SynthesizeConfig(**{**base, **overrides})
+
+
+def modality_image(ds: pydicom.Dataset) -> np.ndarray:
+    """The MONOCHROME2-oriented modality values of a written scan (what render_scan returned)."""
+    modality = apply_modality_lut(ds.pixel_array, ds).astype(np.int64)
+    if ds.PhotometricInterpretation == "MONOCHROME1":
+        modality = (2**ds.BitsStored - 1) + int(ds.RescaleIntercept) - modality
+    return modality
 
 
 def read_all(out_dir: Path) -> dict[str, pydicom.Dataset]:
@@ -229,14 +242,25 @@ def test_cohort_layout_and_class_counts(cohort):
     cfg, out_dir, truth_csv, truth = cohort
     files = sorted(p.relative_to(out_dir).as_posix() for p in out_dir.rglob("*") if p.is_file())
     assert files == sorted(truth["source"])
-    assert all(re.fullmatch(r"(normal|osteoporosis)/scan_\d{4}\.dcm", f) for f in files)
-    assert len(list((out_dir / "osteoporosis").iterdir())) == 26 and len(list((out_dir / "normal").iterdir())) == 14
+    assert all(re.fullmatch(rf"(normal|osteoporosis)/scan_\d{{4}}({BANNER_SUFFIX})?\.dcm", f) for f in files)
+    scans = [f for f in files if not f.endswith(f"{BANNER_SUFFIX}.dcm")]
+    assert len(scans) == cfg.n_scans and sum(f.startswith("osteoporosis/") for f in scans) == 26
+    copies = sorted(truth.loc[truth["burned_in"], "source"])
+    assert len(copies) == round(cfg.burned_in_fraction * cfg.n_scans) == 4
+    assert all(c.replace(BANNER_SUFFIX, "") in scans for c in copies)
     assert not [p for p in out_dir.parent.iterdir() if p.name.endswith(".tmp")]  # atomic: no temporary leftovers
     on_disk = pd.read_csv(truth_csv)
     assert tuple(on_disk.columns) == TRUTH_COLUMNS
     assert list(on_disk["source"]) == sorted(on_disk["source"])
     assert (on_disk["label"] == on_disk["source"].str.startswith("osteoporosis/").astype(int)).all()
     assert np.allclose(on_disk["bmd_g_cm2"], t_to_bmd(on_disk["t_score"]), atol=1e-4)
+    assert on_disk["burned_in"].dtype == bool and on_disk["level_labels"].dtype == bool
+    assert on_disk["burned_in"].tolist() == on_disk["source"].str.endswith(f"{BANNER_SUFFIX}.dcm").tolist()
+    # A banner copy has its scan's row: same label, subject, visit, T-score, level labels.
+    by_source = on_disk.set_index("source")
+    same = ["label", "subject", "visit", "t_score", "photometric", "level_labels"]
+    for copy in by_source.index[by_source["burned_in"]]:
+        assert by_source.loc[copy, same].tolist() == by_source.loc[copy.replace(BANNER_SUFFIX, ""), same].tolist()
 
 
 def test_dicom_headers(cohort):
@@ -265,10 +289,26 @@ def test_dicom_headers(cohort):
     assert len({ds.SOPInstanceUID for ds in datasets.values()}) == len(datasets)
 
 
+def test_banner_copies_share_the_header_phi_of_their_scan(cohort):
+    """A banner copy is a second series of the same study: same patient and PHI, its own series and instance UIDs,
+    and no BurnedInAnnotation flag (as in the vendor files that make the pixel check necessary)."""
+    _, out_dir, _, truth = cohort
+    datasets = read_all(out_dir)
+    copies = truth.loc[truth["burned_in"], "source"]
+    assert len(copies) > 0
+    for copy in copies:
+        sc, original = datasets[copy], datasets[copy.replace(BANNER_SUFFIX, "")]
+        for keyword in ("PatientName", "PatientID", "PatientBirthDate", "InstitutionName", "StudyInstanceUID",
+                        "AccessionNumber", "PhotometricInterpretation", "BitsStored"):
+            assert sc[keyword].value == original[keyword].value, keyword
+        assert sc.SeriesInstanceUID != original.SeriesInstanceUID and sc.SOPInstanceUID != original.SOPInstanceUID
+        assert "BurnedInAnnotation" not in sc
+
+
 def test_follow_ups_share_patient_id_in_headers(cohort):
     _, out_dir, _, truth = cohort
     datasets = read_all(out_dir)
-    groups = truth.groupby("subject")
+    groups = truth[~truth["burned_in"]].groupby("subject")  # the scans, not their banner copies
     assert (groups["label"].nunique() == 1).all()
     twice = [g for _, g in groups if len(g) == 2]
     assert twice, "the cohort should contain follow-up scans"
@@ -281,20 +321,73 @@ def test_follow_ups_share_patient_id_in_headers(cohort):
 
 
 def test_pixels_decode_and_match_the_renderer(cohort):
-    """pydicom decodes every file; after the modality LUT (and inversion for MONOCHROME1) it equals render_scan."""
+    """pydicom decodes every file; after the modality LUT (and inversion for MONOCHROME1) it equals render_scan,
+    except for the drawn text: level labels (small, outside the L1-L4 bodies) and the banner copies' banner."""
     cfg, out_dir, _, _ = cohort
-    for plan in plan_cohort(cfg, CLASSES):
-        ds = pydicom.dcmread(out_dir / plan.source)
-        modality = apply_modality_lut(ds.pixel_array, ds).astype(np.int64)
-        if ds.PhotometricInterpretation == "MONOCHROME1":
-            modality = (2**ds.BitsStored - 1) + int(ds.RescaleIntercept) - modality
-        expected = render_scan(
+    plans = plan_cohort(cfg, CLASSES)
+    assert any(p.level_labels for p in plans) and any(not p.level_labels for p in plans)
+    for plan in plans:
+        modality = modality_image(pydicom.dcmread(out_dir / plan.source))
+        scan = simulate_scan(
             np.random.default_rng(plan.seed), plan.t_score, height=cfg.height, width=cfg.width,
             pixel_spacing_mm=cfg.pixel_spacing_mm, bits_stored=plan.bits_stored, osteophyte=plan.osteophyte,
             fracture=plan.fracture, scoliosis_deg=plan.scoliosis_deg,
             anatomy_rng=np.random.default_rng(plan.anatomy_seed),
         )
-        assert np.array_equal(modality, expected), plan.source
+        changed = modality != scan.image
+        if plan.level_labels:
+            assert changed.any() and not changed[scan.roi_mask].any(), plan.source
+            assert changed.mean() < 0.1, plan.source
+        else:
+            assert not changed.any(), plan.source
+        if plan.burned_in:
+            copy = modality_image(pydicom.dcmread(out_dir / plan.banner_source))
+            assert np.array_equal(copy, render_banner_copy(plan, cfg))
+            assert (copy != modality).any()
+
+
+def test_overlays_change_no_other_draw(tmp_path: Path):
+    """Banners and level labels use their own random streams: with or without them, the plans agree in every other
+    field and the scans without labels have the same bytes."""
+    plain, busy = make_cfg(burned_in_fraction=0.0, level_label_fraction=0.0), make_cfg(level_label_fraction=0.5,
+                                                                                      burned_in_fraction=0.5)
+    a, b = plan_cohort(plain, CLASSES), plan_cohort(busy, CLASSES)
+    overlay = {"level_labels", "burned_in"}
+
+    def fields(plan) -> dict:  # SeedSequences compare by identity: compare their entropy and spawn key instead
+        return {k: (v.entropy, v.spawn_key) if isinstance(v, np.random.SeedSequence) else v
+                for k, v in dataclasses.asdict(plan).items() if k not in overlay}
+
+    assert [fields(p) for p in a] == [fields(p) for p in b]
+    assert sum(p.level_labels for p in b) == sum(p.burned_in for p in b) == 20
+    assert not any(p.level_labels or p.burned_in for p in a)
+    ta = synthesize_cohort(plain, tmp_path / "a", tmp_path / "a.csv", CLASSES)
+    tb = synthesize_cohort(busy, tmp_path / "b", tmp_path / "b.csv", CLASSES)
+    assert len(ta) == 40 and len(tb) == 60
+    for plan in b:
+        same = (tmp_path / "a" / plan.source).read_bytes() == (tmp_path / "b" / plan.source).read_bytes()
+        assert same != plan.level_labels, plan.source
+    keep = [c for c in TRUTH_COLUMNS if not c.startswith("audit_") and c not in overlay]
+    originals = tb[~tb["burned_in"]].reset_index(drop=True)
+    assert originals[keep].equals(ta[keep])
+
+
+@pytest.mark.parametrize("side", [-1, 1])
+def test_level_labels_sit_beside_each_body(side: int):
+    """L1..L4 are drawn lateral to the column (never on a body), one per body, at its height, on the given side."""
+    scan = simulate_scan(np.random.default_rng(4), -2.0, height=256, width=192, pixel_spacing_mm=1.0)
+    labelled = draw_level_labels(scan.image, scan.roi_mask, 1.0, side, bits_stored=16)
+    changed = labelled != scan.image
+    assert changed.any() and not changed[scan.roi_mask].any()
+    column = np.flatnonzero(scan.roi_mask.any(axis=0))
+    cols = np.flatnonzero(changed.any(axis=0))
+    assert (cols.max() < column.min()) if side < 0 else (cols.min() > column.max())
+    roi_rows = np.flatnonzero(scan.roi_mask.any(axis=1))
+    rows = np.flatnonzero(changed.any(axis=1))
+    assert roi_rows.min() - 10 <= rows.min() and rows.max() <= roi_rows.max() + 10
+    # Four separate labels down the column: four runs of changed rows.
+    runs = 1 + int(np.sum(np.diff(rows) > 1))
+    assert runs == 4
 
 
 def test_truth_csv_has_no_phi(cohort):
@@ -383,7 +476,10 @@ def test_stage_cli_writes_cohort_truth_and_figure(tmp_path: Path):
     assert "shortcut audit" in proc.stderr
     truth = pd.read_csv(tmp_path / "data/truth/synthetic_truth.csv")
     cfg = load_params(tmp_path / "params.yaml").synthesize
-    assert len(truth) == cfg.n_scans == params.synthesize.n_scans and truth["label"].sum() == cfg.n_osteoporosis
+    scans = truth[~truth["burned_in"]]
+    assert len(scans) == cfg.n_scans == params.synthesize.n_scans and scans["label"].sum() == cfg.n_osteoporosis
+    assert truth["burned_in"].sum() == round(cfg.burned_in_fraction * cfg.n_scans) > 0
+    assert scans["level_labels"].sum() == round(cfg.level_label_fraction * cfg.n_scans) > 0
     ds = pydicom.dcmread(tmp_path / "data/raw/synthetic" / truth["source"].iloc[0])
     assert (ds.Rows, ds.Columns) == (cfg.height, cfg.width)
     figure = (tmp_path / "reports/figures/synthetic_examples.png").read_bytes()
