@@ -68,7 +68,7 @@ from pydicom.uid import (
     JPEGTransferSyntaxes,
 )
 
-from spinedxa import deid
+from spinedxa import burnedin, deid
 
 # pydicom logs (and warns about) invalid element values verbatim, e.g. a malformed PatientBirthDate: keep them out.
 # Its modules log to child loggers ("pydicom.pixels.decoders.base" logs a traceback per failed decoding plugin), whose
@@ -89,6 +89,7 @@ REASONS: tuple[str, ...] = (
     "too_large",
     "multiframe_rejected",
     "burned_in_annotation",
+    "burned_in_text",
     "no_roi",
     "no_label",
     "unknown_label",
@@ -197,6 +198,9 @@ class Decoded:
     format: str
     converted_from_color: bool
     patient_id: str | None = field(default=None)
+    # The header's PHI values (names, IDs, dates, institution) for the burned-in text check only: memory only, never
+    # written, logged or shown (repr=False keeps them out of tracebacks and debug prints).
+    phi_values: tuple[str, ...] = field(default=(), repr=False)
 
 
 def decode_file(
@@ -513,6 +517,7 @@ def _decode_dataset(
         format="dicom",
         converted_from_color=converted,
         patient_id=deid.dicom_pseudonym(_header(ds, _PATIENT_TAGS)) if pseudonymise else None,
+        phi_values=burnedin.header_phi_values(ds),
     )
 
 

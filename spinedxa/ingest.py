@@ -57,7 +57,7 @@ from PIL import Image
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from spinedxa import deid, roi as roi_locator
+from spinedxa import burnedin, deid, roi as roi_locator
 from spinedxa.config import IngestConfig
 from spinedxa.contracts import manifest as manifest_contract, png16
 from spinedxa.files import atomic_dir, write_json_atomic
@@ -118,6 +118,8 @@ class FileJob:
     max_side: int
     max_pixels: int
     multiframe: Multiframe
+    burned_in_text: str  # ingest.burned_in_text: quarantine | redact
+    burned_in_margin_px: int
     roi_mode: str  # ingest.roi: locate | whole
     roi_height: int  # rows of the ROI image written per accepted scan (its width: roi_height / ROI_ASPECT)
     worker_memory_mb: int = 0  # the workers' address-space allowance (for the quarantine message)
@@ -321,8 +323,14 @@ def process_file(item: SourceItem, job: FileJob) -> dict[str, Any]:
         decoded = decode_file(path, max_pixels=job.max_pixels, multiframe=job.multiframe,
                               pseudonymise=not item.patient_hint, data=data)
         del data  # the file's bytes are not needed past decoding: free them before the float copies below
-        image = normalise(decoded.pixels, job.max_side)
-        # Checks on the normalised image (e.g. burned-in text) belong here, raising QuarantineError.
+        # Burned-in text, on the decoded image at its original resolution (before any resizing blurs the glyphs);
+        # the header's PHI values (and a labels.csv patient id) always count when OCR reads them.
+        phi = decoded.phi_values + ((item.patient_hint,) if item.patient_hint else ())
+        screened = burnedin.screen(decoded.pixels, phi, policy=job.burned_in_text,
+                                   margin_px=job.burned_in_margin_px)
+        if not screened.accepted:
+            raise QuarantineError(burnedin.REASON, screened.detail)
+        image = normalise(screened.image, job.max_side)
         try:
             box = roi_locator.locate(image) if job.roi_mode == "locate" else roi_locator.whole(image)
         except roi_locator.RoiNotFound as exc:  # the message describes the image only, never a header value
@@ -354,7 +362,7 @@ def process_file(item: SourceItem, job: FileJob) -> dict[str, Any]:
         roi_height=box.height,
         roi_width=box.width,
         roi_method=box.method,
-        redacted=False,
+        redacted=screened.redacted,
         width=image.shape[1],
         height=image.shape[0],
         orig_width=meta["orig_width"],
@@ -523,6 +531,9 @@ def summarise(counts: dict[str, Counter], classes: Sequence[str], labelling: str
         "per_reason": dict(sorted(counts["reason"].items())),
         "per_format": dict(sorted(counts["format"].items())),
         "n_converted_from_color": counts["flags"]["converted_from_color"],
+        # Burned-in text (OCR): files quarantined for it, and files accepted with their text regions blacked out.
+        "n_burned_in_text": counts["reason"]["burned_in_text"],
+        "n_redacted": counts["flags"]["redacted"],
         "n_labels_without_file": counts["flags"]["labels_without_file"],
         "labelling": labelling,
         "error": error,
@@ -554,7 +565,7 @@ def run_ingest(
         deid.load_key()  # create the key file once, here, rather than racing in the workers
         with atomic_dir(out_dir) as tmp:
             _ingest_into(source, tmp, classes, settings, workers, labels, counts, progress)
-    except (IngestError, deid.DeidKeyError) as exc:
+    except (IngestError, deid.DeidKeyError, burnedin.OcrUnavailableError) as exc:
         write_json_atomic(summary_path, summarise(counts, classes, labelling, str(exc)))
         if isinstance(exc, IngestError):
             raise
@@ -582,7 +593,8 @@ def _ingest_into(
     (out / IMAGES_DIR).mkdir()
     (out / ROI_DIR).mkdir()
     job = FileJob(source.resolve(), out, settings.max_side, settings.max_pixels, settings.multiframe,
-                  settings.roi, settings.roi_height, settings.worker_memory_mb)
+                  settings.burned_in_text, settings.burned_in_margin_px, settings.roi, settings.roi_height,
+                  settings.worker_memory_mb)
     unsorted = out / f".{MANIFEST}.unsorted"
     seen_labelled = 0
     with unsorted.open("w", newline="", encoding="utf-8") as fh, logging_redirect_tqdm(), \
@@ -614,6 +626,7 @@ def _count(row: dict[str, Any], counts: dict[str, Counter]) -> None:
         counts["label"][row["label"]] += 1
         counts["format"][row["format"]] += 1
         counts["flags"]["converted_from_color"] += bool(row["converted_from_color"])
+        counts["flags"]["redacted"] += bool(row["redacted"])
     else:
         counts["reason"][row["reason"].partition(":")[0]] += 1
         if row["label"]:

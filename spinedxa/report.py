@@ -37,7 +37,7 @@ from statsmodels.stats.multitest import multipletests
 from spinedxa import metrics
 from spinedxa.config import Params
 from spinedxa.files import write_text_atomic
-from spinedxa.train import git_commit
+from spinedxa.provenance import git_commit
 
 #: The model every other one is tested against (the paper's proposed network).
 REFERENCE_MODEL = "cnn21"
