@@ -598,3 +598,31 @@ def apply_profile(params_path: str | Path, profile_path: str | Path) -> Params:
         encoding="utf-8",
     )
     return params
+
+
+def profile_overrides(params_path: str | Path, profile_path: str | Path) -> list[str]:
+    """The profile as DVC ``--set-param`` values (``key=value``, one per leaf), after validating the merged params.
+
+    ``dvc exp run -S k=v ...`` applies them to an experiment and keeps ``params.yaml`` in git as the default, so a
+    profile never replaces the committed defaults (``spinedxa profile run``).
+
+    Raises:
+        ConfigError: the merged parameters are invalid.
+    """
+    params_path, profile_path = Path(params_path), Path(profile_path)
+    overlay = read_yaml(profile_path) or {}
+    try:
+        params_from_dict(deep_merge(read_yaml(params_path), overlay))
+    except ConfigError as exc:
+        raise ConfigError(f"{profile_path}: {exc}") from None
+    flat: list[str] = []
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, Mapping):
+            for key, value in node.items():
+                walk(f"{prefix}.{key}" if prefix else str(key), value)
+        else:
+            flat.append(f"{prefix}={yaml.safe_dump(node, default_flow_style=True).strip().removesuffix('...').strip()}")
+
+    walk("", overlay)
+    return flat

@@ -23,8 +23,8 @@ from spinedxa.files import md5_file
 
 #: Stage-name prefix of the per-model training stages (``train@<model>`` in dvc.yaml's ``matrix``).
 TRAIN_PREFIX = "train@"
-#: Stages whose parallelism is a params key (``<section>.workers``): Snakemake gives them that many threads.
-_WORKER_PARAMS = {"synthesize": "synthesize.workers", "ingest": "ingest.workers"}
+#: Stages that run ``runtime.workers`` processes (the bookkeeping ``runtime`` section of params.yaml).
+_WORKER_STAGES = ("synthesize", "ingest")
 
 
 class DagError(ValueError):
@@ -245,18 +245,18 @@ def param_value(stage: Stage, key: str) -> Any:
     return lookup(stage.params, key)
 
 
-def rule_threads(stage: Stage, cores: int | None, n_parallel: int) -> int:
-    """Threads Snakemake gives a stage's job (exported to it as ``SPINEDXA_THREADS``).
+def rule_threads(stage: Stage, runtime: Mapping[str, Any], train_threads: int) -> int:
+    """The cores a stage's job occupies, for Snakemake's scheduler (``threads:``); it changes no numerics.
 
-    Training stages split the cores evenly between the ``n_parallel`` trainings that can run at once, so that
-    ``snakemake --cores N`` runs them side by side without oversubscribing the CPU; stages with a ``workers`` param
-    get that many; the rest are single-threaded. Profiles may override any rule with ``set-threads``.
+    A training job runs ``runtime.train_processes`` fold processes of ``train.threads`` threads each (the thread
+    count is a DVC param: Snakemake never overrides it, so both engines train bit-identical models); synthesize and
+    ingest run ``runtime.workers`` processes; the rest one. Profiles may override any rule with ``set-threads``.
     """
     if stage.name.startswith(TRAIN_PREFIX):
-        return max(1, (cores or 1) // max(1, n_parallel))
-    key = _WORKER_PARAMS.get(stage.name)
-    workers = param_value(stage, key) if key else None
-    return max(1, int(workers)) if isinstance(workers, int) else 1
+        return max(1, int(runtime.get("train_processes", 1))) * max(1, int(train_threads))
+    if stage.name in _WORKER_STAGES:
+        return max(1, int(runtime.get("workers", 1)))
+    return 1
 
 
 def git_tracked(root: str | Path) -> frozenset[str]:

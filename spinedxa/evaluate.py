@@ -31,6 +31,7 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
 from spinedxa import metrics, tracking
+from spinedxa.calibration import Platt
 from spinedxa.config import Params
 from spinedxa.contracts import jsonfile, splits as splits_contract
 from spinedxa.data import input_shape, part_items, stack_images
@@ -194,7 +195,7 @@ def evaluate_model(params: Params, name: str, paths: EvaluatePaths) -> dict[str,
     shape = input_shape(image_size)
     device = resolve_device(params.train.device)
     table = splits_contract.read(paths.splits)
-    parts, digests, fold_records, fold_runs = [], {}, {}, {}
+    parts, digests, fold_records, fold_runs, kept = [], {}, {}, {}, {}
     gradcam_pool: list[tuple[torch.nn.Module, torch.Tensor, np.ndarray, np.ndarray]] = []
     for fold in splits_contract.folds(table):
         model_dir = fold_dir(paths.model_dir, fold)
@@ -204,12 +205,14 @@ def evaluate_model(params: Params, name: str, paths: EvaluatePaths) -> dict[str,
         if not items:
             raise ValueError(f"{paths.splits}: fold {fold} has no test images")
         images = stack_images(items, shape)
-        prob = predict_proba(model, name, images, device=device)
+        # Each fold's Platt scaling (fitted on its validation part) puts the folds' probabilities on one scale.
+        prob = Platt.from_record(meta.get("calibration")).apply(predict_proba(model, name, images, device=device))
         y_true = np.array([it.label for it in items], dtype=int)
         frame = metrics.predictions_frame([it.source for it in items], [it.patient_id for it in items], y_true, prob,
                                           classes=classes, threshold=cfg.threshold, folds=[fold] * len(items))
         parts.append(frame)
         fold_runs[fold] = meta.get("mlflow_run_id")
+        kept[str(fold)] = meta.get("best_epoch")
         fold_records[fold] = metrics.point_metrics(y_true, prob, cfg.threshold)
         gradcam_pool.append((model, images, y_true, prob))
     predictions = pd.concat(parts, ignore_index=True).sort_values("source", kind="stable").reset_index(drop=True)
@@ -218,8 +221,11 @@ def evaluate_model(params: Params, name: str, paths: EvaluatePaths) -> dict[str,
         seed=cfg.seed)
     parent = jsonfile.read(Path(paths.model_dir) / "meta.json") if (Path(paths.model_dir) / "meta.json").is_file() \
         else {}
+    # How the models were trained (numerics depend on the fast path and threads; provenance on the commit).
     record.update(model=name, mlflow_run_id=parent.get("mlflow_run_id"), model_sha256=digests,
-                  variant=parent.get("variant", name))
+                  variant=parent.get("variant", name), kept_epoch=kept, fast_path=parent.get("fast_path"),
+                  threads=parent.get("threads"), train_git_commit=parent.get("git_commit"),
+                  train_git_dirty=parent.get("git_dirty"))
     flagged = _write_gradcam(gradcam_pool, name, cfg.gradcam_images, classes, paths.gradcam)
     record["gradcam_degenerate"] = flagged
     metrics.write_evaluation(predictions, record, metrics_path=paths.metrics, predictions_path=paths.predictions,

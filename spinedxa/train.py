@@ -45,10 +45,11 @@ from spinedxa import checkpoint, tracking
 from spinedxa.augment import build_transform
 from spinedxa.config import ConfigError, Params
 from spinedxa.contracts import jsonfile, splits as splits_contract, table
-from spinedxa.data import DXADataset, input_shape, part_items, training_items
+from spinedxa.calibration import Platt, fit_platt
+from spinedxa.data import DXADataset, input_shape, part_items, stack_images, training_items
 from spinedxa.files import atomic_dir, sha256_file
 from spinedxa.loop import CURVE_COLUMNS, Batches, FitPlan, Session, fit
-from spinedxa.models import get_model, get_spec, variant
+from spinedxa.models import get_model, get_spec, predict_proba, variant
 from spinedxa.provenance import dvc_digests, provenance
 from spinedxa.recipe import EarlyStopping, build_optimizer, build_scheduler, criterion, first_candidate_epoch
 from spinedxa.runtime import Runtime, process_group
@@ -97,6 +98,7 @@ class FoldResult:
     n_train: int
     n_val: int
     resumed_from: int
+    calibration: Platt
 
 
 @dataclass(frozen=True)
@@ -229,7 +231,9 @@ def train_fold(job: FoldJob, on_epoch_end: Callable[[int], None] | None = None) 
             FitPlan(cfg.epochs, train.monitor, fold_dir / LAST, fp, job.fold), on_epoch=report)
         if session.best_state is None:
             raise RuntimeError(f"{job.model} fold {job.fold}: no epoch was trained (train.{job.model}.epochs)")
+        calibration = _calibrate(job, session.best_state, data.val.dataset.items)
         result = {"fingerprint": fp, "best_state": session.best_state, "history": session.history,
+                  "calibration": calibration.record(),
                   "best_epoch": session.stopper.best_epoch, "best_value": session.stopper.best,
                   "n_train": len(data.train.dataset), "n_val": len(data.val.dataset), "resumed_from": resumed_from}
         if rt.dist.is_main:
@@ -238,10 +242,20 @@ def train_fold(job: FoldJob, on_epoch_end: Callable[[int], None] | None = None) 
     return _result(job, fold_dir / DONE, result, rt, resumed_from=resumed_from)
 
 
+def _calibrate(job: FoldJob, state: Mapping[str, torch.Tensor], val_items: Sequence[Any]) -> Platt:
+    """Platt scaling of the kept model, fitted on the fold's validation part (:mod:`spinedxa.calibration`), on the
+    fp32 predictions evaluate and predict will make."""
+    cfg = job.params.train.model(job.model)
+    model = get_model(job.model, len(job.params.data.classes), batch_norm=cfg.batch_norm)
+    model.load_state_dict(state)
+    prob = predict_proba(model, job.model, stack_images(val_items, input_shape(cfg.image_size)))
+    return fit_platt(prob, [it.label for it in val_items], seed=job.params.train.seed)
+
+
 def _result(job: FoldJob, done: Path, state: Mapping[str, Any], rt: Runtime, *, resumed_from: int) -> FoldResult:
     return FoldResult(job.fold, done, list(state["history"]), int(state["best_epoch"]),
                       jsonfile.finite_or_none(state["best_value"]), rt.record(), int(state["n_train"]),
-                      int(state["n_val"]), resumed_from)
+                      int(state["n_val"]), resumed_from, Platt.from_record(state["calibration"]))
 
 
 # ------------------------------------------------------------------------------------------- the stage
@@ -305,7 +319,7 @@ def _run_folds(jobs: Sequence[FoldJob], processes: int, on_epoch_end: Callable[[
 
 def _init_worker(level: int) -> None:
     """A spawned training process logs like the stage (its progress lines reach the stage's stderr)."""
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", force=True)  # mlflow adds a handler
 
 
 def _mlflow_params(params: Params, name: str) -> dict[str, Any]:
@@ -388,7 +402,8 @@ def _write_outputs(params: Params, name: str, paths: TrainPaths, results: Sequen
                 "model_sha256": sha256_file(fold_out / "model.pt"), "data_digests": dict(digests),
                 "params": dataclasses.asdict(cfg), "epochs_run": len(r.history), "best_epoch": r.best_epoch,
                 "monitor": params.train.monitor, "best_value": r.best_value, "seed": params.train.seed,
-                "n_train_images": r.n_train, "n_val_images": r.n_val, **prov.record(), **r.runtime,
+                "n_train_images": r.n_train, "n_val_images": r.n_val, "calibration": r.calibration.record(),
+                **prov.record(), **r.runtime,
             }
             jsonfile.write(fold_out / "meta.json", meta)
         jsonfile.write(tmp / "meta.json", {

@@ -1,14 +1,15 @@
-"""report: compare every model on the test split and write the Markdown and self-contained HTML reports.
+"""report: compare every model out of fold and write the Markdown and self-contained HTML reports.
 
 Reads:  --metrics (reports/metrics/<model>.json), --predictions (reports/predictions/<model>.csv),
-        --plots (reports/plots/<model>/{roc,pr,calibration}.csv) for every model in train.models and the baseline;
-        --manifest (data/ingested/manifest.csv), --splits (data/split/splits.csv), --validation
-        (reports/validation.json), --ingest-summary (reports/ingest.json), --split-summary (reports/split.json);
-        dvc.lock and `git rev-parse HEAD` in the working directory for the lineage block, when present.
+        --plots (reports/plots/<model>/{roc,pr,calibration}.csv), --curves (reports/train/<model>.csv) for every
+        model in train.models and the baseline; --replay (reports/replay: the leaky ablation); --manifest
+        (data/ingested/manifest.csv), --splits (data/split/splits.csv), --validation (reports/validation.json),
+        --ingest-summary (reports/ingest.json), --split-summary (reports/split.json), --truth (the synthetic cohort's
+        ground truth, read only when data.source is the synthetic cohort: burned-in text caught / missed);
+        dvc.lock and git in the working directory for the provenance and lineage blocks.
 Writes: --out-md (reports/comparison.md) and --out-html (reports/comparison.html: figures embedded as base64 PNG,
-        no external references).
-Params: data.classes, data.source, train.models (+ train.<model>.{weights, epochs, image_size} to explain a CNN that
-        does not beat the baseline), evaluate.bootstrap, evaluate.seed, evaluate.threshold, report.paper_*.
+        no external references); one MLflow run "data" mirroring the data stages' DVC metrics.
+Params: data.classes, data.source, split, train, evaluate, report, replay; runtime.mlflow_experiment (bookkeeping).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import sys
 from pathlib import Path
 
 from spinedxa.config import load_params
-from spinedxa.report import ReportInputs, write_report
+from spinedxa.report import SYNTHETIC_SOURCE, ReportInputs, log_data_metrics, write_report
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -28,6 +29,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--metrics", type=Path, required=True)
     parser.add_argument("--predictions", type=Path, required=True)
     parser.add_argument("--plots", type=Path, required=True)
+    parser.add_argument("--curves", type=Path, required=True)
+    parser.add_argument("--replay", type=Path, required=True)
+    parser.add_argument("--truth", type=Path, required=True)
     parser.add_argument("--manifest", type=Path, required=True)
     parser.add_argument("--splits", type=Path, required=True)
     parser.add_argument("--validation", type=Path, required=True)
@@ -36,21 +40,26 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out-md", type=Path, required=True)
     parser.add_argument("--out-html", type=Path, required=True)
     args = parser.parse_args(argv)
-    # force: importing mlflow (through spinedxa.train) has already put a handler on the root logger.
     logging.basicConfig(
         level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True
     )
+    params = load_params(args.params)
+    synthetic = Path(params.data.source).as_posix().rstrip("/") == SYNTHETIC_SOURCE
     inputs = ReportInputs(
         metrics_dir=args.metrics,
         predictions_dir=args.predictions,
         plots_dir=args.plots,
+        curves_dir=args.curves,
         manifest=args.manifest,
         splits=args.splits,
         validation=args.validation,
         ingest_summary=args.ingest_summary,
         split_summary=args.split_summary,
+        replay_dir=args.replay,
+        truth=args.truth if synthetic else None,
     )
-    write_report(load_params(args.params), inputs, args.out_md, args.out_html)
+    write_report(params, inputs, args.out_md, args.out_html)
+    log_data_metrics(params, inputs)
     logging.getLogger("report").info("wrote %s and %s", args.out_md, args.out_html)
 
 
