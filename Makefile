@@ -10,7 +10,7 @@ export GIT_PYTHON_REFRESH := quiet
 export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR := false
 PYTEST_ARGS ?=
 
-.PHONY: install repro test test-all bench snakemake dvc-commit plots plots-diff vendor mlflow-server clean-venv
+.PHONY: install repro repro-timed test test-all bench snakemake dvc-commit plots plots-diff vendor mlflow-server clean-venv
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -26,6 +26,10 @@ install: $(VENV)/.installed
 repro: install
 	$(BIN)/dvc repro
 
+# The same, timed stage by stage (reports/bench/repro.json: the pipeline budget, with the CPU it ran on).
+repro-timed: install
+	$(BIN)/python bench/repro_timing.py
+
 test: install
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
@@ -34,6 +38,7 @@ test-all: install
 
 bench: install
 	$(BIN)/python bench/ingest.py
+	$(BIN)/python bench/burnedin.py
 	$(BIN)/python bench/train_throughput.py
 
 # Run the DAG with Snakemake (parallel), then record its outputs in dvc.lock.

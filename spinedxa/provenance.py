@@ -1,9 +1,14 @@
 """Where a result came from: the git commit and whether the tree was dirty, and DVC hashes of inputs.
 
 Torch-free and MLflow-free, so the report, the audit and predict can record provenance without importing the
-training code. A run is *dirty* when a tracked file differs from the commit (``git status --porcelain
---untracked-files=no``): uncommitted params or code mean the commit alone does not reproduce the result, and every
-output that records the commit says so.
+training code.
+
+What counts as *dirty* (:data:`RESULT_PATHS`): an uncommitted change to what determines a stage's results: the package
+(``spinedxa/``), the stage shells (``stages/``), ``params.yaml``, ``dvc.yaml`` (the commands) and ``pyproject.toml``
+(the dependency pins): modified, staged, deleted or new-but-not-ignored files there. Other paths do not count:
+``dvc.lock`` and the committed reports are rewritten by every ``dvc repro`` while it runs (a training in the middle of a
+repro would always look dirty), and tests, docs and benchmarks do not change a result. Every output that records the
+commit records the flag, and says plainly when the commit alone does not reproduce it.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ from typing import Sequence
 log = logging.getLogger(__name__)
 
 UNKNOWN = "unknown"
+#: Repo paths whose uncommitted changes make a result not reproducible from its commit (see the module docstring).
+RESULT_PATHS = ("spinedxa", "stages", "params.yaml", "dvc.yaml", "pyproject.toml")
 
 
 @dataclass(frozen=True)
@@ -26,7 +33,7 @@ class Provenance:
     Attributes:
         commit: HEAD's hash, or ``unknown`` outside a git work tree.
         dirty: tracked files differ from HEAD (None when unknown).
-        changed: the changed tracked paths (repo-relative; code and params only, never data).
+        changed: the changed paths among :data:`RESULT_PATHS` (repo-relative; code and params only, never data).
     """
 
     commit: str
@@ -43,7 +50,7 @@ class Provenance:
             return "code commit unknown (not a git work tree)"
         if self.dirty:
             shown = ", ".join(self.changed[:5]) + (", ..." if len(self.changed) > 5 else "")
-            return (f"commit {self.commit[:12]} WITH UNCOMMITTED CHANGES to {len(self.changed)} tracked file(s) "
+            return (f"commit {self.commit[:12]} WITH UNCOMMITTED CHANGES to {len(self.changed)} code or params file(s) "
                     f"({shown}): the commit alone does not reproduce this result")
         return f"commit {self.commit[:12]} (clean tree: the commit reproduces this result)"
 
@@ -53,11 +60,13 @@ def _git(args: Sequence[str], cwd: str | Path) -> str:
 
 
 def provenance(cwd: str | Path = ".") -> Provenance:
-    """The commit of ``cwd``'s work tree and whether tracked files are modified (``unknown`` with a warning outside
-    git)."""
+    """The commit of ``cwd``'s work tree and whether :data:`RESULT_PATHS` differ from it (``unknown`` with a warning
+    outside git)."""
     try:
         commit = _git(["rev-parse", "HEAD"], cwd).strip()
-        status = _git(["status", "--porcelain", "--untracked-files=no"], cwd)
+        # :(top): the paths are relative to the repository root, wherever in it ``cwd`` is.
+        status = _git(["status", "--porcelain", "--untracked-files=normal", "--",
+                       *(f":(top){p}" for p in RESULT_PATHS)], cwd)
     except (FileNotFoundError, subprocess.CalledProcessError) as exc:
         log.warning("git commit unknown (%s); recording %r", type(exc).__name__, UNKNOWN)
         return Provenance(UNKNOWN, None)

@@ -290,7 +290,7 @@ def log_metrics_to_run(
 def find_runs(experiment: str, *, uri: str | None = None) -> list[dict[str, Any]]:
     """Return every run of ``experiment`` as plain dicts (for tests and audits); [] when it does not exist.
 
-    Each dict has ``run_id``, ``run_name``, ``status``, ``params``, ``metrics`` (latest values), ``history``
+    Each dict has ``run_id``, ``run_name``, ``parent_run_id`` (None for a top-level run), ``status``, ``params``, ``metrics`` (latest values), ``history``
     (``{metric: [(step, value), ...]}``), ``tags`` (without MLflow's internal ``mlflow.*`` tags), ``datasets``
     (``[{name, digest, source, context}]``) and ``models`` (names of the models logged by the run).
     """
@@ -319,6 +319,7 @@ def find_runs(experiment: str, *, uri: str | None = None) -> list[dict[str, Any]
             {
                 "run_id": run.info.run_id,
                 "run_name": run.info.run_name,
+                "parent_run_id": run.data.tags.get("mlflow.parentRunId"),
                 "status": run.info.status,
                 "params": dict(run.data.params),
                 "metrics": dict(run.data.metrics),
