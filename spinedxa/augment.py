@@ -31,6 +31,7 @@ Two ways to use them (params ``augment.expand`` and ``augment.online``):
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,6 +108,12 @@ def build_transform(cfg: AugmentConfig) -> Callable[[Tensor], Tensor]:
         steps.append(v2.GaussianNoise(mean=0.0, sigma=cfg.noise_std, clip=True))
     steps.append(Clamp01())
     return v2.Compose(steps)
+
+
+def flip_only(cfg: AugmentConfig) -> AugmentConfig:
+    """``cfg`` with every technique but the horizontal flip at its neutral value (``train.<model>.augment: flip``)."""
+    return dataclasses.replace(cfg, rotation_deg=0.0, scale=(1.0, 1.0), translate=0.0, brightness=0.0, contrast=0.0,
+                               gamma=(1.0, 1.0), noise_std=0.0, elastic_alpha=0.0)
 
 
 def copy_seed(seed: int, sha256: str, k: int) -> int:

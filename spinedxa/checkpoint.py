@@ -26,7 +26,7 @@ from spinedxa.files import atomic_path
 log = logging.getLogger(__name__)
 
 #: The train params every model shares that decide a result (dvc.yaml lists them per train stage).
-COMMON_TRAIN_KEYS = ("seed", "device", "fast", "threads", "class_weighting", "monitor", "patience")
+COMMON_TRAIN_KEYS = ("seed", "device", "fast", "threads", "class_weighting", "monitor", "patience", "tta")
 
 
 def fingerprint(params: Params, model: str, fold: int, digests: Mapping[str, str], runtime: Mapping[str, Any]) -> str:

@@ -306,6 +306,9 @@ class ModelTrainConfig(_Section):
     weights: Literal["none", "imagenet"] = "none"
     label_smoothing: float = bounded(0, 1, high_open=True, default=0.0)
     batch_norm: bool = False  # VGG only: the BatchNorm variant (torchvision vgg16_bn / vgg19_bn)
+    # Online augmentation for this network: full (every technique of the augment section) or flip (its horizontal
+    # flip only); off altogether when augment.online is false.
+    augment: Literal["full", "flip"] = "full"
 
 
 @dataclass(frozen=True)
@@ -320,6 +323,9 @@ class TrainConfig(_Section):
     class_weighting: bool
     monitor: Literal["val_loss", "val_auc"]
     patience: int = non_negative()  # 0 = no early stopping
+    # Test-time augmentation of every prediction a fold model makes (its calibration, evaluate, predict): none |
+    # hflip (the mean with the mirrored image).
+    tta: Literal["none", "hflip"]
     cnn21: ModelTrainConfig
     resnet50: ModelTrainConfig
     vgg16: ModelTrainConfig

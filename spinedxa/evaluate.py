@@ -206,7 +206,8 @@ def evaluate_model(params: Params, name: str, paths: EvaluatePaths) -> dict[str,
             raise ValueError(f"{paths.splits}: fold {fold} has no test images")
         images = stack_images(items, shape)
         # Each fold's Platt scaling (fitted on its validation part) puts the folds' probabilities on one scale.
-        prob = Platt.from_record(meta.get("calibration")).apply(predict_proba(model, name, images, device=device))
+        raw = predict_proba(model, name, images, device=device, tta=meta.get("tta", "none"))
+        prob = Platt.from_record(meta.get("calibration")).apply(raw)
         y_true = np.array([it.label for it in items], dtype=int)
         frame = metrics.predictions_frame([it.source for it in items], [it.patient_id for it in items], y_true, prob,
                                           classes=classes, threshold=cfg.threshold, folds=[fold] * len(items))

@@ -42,7 +42,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 from spinedxa import checkpoint, tracking
-from spinedxa.augment import build_transform
+from spinedxa.augment import build_transform, flip_only
 from spinedxa.config import ConfigError, Params
 from spinedxa.contracts import jsonfile, splits as splits_contract, table
 from spinedxa.calibration import Platt, fit_platt
@@ -147,7 +147,8 @@ def _batches(job: FoldJob, rt: Runtime) -> Batches:
     if not train_items or not val_items:
         raise ValueError(f"{job.paths.splits}: fold {job.fold} has {len(train_items)} training and {len(val_items)} "
                          "validation images; both must be > 0")
-    transform = build_transform(params.augment) if params.augment.online else None
+    augment = params.augment if cfg.augment == "full" else flip_only(params.augment)
+    transform = build_transform(augment) if params.augment.online else None
     train_ds, val_ds = DXADataset(train_items, shape, transform=transform), DXADataset(val_items, shape)
     # DistributedSampler also for one process: its permutation depends only on (seed, epoch), so a resumed run
     # draws the same batches, and a DDP run's global batches are the one-process batches split across ranks.
@@ -248,7 +249,8 @@ def _calibrate(job: FoldJob, state: Mapping[str, torch.Tensor], val_items: Seque
     cfg = job.params.train.model(job.model)
     model = get_model(job.model, len(job.params.data.classes), batch_norm=cfg.batch_norm)
     model.load_state_dict(state)
-    prob = predict_proba(model, job.model, stack_images(val_items, input_shape(cfg.image_size)))
+    prob = predict_proba(model, job.model, stack_images(val_items, input_shape(cfg.image_size)),
+                         tta=job.params.train.tta)
     return fit_platt(prob, [it.label for it in val_items], seed=job.params.train.seed)
 
 
@@ -403,6 +405,7 @@ def _write_outputs(params: Params, name: str, paths: TrainPaths, results: Sequen
                 "params": dataclasses.asdict(cfg), "epochs_run": len(r.history), "best_epoch": r.best_epoch,
                 "monitor": params.train.monitor, "best_value": r.best_value, "seed": params.train.seed,
                 "n_train_images": r.n_train, "n_val_images": r.n_val, "calibration": r.calibration.record(),
+                "tta": params.train.tta,
                 **prov.record(), **r.runtime,
             }
             jsonfile.write(fold_out / "meta.json", meta)

@@ -39,6 +39,7 @@ __all__ = [
     "WEIGHTS_OPTIONS",
     "get_model",
     "get_spec",
+    "TTA_OPTIONS",
     "list_models",
     "load_trained",
     "variant",
@@ -329,13 +330,20 @@ def load_trained(model_dir: str | Path, *, map_location: str | torch.device = "c
     return model.to(map_location).eval(), meta
 
 
+#: Test-time augmentation choices (``train.tta``): none, or the mean with the left-right mirrored image.
+TTA_OPTIONS = ("none", "hflip")
+
+
 @torch.no_grad()
 def predict_proba(
-    model: nn.Module, name: str, images: Tensor, *, batch_size: int = 32, device: str | torch.device = "cpu"
+    model: nn.Module, name: str, images: Tensor, *, batch_size: int = 32, device: str | torch.device = "cpu",
+    tta: str = "none",
 ) -> np.ndarray:
     """Probability of class 1 (osteoporosis) for each image, by softmax over the logits.
 
-    The model is run in eval mode (its previous mode is restored afterwards) without gradients.
+    The model is run in eval mode (its previous mode is restored afterwards) without gradients. ``tta="hflip"``
+    averages the probabilities of each image and its left-right mirror: a mirrored AP spine scan is a plausible scan
+    (training flips half the images), and the mean of the two halves the variance of the prediction.
 
     Args:
         model: a module from :func:`get_model` or :func:`load_trained`.
@@ -343,11 +351,17 @@ def predict_proba(
         images: ``N x 1 x H x W`` float tensor in [0, 1].
         batch_size: images per forward pass.
         device: where to run.
+        tta: one of :data:`TTA_OPTIONS`.
 
     Returns:
         float64 array of shape ``(N,)``.
+
+    Raises:
+        ValueError: bad shape, batch size or ``tta``.
     """
     spec = get_spec(name)
+    if tta not in TTA_OPTIONS:
+        raise ValueError(f"tta {tta!r} is not one of {list(TTA_OPTIONS)}")
     if images.ndim != 4 or images.shape[1] != 1:
         raise ValueError(f"{name}: expected images N x 1 x H x W, got shape {tuple(images.shape)}")
     if batch_size < 1:
@@ -359,8 +373,9 @@ def predict_proba(
         probs = []
         for start in range(0, images.shape[0], batch_size):
             batch = images[start : start + batch_size].to(device, dtype=torch.float32)
-            logits, _ = spec.unwrap(model(batch))
-            probs.append(torch.softmax(logits.float(), dim=1)[:, 1].cpu())
+            views = [batch, torch.flip(batch, dims=[3])] if tta == "hflip" else [batch]
+            p = sum(torch.softmax(spec.unwrap(model(v))[0].float(), dim=1)[:, 1] for v in views) / len(views)
+            probs.append(p.cpu())
     finally:
         model.train(was_training)
     if not probs:
