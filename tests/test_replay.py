@@ -1,0 +1,264 @@
+"""The leaky replay ablation: expansion before the split, the image-level split that leaks, its leakage shares, the
+disabled stub, and the outputs' contracts (one tiny end-to-end run with MLflow)."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from conftest import REPO, dvc_argv, stage_main
+from spinedxa import replay, tracking
+from spinedxa.augment import augment_image, build_transform, copy_seed
+from spinedxa.config import Params, load_params
+from spinedxa.contracts import augmented as augmented_contract, jsonfile, manifest as manifest_contract, png16
+from spinedxa.contracts import predictions as predictions_contract, splits as splits_contract
+
+CLASSES = ("normal", "osteoporosis")
+
+
+def write_ingested(root: Path, n_patients: int = 10, *, followup_every: int = 3, seed: int = 0) -> Path:
+    """A tiny ``data/ingested``: ROI PNGs (64 x 32) and a manifest with accepted rows, one quarantined row, and a
+    follow-up scan for every ``followup_every``-th patient. Osteoporosis ROIs have a darker, noisier column."""
+    rng = np.random.default_rng(seed)
+    ingested = root / "ingested"
+    (ingested / manifest_contract.ROI_DIR).mkdir(parents=True)
+    rows = []
+    for p in range(n_patients):
+        label = p % 2
+        for visit in range(2 if p % followup_every == 0 else 1):
+            source = f"{CLASSES[label]}/scan_{p:03d}_{visit}.dcm"
+            sha = hashlib.sha256(source.encode()).hexdigest()
+            img = np.clip(0.15 + rng.normal(0, 0.02, (64, 32)), 0, 1)
+            img[:, 10:22] = np.clip((0.75 - 0.25 * label) + rng.normal(0, 0.03 + 0.05 * label, (64, 12)), 0, 1)
+            roi = f"{manifest_contract.ROI_DIR}/{sha[:16]}.png"
+            png16.write(ingested / roi, img)
+            rows.append(_manifest_row(source=source, sha256=sha, status="accepted", label=CLASSES[label],
+                                      patient_id=f"P{p:012x}", image=roi, roi=roi))
+    rows.append(_manifest_row(source="normal/broken.dcm", sha256=hashlib.sha256(b"x").hexdigest(),
+                              status="quarantined", reason="corrupt: truncated", label="normal"))
+    manifest_contract.write(ingested / manifest_contract.FILE_NAME, pd.DataFrame(rows))
+    return ingested
+
+
+def _manifest_row(**values: str) -> dict[str, str]:
+    """A manifest row: ``values``, every other column empty."""
+    return {column: "" for column in manifest_contract.COLUMNS} | values
+
+
+def tiny_params(**replay_values: object) -> Params:
+    """The repo's params with a small cnn21 (64 px, batch 8, one thread), 50 bootstrap resamples and ``replay``
+    overrides."""
+    p = load_params(REPO / "params.yaml")
+    cnn21 = dataclasses.replace(p.train.cnn21, image_size=64, batch_size=8)
+    return dataclasses.replace(
+        p, train=dataclasses.replace(p.train, cnn21=cnn21, threads=1, device="cpu"),
+        evaluate=dataclasses.replace(p.evaluate, bootstrap=50),
+        replay=dataclasses.replace(p.replay, **replay_values),
+    )
+
+
+@pytest.fixture
+def ingested(tmp_path: Path) -> Path:
+    return write_ingested(tmp_path)
+
+
+@pytest.fixture
+def index(ingested: Path, tmp_path: Path) -> pd.DataFrame:
+    scans = replay.accepted_scans(ingested / manifest_contract.FILE_NAME)
+    return replay.expand_cohort(load_params(REPO / "params.yaml").augment, 6, scans, ingested, tmp_path / "replay")
+
+
+# ------------------------------------------------------------------------------------------- expansion
+
+
+def test_expansion_makes_copies_of_every_accepted_scan_and_no_original(ingested: Path, index: pd.DataFrame,
+                                                                       tmp_path: Path) -> None:
+    manifest = manifest_contract.read(ingested / manifest_contract.FILE_NAME)
+    accepted = manifest[manifest["status"] == "accepted"]
+    assert len(index) == 6 * len(accepted)
+    assert set(index["parent_sha256"]) == set(accepted["sha256"])  # the quarantined row is never expanded
+    assert all(sorted(g) == [1, 2, 3, 4, 5, 6] for _, g in index.groupby("parent_sha256")["k"])
+    assert not set(index["image"]) & set(accepted["roi"])
+    # Copy k is augment's copy k of the ROI image (same transform, same seed): nothing replay-specific.
+    cfg = load_params(REPO / "params.yaml").augment
+    row = index.iloc[3]
+    parent = torch.from_numpy(png16.read(ingested / row.parent_image)).unsqueeze(0)
+    expected = augment_image(parent, build_transform(cfg), copy_seed(cfg.seed, row.parent_sha256, int(row.k)))
+    assert (tmp_path / "replay" / row.image).read_bytes() == png16.encode(expected.squeeze(0).numpy())
+
+
+def test_expansion_is_byte_stable(ingested: Path, tmp_path: Path) -> None:
+    cfg = load_params(REPO / "params.yaml").augment
+    scans = replay.accepted_scans(ingested / manifest_contract.FILE_NAME)
+    first = replay.expand_cohort(cfg, 2, scans, ingested, tmp_path / "a")
+    torch.manual_seed(123)  # the global RNG state must not matter
+    second = replay.expand_cohort(cfg, 2, scans.iloc[::-1], ingested, tmp_path / "b")  # nor the order
+    assert sorted(first["image"]) == sorted(second["image"])
+    for rel in first["image"]:
+        assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes(), rel
+
+
+def test_accepted_scans_refuses_a_manifest_without_accepted_rows(tmp_path: Path) -> None:
+    row = _manifest_row(source="a.dcm", sha256="0" * 64, status="quarantined", reason="corrupt")
+    manifest_contract.write(tmp_path / "manifest.csv", pd.DataFrame([row]))
+    with pytest.raises(ValueError, match="no accepted scan"):
+        replay.accepted_scans(tmp_path / "manifest.csv")
+
+
+# ------------------------------------------------------------------------------------------- the leaky split
+
+
+def test_leaky_split_puts_augmented_siblings_of_one_scan_on_both_sides(index: pd.DataFrame) -> None:
+    split = replay.leaky_split(index, 0.2, seed=11)
+    roles = split.groupby("sha256")["split"].agg(set)
+    both = roles[roles.map(lambda r: {"train", "test"} <= r)]
+    assert len(both) > 0, "no scan has copies in both train and test: the replay would not be leaky"
+    patients = split.groupby("patient_id")["split"].agg(set)
+    assert patients.map(lambda r: {"train", "test"} <= r).any()
+    # Every copy exactly once, no originals, fold 0, the requested share of images in test (stratified by label).
+    assert len(split) == len(index) and split["source"].is_unique
+    assert split["source"].str.contains(replay.COPY_SUFFIX, regex=False).all()
+    assert set(split["fold"]) == {0}
+    n_test = int((split["split"] == "test").sum())
+    assert n_test == int(np.ceil(0.2 * len(index)))
+    for label in CLASSES:
+        assert {"train", "val", "test"} <= set(split.loc[split["label"] == label, "split"])
+
+
+def test_leaky_split_is_deterministic_and_seeded(index: pd.DataFrame) -> None:
+    a = replay.leaky_split(index, 0.2, seed=11)
+    b = replay.leaky_split(index.sample(frac=1.0, random_state=0), 0.2, seed=11)  # input order does not matter
+    c = replay.leaky_split(index, 0.2, seed=12)
+    pd.testing.assert_frame_equal(a, b)
+    assert not a["split"].equals(c["split"])
+
+
+def test_leaky_split_follows_the_splits_contract(index: pd.DataFrame, tmp_path: Path) -> None:
+    split = replay.leaky_split(index, 0.2, seed=11)
+    splits_contract.write(tmp_path / "s.csv", split)
+    back = splits_contract.read(tmp_path / "s.csv")
+    assert tuple(back.columns) == splits_contract.COLUMNS
+    row = back.iloc[0]
+    parent = index[(index["parent_source"] + "#copy" + index["k"].astype(str)) == row.source].iloc[0]
+    assert row.sha256 == parent.parent_sha256  # the parent's raw sha256: the audit sees one file on both sides
+    assert row.image == row.roi == parent.image  # the copy, relative to the replay's data directory
+
+
+def test_leaky_split_refuses_too_few_images() -> None:
+    tiny = pd.DataFrame({"image": ["a", "b", "c"], "parent_source": ["x", "y", "z"], "parent_sha256": ["1", "2", "3"],
+                         "parent_image": ["a", "b", "c"], "patient_id": ["P1", "P2", "P3"],
+                         "label": ["normal", "osteoporosis", "normal"], "k": [1, 1, 1]})
+    with pytest.raises(ValueError, match="cannot be split"):
+        replay.leaky_split(tiny, 0.2, seed=0)
+
+
+def _split(rows: list[tuple[str, str, str]]) -> pd.DataFrame:
+    """A split table from ``(sha256, patient_id, split)`` rows."""
+    return pd.DataFrame([{"source": f"s{i}", "sha256": sha, "patient_id": pid, "label": "normal", "image": "",
+                          "roi": "", "fold": 0, "split": role} for i, (sha, pid, role) in enumerate(rows)])
+
+
+@pytest.mark.parametrize(
+    "rows, expected",
+    [
+        # Two test copies of scan a (a also in train), one of scan b (b only in val; its patient P1 is in train).
+        ([("a", "P1", "train"), ("a", "P1", "test"), ("a", "P1", "test"), ("b", "P1", "test"), ("b", "P1", "val")],
+         {"n_test_images": 3, "n_test_scans": 2, "n_test_patients": 1, "test_images_parent_in_train": 2,
+          "test_images_parent_in_train_share": 2 / 3, "test_images_patient_in_train": 3,
+          "test_images_patient_in_train_share": 1.0, "test_scans_in_train_share": 0.5}),
+        # Nothing shared: an honest split.
+        ([("a", "P1", "train"), ("b", "P2", "val"), ("c", "P3", "test"), ("d", "P4", "test")],
+         {"n_test_images": 2, "n_test_scans": 2, "n_test_patients": 2, "test_images_parent_in_train": 0,
+          "test_images_parent_in_train_share": 0.0, "test_images_patient_in_train": 0,
+          "test_images_patient_in_train_share": 0.0, "test_scans_in_train_share": 0.0}),
+        # A patient's other scan in train, not the scan itself.
+        ([("a", "P1", "train"), ("b", "P1", "test"), ("c", "P2", "test"), ("c", "P2", "train")],
+         {"n_test_images": 2, "n_test_scans": 2, "n_test_patients": 2, "test_images_parent_in_train": 1,
+          "test_images_parent_in_train_share": 0.5, "test_images_patient_in_train": 2,
+          "test_images_patient_in_train_share": 1.0, "test_scans_in_train_share": 0.5}),
+    ],
+    ids=["siblings_and_patient", "honest", "patient_only"],
+)
+def test_leakage_shares(rows: list[tuple[str, str, str]], expected: dict[str, float]) -> None:
+    shares = replay.leakage_shares(_split(rows))
+    for key, value in expected.items():
+        assert shares[key] == pytest.approx(value), key
+
+
+# ------------------------------------------------------------------------------------------- scoring
+
+
+def test_score_gives_patient_and_image_level_intervals() -> None:
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1] * 6, 4)  # 12 scans x 4 copies: copies of a scan share their label and look alike
+    logit = 1.5 * (2 * y - 1) + np.repeat(rng.normal(0, 2.0, 12), 4) + rng.normal(0, 0.3, len(y))
+    prob = 1 / (1 + np.exp(-logit))
+    sources = np.array([f"s{i}" for i in range(len(y))])
+    patients = np.repeat([f"P{i}" for i in range(12)], 4)
+    record = replay.score(y, prob, patients, sources, threshold=0.5, n_resamples=200, seed=0)
+    assert record["n_test_patients"] == 12 and record["bootstrap_unit"] == "patient"
+    width = {k: record[f"{p}roc_auc_ci_high"] - record[f"{p}roc_auc_ci_low"] for k, p in
+             (("patient", ""), ("image", replay.IMAGE_BOOTSTRAP))}
+    assert width["image"] < width["patient"]  # treating correlated copies as independent narrows the interval
+    same = replay.score(y, prob, sources, sources, threshold=0.5, n_resamples=200, seed=0)
+    assert same["accuracy_ci_low"] == same["image_bootstrap_accuracy_ci_low"]  # one unit per image: identical
+
+
+# ------------------------------------------------------------------------------------------- the stage
+
+
+def test_disabled_writes_empty_outputs_without_reading_the_cohort(tmp_path: Path) -> None:
+    paths = replay.ReplayPaths(tmp_path / "missing-ingested", tmp_path / "data" / "replay", tmp_path / "reports")
+    record = replay.run_replay(tiny_params(enabled=False), paths)
+    assert record["enabled"] is False and record["leaky_ablation"] is True
+    assert jsonfile.read(paths.reports / replay.METRICS_FILE) == record
+    assert splits_contract.read(paths.reports / replay.SPLIT_FILE).empty
+    assert predictions_contract.read(paths.reports / replay.PREDICTIONS_FILE).empty
+    assert augmented_contract.read(paths.out / augmented_contract.FILE_NAME).empty
+    assert not any((paths.out / augmented_contract.IMAGES_DIR).iterdir())
+
+
+def test_stage_command_of_dvc_yaml_writes_the_stub_when_disabled(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["replay"]["enabled"] = False
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    monkeypatch.chdir(tmp_path)
+    stage_main("replay")(dvc_argv("replay"))
+    assert jsonfile.read(tmp_path / "reports/replay" / replay.METRICS_FILE)["enabled"] is False
+    assert (tmp_path / "data/replay" / augmented_contract.FILE_NAME).is_file()
+
+
+def test_replay_end_to_end_is_labelled_leaky(ingested: Path, tmp_path: Path, mlflow_store: str,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "replay-test")
+    paths = replay.ReplayPaths(ingested, tmp_path / "data" / "replay", tmp_path / "reports" / "replay")
+    record = replay.run_replay(tiny_params(enabled=True, copies=3, epochs=1), paths)
+
+    split = splits_contract.read(paths.reports / replay.SPLIT_FILE)
+    n_scans = 14  # write_ingested: 10 patients, 4 of them with a follow-up; the quarantined row is not expanded
+    assert len(split) == 3 * n_scans and set(split["split"]) == {"train", "val", "test"}
+    assert all((paths.out / rel).is_file() for rel in split["roi"])
+    predictions = predictions_contract.read(paths.reports / replay.PREDICTIONS_FILE)
+    assert sorted(predictions["source"]) == sorted(split.loc[split["split"] == "test", "source"])
+    assert record["n_test_images"] == record["n_test"] == len(predictions)
+    assert record["n_test_scans"] == split.loc[split["split"] == "test", "sha256"].nunique()
+    assert record["leaky_ablation"] is True and record["protocol"] == "leaky_replay" and record["epochs_run"] == 1
+    for key in ("accuracy", "f1", "precision", "recall", "roc_auc"):
+        assert f"{key}_ci_low" in record and f"image_bootstrap_{key}_ci_high" in record
+    assert 0.0 <= record["test_images_parent_in_train_share"] <= 1.0
+    assert jsonfile.read(paths.reports / replay.METRICS_FILE) == record
+
+    runs = [r for r in tracking.find_runs("replay-test") if r["run_name"] == replay.RUN_NAME]
+    assert len(runs) == 1 and runs[0]["run_id"] == record["mlflow_run_id"]
+    run = runs[0]
+    assert run["tags"]["leaky_ablation"] == "true" and run["tags"]["dvc_stage"] == "replay"
+    assert "leaky_test_accuracy" in run["metrics"] and not any(k.startswith("test_") for k in run["metrics"])
+    assert run["params"]["epochs"] == "1" and run["params"]["replay.copies"] == "3"
