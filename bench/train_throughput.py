@@ -49,7 +49,7 @@ from spinedxa.files import write_json_atomic  # noqa: E402
 from spinedxa.loop import Session, train_one_epoch  # noqa: E402
 from spinedxa.models import get_model, get_spec  # noqa: E402
 from spinedxa.recipe import EarlyStopping, Schedule, build_optimizer  # noqa: E402
-from spinedxa.runtime import FP32, Distributed, FastPath, Runtime, cpu_flags, select_fast_path  # noqa: E402
+from spinedxa.runtime import Distributed, FastPath, Runtime, cpu_flags, select_fast_path  # noqa: E402
 
 REPORTED_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "bf16")
 PEAK_SHAPE = (8, 128, 56, 56)  # batch, channels, height, width of the peak convolution

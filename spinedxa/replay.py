@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import random
 import tempfile
 import time
 from dataclasses import dataclass
@@ -37,20 +36,19 @@ import numpy as np
 import pandas as pd
 import torch
 from sklearn.model_selection import train_test_split
-from torch.utils.data import DataLoader, DistributedSampler
 
 from spinedxa import metrics, tracking
 from spinedxa.augment import augment_image, build_transform, copy_seed
 from spinedxa.config import AugmentConfig, ModelTrainConfig, Params
 from spinedxa.contracts import augmented as augmented_contract, jsonfile, manifest as manifest_contract, png16
 from spinedxa.contracts import predictions as predictions_contract, splits as splits_contract
-from spinedxa.data import DXADataset, ImageItem, input_shape, part_items, stack_images
+from spinedxa.data import ImageItem, input_shape, part_items, stack_images
 from spinedxa.files import atomic_dir
-from spinedxa.loop import Batches, FitPlan, Session, fit
-from spinedxa.models import get_model, get_spec, predict_proba, variant
+from spinedxa.loop import FitPlan, Session, fit
+from spinedxa.models import get_spec, predict_proba, variant
 from spinedxa.provenance import dvc_digests, provenance
-from spinedxa.recipe import EarlyStopping, build_optimizer, build_scheduler, criterion, first_candidate_epoch
 from spinedxa.runtime import Runtime
+from spinedxa.train import prepare
 
 log = logging.getLogger(__name__)
 
@@ -232,36 +230,9 @@ def fit_cnn21(params: Params, train_items: list[ImageItem], val_items: list[Imag
     rt = Runtime.setup(train.device, train.fast, train.threads)
     if rt.dist.enabled:
         raise RuntimeError("replay runs in one process; start stages/replay.py without torchrun")
-    if not train_items or not val_items:
-        raise ValueError(f"replay: {len(train_items)} training and {len(val_items)} validation images; both > 0")
     cpu0, wall0 = time.process_time(), time.perf_counter()
-    torch.manual_seed(train.seed)  # before the initial weights, as train.py seeds every fold
-    np.random.seed(train.seed)
-    random.seed(train.seed)
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    shape = input_shape(cfg.image_size)
-    transform = build_transform(params.augment) if params.augment.online else None
-    train_ds, val_ds = DXADataset(train_items, shape, transform=transform), DXADataset(val_items, shape)
-    sampler = DistributedSampler(train_ds, num_replicas=1, rank=0, shuffle=True, seed=train.seed)
-    generator = torch.Generator()
-    generator.manual_seed(train.seed)
-    loader = DataLoader(train_ds, batch_size=cfg.batch_size, sampler=sampler, generator=generator,
-                        pin_memory=rt.device.type == "cuda",
-                        drop_last=len(sampler) % cfg.batch_size == 1)  # a batch of one gives BatchNorm no statistics
-    data = Batches(loader, DataLoader(val_ds, batch_size=cfg.batch_size, shuffle=False), sampler, generator)
-    model = get_model(MODEL, len(params.data.classes), weights=None if cfg.weights == "none" else cfg.weights,
-                      batch_norm=cfg.batch_norm).to(rt.device)
-    if rt.fast.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    loss_fn = criterion(train_ds.labels, len(params.data.classes), class_weighting=train.class_weighting,
-                        label_smoothing=cfg.label_smoothing, device=rt.device)
-    optimizer = build_optimizer(model.parameters(), cfg, fused=rt.fast.fused_optimizer)
-    schedule = build_scheduler(optimizer, cfg, monitor=train.monitor, patience=train.patience,
-                               steps_per_epoch=len(loader))
-    scaler = torch.amp.GradScaler(rt.device.type) if rt.fast.grad_scaler else None
-    session = Session(model, optimizer, schedule, scaler,
-                      EarlyStopping(train.monitor, train.patience, first_candidate_epoch(cfg)))
-    torch.manual_seed(train.seed)  # dropout and online augmentation, as in train.py
+    prepared = prepare(params, MODEL, cfg, (train_items, val_items), rt)  # the train stage's set-up of a fold
+    model, data, loss_fn, session = prepared.model, prepared.data, prepared.loss_fn, prepared.session
     with tempfile.TemporaryDirectory(prefix="spinedxa-replay-") as tmp:
         fit(model, spec, data, loss_fn, session, rt, FitPlan(cfg.epochs, train.monitor, Path(tmp) / "last.pt",
                                                              PROTOCOL), on_epoch=on_epoch)

@@ -24,7 +24,6 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import dataclasses
-import json
 import logging
 import multiprocessing
 import random
@@ -43,7 +42,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from spinedxa import checkpoint, tracking
 from spinedxa.augment import build_transform, flip_only
-from spinedxa.config import ConfigError, Params
+from spinedxa.config import ConfigError, ModelTrainConfig, Params
 from spinedxa.contracts import jsonfile, splits as splits_contract, table
 from spinedxa.calibration import Platt, fit_platt
 from spinedxa.data import DXADataset, input_shape, part_items, stack_images, training_items
@@ -138,15 +137,33 @@ def _seed(seed: int) -> None:
     torch.backends.cudnn.benchmark = False
 
 
-def _batches(job: FoldJob, rt: Runtime) -> Batches:
-    """This rank's training loader (offline copies included, online augmentation if on) and the validation loader."""
-    params, cfg = job.params, job.params.train.model(job.model)
-    classes, shape, seed = params.data.classes, input_shape(cfg.image_size), params.train.seed
-    train_items = training_items(job.paths.splits, job.paths.images, job.paths.augmented, job.fold, classes)
-    val_items = part_items(job.paths.splits, job.paths.images, job.fold, "val", classes)
+@dataclass
+class Prepared:
+    """One training ready to :func:`spinedxa.loop.fit`: what runs the batches, the loaders, the loss, the session."""
+
+    model: nn.Module  # the DDP wrapper under torchrun, else the bare module (session.model)
+    data: Batches
+    loss_fn: nn.CrossEntropyLoss
+    session: Session
+
+
+def prepare(params: Params, name: str, cfg: ModelTrainConfig, items: tuple[Sequence[Any], Sequence[Any]],
+            rt: Runtime) -> Prepared:
+    """Seeds, loaders, network, loss, optimiser, schedule and early stopping of one training of ``name``.
+
+    The one set-up of every training: each fold of the train stage, and the replay ablation (which passes its own
+    ``cfg`` and items). ``items`` is ``(training items, validation items)``.
+
+    Raises:
+        ValueError: no training or validation image, or a class missing from the training items.
+    """
+    train_items, val_items = items
     if not train_items or not val_items:
-        raise ValueError(f"{job.paths.splits}: fold {job.fold} has {len(train_items)} training and {len(val_items)} "
-                         "validation images; both must be > 0")
+        raise ValueError(f"{name}: {len(train_items)} training and {len(val_items)} validation images; both must be "
+                         "> 0")
+    train, seed = params.train, params.train.seed
+    _seed(seed)  # before anything random (the model's initial weights): every fold and rank alike
+    shape = input_shape(cfg.image_size)
     augment = params.augment if cfg.augment == "full" else flip_only(params.augment)
     transform = build_transform(augment) if params.augment.online else None
     train_ds, val_ds = DXADataset(train_items, shape, transform=transform), DXADataset(val_items, shape)
@@ -157,17 +174,26 @@ def _batches(job: FoldJob, rt: Runtime) -> Batches:
                                  seed=seed)
     generator = torch.Generator()
     generator.manual_seed(seed + rt.dist.rank)
-    train = DataLoader(train_ds, batch_size=per_process, sampler=sampler, generator=generator,
-                       pin_memory=rt.device.type == "cuda",
-                       # A last batch of one image gives BatchNorm no batch statistics: drop it.
-                       drop_last=len(sampler) % per_process == 1)
-    return Batches(train, DataLoader(val_ds, batch_size=cfg.batch_size, shuffle=False), sampler, generator)
+    loader = DataLoader(train_ds, batch_size=per_process, sampler=sampler, generator=generator,
+                        pin_memory=rt.device.type == "cuda",
+                        # A last batch of one image gives BatchNorm no batch statistics: drop it.
+                        drop_last=len(sampler) % per_process == 1)
+    data = Batches(loader, DataLoader(val_ds, batch_size=cfg.batch_size, shuffle=False), sampler, generator)
+    model, bare = _network(params, name, cfg, rt)
+    loss_fn = criterion(train_ds.labels, len(params.data.classes), class_weighting=train.class_weighting,
+                        label_smoothing=cfg.label_smoothing, device=rt.device)
+    optimizer = build_optimizer(bare.parameters(), cfg, fused=rt.fast.fused_optimizer)
+    schedule = build_scheduler(optimizer, cfg, monitor=train.monitor, patience=train.patience,
+                               steps_per_epoch=len(loader))
+    scaler = torch.amp.GradScaler(rt.device.type) if rt.fast.grad_scaler else None
+    stopper = EarlyStopping(train.monitor, train.patience, first_candidate_epoch(cfg))
+    torch.manual_seed(seed + rt.dist.rank)  # dropout and online augmentation differ per rank
+    return Prepared(model, data, loss_fn, Session(bare, optimizer, schedule, scaler, stopper))
 
 
-def _network(job: FoldJob, rt: Runtime) -> tuple[nn.Module, nn.Module]:
+def _network(params: Params, name: str, cfg: ModelTrainConfig, rt: Runtime) -> tuple[nn.Module, nn.Module]:
     """The model on the device in the fast path's memory format: (what runs the batches, the bare module)."""
-    cfg = job.params.train.model(job.model)
-    model = get_model(job.model, len(job.params.data.classes), weights=None if cfg.weights == "none" else cfg.weights,
+    model = get_model(name, len(params.data.classes), weights=None if cfg.weights == "none" else cfg.weights,
                       batch_norm=cfg.batch_norm).to(rt.device)
     if rt.fast.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -198,20 +224,12 @@ def train_fold(job: FoldJob, on_epoch_end: Callable[[int], None] | None = None) 
     if done is not None:
         log.info("%s fold %d: already trained (%s)", job.model, job.fold, fold_dir / DONE)
         return _result(job, fold_dir / DONE, done, rt, resumed_from=len(done["history"]))
+    classes = params.data.classes
+    items = (training_items(job.paths.splits, job.paths.images, job.paths.augmented, job.fold, classes),
+             part_items(job.paths.splits, job.paths.images, job.fold, "val", classes))
     with process_group(rt.dist, rt.device):
-        _seed(train.seed)  # before anything random (the model's initial weights): every fold and rank alike
-        data = _batches(job, rt)
-        model, bare = _network(job, rt)
-        loss_fn = criterion(data.train.dataset.labels, len(params.data.classes),
-                            class_weighting=train.class_weighting, label_smoothing=cfg.label_smoothing,
-                            device=rt.device)
-        optimizer = build_optimizer(bare.parameters(), cfg, fused=rt.fast.fused_optimizer)
-        schedule = build_scheduler(optimizer, cfg, monitor=train.monitor, patience=train.patience,
-                                   steps_per_epoch=len(data.train))
-        scaler = torch.amp.GradScaler(rt.device.type) if rt.fast.grad_scaler else None
-        stopper = EarlyStopping(train.monitor, train.patience, first_candidate_epoch(cfg))
-        session = Session(bare, optimizer, schedule, scaler, stopper)
-        torch.manual_seed(train.seed + rt.dist.rank)  # dropout and online augmentation differ per rank
+        prepared = prepare(params, job.model, cfg, items, rt)
+        model, data, loss_fn, session = prepared.model, prepared.data, prepared.loss_fn, prepared.session
         state = checkpoint.load(fold_dir / LAST, fp)
         if state is not None:
             session.restore(state, rt.dist.rank, data.generator)
