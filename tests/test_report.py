@@ -20,63 +20,106 @@ CLASSES = ("normal", "osteoporosis")
 SIGNAL = {"cnn21": 2.5, "resnet50": 1.2, "vgg16": 0.0, "vgg19": 0.4, "inception_v3": 1.5, "baseline": 1.0}
 
 
-def write_fake_outputs(root: Path, n_patients: int = 30, bootstrap: int = 50) -> Path:
-    """Write, under ``root``, every input of the report stage in the dvc.yaml layout; return the params path."""
+def write_fake_outputs(root: Path, n_patients: int = 30, bootstrap: int = 50, folds: int = 3) -> Path:
+    """Write, under ``root``, every input of the report stage in the dvc.yaml layout; return the params path.
+
+    A k-fold split table (every scan test in exactly one fold), out-of-fold predictions of fake models whose
+    separation is :data:`SIGNAL`, their pooled metrics records, curves, summaries, a replay metrics file and a truth
+    CSV with two banner copies (one quarantined for burned-in text).
+    """
     params_path = root / "params.yaml"
     params_path.write_text((REPO / "params.yaml").read_text())
     apply_profile(params_path, REPO / "profiles" / "tiny.yaml")
     rng = np.random.default_rng(0)
-    # Splits: patients alternate classes; every third patient has a follow-up scan.
-    rows = []
+    scans = []
     for p in range(n_patients * 2):
-        split = ("train", "val", "test", "test")[(p // 2) % 4]
         for visit in range(2 if p % 3 == 0 else 1):
-            src = f"{CLASSES[p % 2]}/scan_{p:04d}_{visit}.dcm"
-            rows.append({"source": src, "sha256": f"{p:04d}{visit}".ljust(64, "a"), "patient_id": f"P{p:012x}",
-                         "label": CLASSES[p % 2], "image": f"images/{p:04d}{visit}.png", "split": split})
-    splits = pd.DataFrame(rows)
+            scans.append({"source": f"{CLASSES[p % 2]}/scan_{p:04d}_{visit}.dcm",
+                          "sha256": f"{p:04d}{visit}".ljust(64, "a"), "patient_id": f"P{p:012x}",
+                          "label": CLASSES[p % 2], "image": f"images/{p:04d}{visit}.png",
+                          "roi": f"roi/{p:04d}{visit}.png", "test_fold": (p // 2) % folds})
+    scans = pd.DataFrame(scans)
+    rows = []
+    for k in range(folds):
+        part = scans.copy()
+        part["fold"] = k
+        part["split"] = np.where(part["test_fold"] == k, "test",
+                                 np.where((part["test_fold"] + 1) % folds == k, "val", "train"))
+        rows.append(part.drop(columns="test_fold"))
+    splits = pd.concat(rows, ignore_index=True)
     (root / "data/split").mkdir(parents=True)
     splits.to_csv(root / "data/split/splits.csv", index=False)
-    manifest = splits.assign(status="accepted", reason="", format="dicom")[
-        ["source", "sha256", "status", "reason", "label", "patient_id", "image", "format"]]
+    manifest = scans.assign(status="accepted", reason="", format="dicom", roi_method="pelvis", redacted="False")[
+        ["source", "sha256", "status", "reason", "label", "patient_id", "image", "roi", "roi_method", "redacted",
+         "format"]]
     quarantined = pd.DataFrame([
         {"source": "normal/broken.dcm", "sha256": "f" * 64, "status": "quarantined",
          "reason": "truncated: pixel data ends early | <binary>", "label": "normal", "patient_id": "", "image": "",
-         "format": "dicom"},
-        {"source": "osteoporosis/x.txt", "sha256": "e" * 64, "status": "quarantined",
-         "reason": "not_an_image: no image signature", "label": "osteoporosis", "patient_id": "", "image": "",
-         "format": ""},
+         "roi": "", "roi_method": "", "redacted": "", "format": "dicom"},
+        {"source": "osteoporosis/scan_0001_0_sc.dcm", "sha256": "e" * 64, "status": "quarantined",
+         "reason": "burned_in_text: 3 text region(s) outside the allow-list", "label": "osteoporosis",
+         "patient_id": "", "image": "", "roi": "", "roi_method": "", "redacted": "", "format": "dicom"},
     ])
     (root / "data/ingested").mkdir(parents=True)
     pd.concat([manifest, quarantined]).to_csv(root / "data/ingested/manifest.csv", index=False)
+    truth = pd.concat([scans[["source"]].assign(burned_in=False, level_labels=False),
+                       pd.DataFrame({"source": ["normal/broken.dcm", "osteoporosis/scan_0001_0_sc.dcm"],
+                                     "burned_in": [False, True], "level_labels": [False, False]})])
+    (root / "data/truth").mkdir(parents=True)
+    truth.to_csv(root / "data/truth/synthetic_truth.csv", index=False)
     reports = root / "reports"
     reports.mkdir()
     (reports / "ingest.json").write_text(json.dumps({"n_files": len(manifest) + 2, "n_accepted": len(manifest),
                                                       "n_quarantined": 2, "quarantine_rate": 2 / (len(manifest) + 2)}))
     (reports / "validation.json").write_text(json.dumps({"success": True, "blocking_failures": [],
                                                           "warnings": ["near_duplicates_within_patient"]}))
-    (reports / "split.json").write_text(json.dumps({"n_images": len(splits),
-                                                     "n_patients": int(splits["patient_id"].nunique())}))
-    test = splits[splits["split"] == "test"]
+    summary = {"protocol": "kfold", "n_images": len(scans), "n_patients": int(scans["patient_id"].nunique()),
+               "folds": {str(k): {role: {**{c: int(((g["split"] == role) & (g["label"] == c)).sum()) for c in CLASSES},
+                                         "total": int((g["split"] == role).sum()),
+                                         "patients": int(g.loc[g["split"] == role, "patient_id"].nunique())}
+                                  for role in ("train", "val", "test")}
+                         for k, g in splits.groupby("fold")}}
+    (reports / "split.json").write_text(json.dumps(summary))
+    test = splits[splits["split"] == "test"].sort_values("source")
     y = (test["label"] == CLASSES[1]).to_numpy().astype(int)
     patient_noise = {pid: rng.normal(0, 1.0) for pid in test["patient_id"].unique()}
     for name, signal in SIGNAL.items():
         logit = signal * (2 * y - 1) + np.array([patient_noise[p] for p in test["patient_id"]]) * 0.8
         prob = 1 / (1 + np.exp(-(logit + rng.normal(0, 0.8, len(y)))))
-        record = metrics.summarize(y, prob, test["patient_id"].to_numpy(), threshold=0.5, n_resamples=bootstrap,
-                                   seed=0)
-        record.update(model=name, mlflow_run_id=None if name == "baseline" else f"run{name}",
-                      model_sha256=None if name == "baseline" else f"sha{name}")
-        preds = metrics.predictions_frame(test["source"], test["patient_id"], y, prob, classes=CLASSES, threshold=0.5)
+        preds = metrics.predictions_frame(test["source"], test["patient_id"], y, prob, classes=CLASSES, threshold=0.5,
+                                          folds=test["fold"].to_numpy())
+        record = metrics.out_of_fold_record(preds, CLASSES, protocol="kfold", threshold=0.5, n_resamples=bootstrap,
+                                            seed=0)
+        cnn = name != "baseline"
+        record.update(model=name, mlflow_run_id=f"run{name}" if cnn else None,
+                      model_sha256={str(k): f"sha{name}{k}".ljust(64, "0") for k in range(folds)} if cnn else None)
+        if cnn:
+            record.update(variant=name, kept_epoch={str(k): 2 for k in range(folds)}, gradcam_degenerate=0,
+                          fast_path="cpu_fp32_channels_last", threads=1, train_git_commit="c0ffee" * 6,
+                          train_git_dirty=False)
+            curves = pd.DataFrame([{"fold": k, "epoch": e, "train_loss": 0.7 - 0.1 * e, "val_loss": 0.7 - 0.05 * e,
+                                    "val_auc": 0.6 + 0.1 * e, "val_accuracy": 0.6, "lr": 1e-3, "seconds": 1.0}
+                                   for k in range(folds) for e in (1, 2)])
+            (reports / "train").mkdir(exist_ok=True)
+            curves.to_csv(reports / f"train/{name}.csv", index=False)
         metrics.write_evaluation(preds, record, metrics_path=reports / f"metrics/{name}.json",
                                  predictions_path=reports / f"predictions/{name}.csv",
                                  plots_dir=reports / f"plots/{name}")
+    replay = {"enabled": True, "leaky_ablation": True, "n_images": 600, "n_test_images": 120, "n_test_scans": 80,
+              "n_test_patients": 70, "test_scans_in_train_share": 1.0}
+    for key, value in (("accuracy", 0.97), ("f1", 0.975), ("precision", 0.99), ("recall", 0.96), ("roc_auc", 0.995)):
+        replay.update({key: value, f"{key}_ci_low": value - 0.02, f"{key}_ci_high": min(1.0, value + 0.01),
+                       f"image_bootstrap_{key}_ci_low": value - 0.01, f"image_bootstrap_{key}_ci_high": value})
+    (reports / "replay").mkdir()
+    (reports / "replay/leaky_replay_metrics.json").write_text(json.dumps(replay))
     return params_path
 
 
 @pytest.fixture(scope="module")
-def rendered(tmp_path_factory: pytest.TempPathFactory) -> dict:
+def rendered(tmp_path_factory: pytest.TempPathFactory, _empty_mlflow_db: Path) -> dict:
     """Run the report stage once, with its dvc.yaml command line, on fake outputs; share the result."""
+    import shutil
+
     root = tmp_path_factory.mktemp("report")
     write_fake_outputs(root)
     (root / "dvc.lock").write_text(yaml.safe_dump({"schema": "2.0", "stages": {
@@ -84,8 +127,10 @@ def rendered(tmp_path_factory: pytest.TempPathFactory) -> dict:
         "train@cnn21": {"cmd": "x", "outs": [{"path": "models/cnn21", "hash": "md5", "md5": "def456.dir"}]},
         "report": {"cmd": "x", "outs": [{"path": "reports/comparison.md", "hash": "md5", "md5": "not-lineage"}]},
     }}))
+    shutil.copyfile(_empty_mlflow_db, root / "mlflow.db")
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
         stage_main("report")(dvc_argv("report"))
     return {"root": root, "md": (root / "reports/comparison.md").read_text(),
             "html": (root / "reports/comparison.html").read_text(), "params": load_params(root / "params.yaml")}
@@ -97,11 +142,12 @@ def _record(root: Path, name: str) -> dict:
 
 def test_report_shows_every_model_and_the_paper_column(rendered: dict) -> None:
     md, html = rendered["md"], rendered["html"]
-    header = next(line for line in md.splitlines() if line.startswith("| Metric |"))
+    header = next(line for line in md.splitlines() if line.startswith("| Metric |") and "Naeem" in line)
     for name in [*rendered["params"].train.models, "baseline"]:
         assert f" {name} |" in header and name in html
     assert "Naeem et al. 2025, 21-layer CNN (reported)" in header
-    assert "| Accuracy |" in md and md.count("not reported") == len(metrics.METRIC_KEYS) - 4
+    table = md.split("## Out-of-fold metrics", 1)[1].split("###", 1)[0]
+    assert "| Accuracy |" in table and table.count("not reported") == len(metrics.METRIC_KEYS) - 4
     assert "0.9714 |" in md and "0.9541 |" in md  # params report.paper_accuracy / paper_recall as fractions
 
 
@@ -109,46 +155,94 @@ def test_numbers_come_from_the_inputs(rendered: dict) -> None:
     root, md = rendered["root"], rendered["md"]
     for name in ("cnn21", "vgg16", "baseline"):
         assert report.fmt_ci(_record(root, name), "roc_auc") in md
-    a = metrics.read_predictions(root / "reports/predictions/cnn21.csv")
-    b = metrics.read_predictions(root / "reports/predictions/vgg16.csv")
+    a = metrics.read_predictions(root / "reports/predictions/vgg16.csv")
+    b = metrics.read_predictions(root / "reports/predictions/baseline.csv")
     res = metrics.mcnemar_exact(a["y_true"], a["pred"], b["pred"])
-    row = next(line for line in md.splitlines() if line.startswith("| vgg16 | ") and " / " in line)
-    assert f"| {res.b} / {res.c} | {report.fmt_p(res.p_value)} [" in row
-    dl = metrics.delong_test(a["y_true"].to_numpy(), a["prob"].to_numpy(), b["prob"].to_numpy())
-    assert f"{dl.difference:+.3f}" in row and report.fmt_num(dl.se) in row
-    test = pd.read_csv(root / "data/split/splits.csv").query("split == 'test'")
-    assert f"**{len(test)} images of {test['patient_id'].nunique()} patients**" in md
+    boot = metrics.paired_bootstrap_auc(a["y_true"].to_numpy(), a["prob"].to_numpy(), b["prob"].to_numpy(),
+                                        a["patient_id"].to_numpy(), n_resamples=50, seed=0)
+    section = md.split("### Against the baseline", 1)[1].split("###", 1)[0]
+    row = next(line for line in section.splitlines() if line.startswith("| vgg16 | "))
+    assert f"{boot.difference:+.3f} [{boot.interval.low:+.3f}, {boot.interval.high:+.3f}]" in row
+    assert f"| {res.b} / {res.c}, {report.fmt_p(res.p_value)} [" in row
+    n = pd.read_csv(root / "data/split/splits.csv").query("split == 'test'")
+    assert f"**{len(n)} scans of {n['patient_id'].nunique()} patients**" in md
+
+
+def test_claims_follow_from_the_paired_interval(rendered: dict) -> None:
+    """A verdict "beats" appears exactly where the paired patient-bootstrap interval excludes 0."""
+    root, md = rendered["root"], rendered["md"]
+    params = rendered["params"]
+    results = report.load_results([*params.train.models, "baseline"], _inputs(root))
+    family = report.comparison_family(results, "baseline", root / "reports/predictions", n_resamples=50, seed=0)
+    for c in family:
+        low, high = c.bootstrap.interval.low, c.bootstrap.interval.high
+        expected = ("beats" if (low > 0 or high < 0) else "not shown to differ")
+        assert expected in c.verdict, (c.model, low, high)
+        assert f"{c.model} vs baseline: ΔAUC" in md and c.verdict in md
+    pure_noise = next(c for c in family if c.model == "vgg16")
+    assert "baseline beats vgg16" == pure_noise.verdict  # SIGNAL: vgg16 is noise, the baseline is not
 
 
 def test_html_is_self_contained(rendered: dict) -> None:
     html = rendered["html"]
     refs = re.findall(r"""(?:src|href)\s*=\s*["']?([^"'\s>]*)""", html, flags=re.IGNORECASE)
-    assert len(refs) >= 4  # ROC, PR, calibration, confusion
+    assert len(refs) >= 5  # ROC, PR, calibration, confusion, training curves
     assert all(r.startswith("data:image/png;base64,") for r in refs), [r[:40] for r in refs]
     assert not re.search(r"<(?:link|script|iframe)\b", html, flags=re.IGNORECASE)
     assert "<table>" in html and "&lt;binary&gt;" in html  # tables rendered; manifest text escaped
 
 
-def test_data_summary_paper_audit_lineage_and_baseline_check(rendered: dict) -> None:
+def test_protocol_targets_patient_level_and_curves(rendered: dict) -> None:
+    md = rendered["md"]
+    assert "Protocol: **kfold**, 3 patient-grouped, stratified folds" in md
+    assert "### Patient level (the clinical view)" in md and "| Patients |" in md
+    assert "## Targets: does every CNN learn" in md
+    target_rows = [line for line in md.splitlines() if line.startswith("| cnn21 (`cnn21`) |")]
+    assert target_rows and target_rows[0].rstrip().endswith(("| met |", "| **not met** |"))
+    assert "ROC-AUC per fold, mean ± SD" in md
+    assert "Training and validation loss" in md  # the curves of every model and fold
+
+
+def test_paper_section_sets_the_replay_beside_the_paper_and_the_honest_figures(rendered: dict) -> None:
     md = rendered["md"]
     assert "TP 104, FN 5, FP 1, TN 100" in md and "210 = 6 × 35" in md
-    assert "F1 97.20 %" in md and "harmonic mean of the reported precision and recall is 97.19 %" in md
+    assert "This is a hypothesis from arithmetic, not a finding" in md
+    header = next(line for line in md.splitlines() if line.startswith("| Metric | Naeem et al. 2025 (reported) |"))
+    assert "replayed here (leaky)" in header and "Honest out-of-fold cnn21" in header
+    for key in ("Accuracy", "F1", "Precision (PPV)", "Recall (sensitivity)", "ROC-AUC"):
+        row = next(line for line in md.splitlines() if line.startswith(f"| {key} | ") and "[" in line
+                   and line.count("|") == 5)
+        assert row.count("[") == 2, row  # the replay's and the honest interval
+    assert "it does not show" in md.lower() or "What it does not show" in md
+
+
+def test_data_summary_lineage_and_burned_in_text(rendered: dict) -> None:
+    md = rendered["md"]
     assert "truncated: pixel data ends early \\| &lt;binary&gt;" in md and "`ffffffffffff`" in md
     assert "normal/broken.dcm" not in md  # quarantined files are named by hash only
-    assert "patients found in more than one split here: 0" in md
+    assert "1 of 1 banner files caught, 0 missed, 0 false alarm(s)" in md
+    assert "patients found in two parts of one fold here: 0" in md
     assert "| train@cnn21 | `models/cnn21` | `def456.dir` |" in md and "not-lineage" not in md
-    assert "| cnn21 | runcnn21 | `shacnn21` |" in md
-    assert re.search(r"\*\*vgg16\*\*: no\. .*\n  Why not: trained from scratch", md)
-    assert re.search(r"\*\*cnn21\*\*: yes\.", md)
+    assert "| cnn21 | runcnn21 | 0: `shacnn21" in md
     assert "These results come from the embedded synthetic cohort" in md
+
+
+def test_report_logs_the_data_stage_metrics_to_mlflow(rendered: dict) -> None:
+    from spinedxa import tracking
+
+    root, params = rendered["root"], rendered["params"]
+    runs = tracking.find_runs(params.runtime.mlflow_experiment, uri=f"sqlite:///{root / 'mlflow.db'}")
+    data = [r for r in runs if r["run_name"] == "data"]
+    assert len(data) == 1
+    assert data[0]["metrics"]["ingest.n_files"] == json.loads((root / "reports/ingest.json").read_text())["n_files"]
+    assert "split.folds.0.test.total" in data[0]["metrics"]
 
 
 def test_missing_metrics_file_fails_with_its_name(tmp_path: Path) -> None:
     params = load_params(write_fake_outputs(tmp_path, bootstrap=10))
     (tmp_path / "reports/metrics/vgg19.json").unlink()
-    inputs = _inputs(tmp_path)
     with pytest.raises(FileNotFoundError, match=r"metrics/vgg19\.json: missing.*evaluate@vgg19"):
-        report.build_context(params, inputs)
+        report.build_context(params, _inputs(tmp_path))
 
 
 def test_degenerate_intervals_render_as_na(tmp_path: Path) -> None:
@@ -161,22 +255,33 @@ def test_degenerate_intervals_render_as_na(tmp_path: Path) -> None:
     markdown, html = report.render(report.build_context(params, _inputs(tmp_path)))
     row = next(line for line in markdown.splitlines() if line.startswith("| Precision (PPV) |"))
     assert "n/a [n/a]" in row
-    assert "- vgg16: roc_auc 10" in markdown and "n/a [n/a]" in html
+    assert "vgg16: roc_auc 10" in markdown and "n/a [n/a]" in html
 
 
-def test_predictions_of_different_test_sets_are_rejected(tmp_path: Path) -> None:
+def test_predictions_of_different_scans_are_rejected(tmp_path: Path) -> None:
     params = load_params(write_fake_outputs(tmp_path, bootstrap=10))
     path = tmp_path / "reports/predictions/resnet50.csv"
     pd.read_csv(path).iloc[1:].to_csv(path, index=False)
-    with pytest.raises(report.ReportInputError, match="cover different test images"):
+    with pytest.raises(report.ReportInputError, match="cover different scans"):
         report.build_context(params, _inputs(tmp_path))
+
+
+def test_disabled_or_missing_replay_is_said_plainly(tmp_path: Path) -> None:
+    params = load_params(write_fake_outputs(tmp_path, bootstrap=10))
+    (tmp_path / "reports/replay/leaky_replay_metrics.json").write_text(json.dumps({"enabled": False}))
+    markdown, _ = report.render(report.build_context(params, _inputs(tmp_path)))
+    assert "The replay ablation is disabled" in markdown
+    (tmp_path / "reports/replay/leaky_replay_metrics.json").unlink()
+    markdown, _ = report.render(report.build_context(params, _inputs(tmp_path)))
+    assert "outputs were not found" in markdown
 
 
 def _inputs(root: Path) -> report.ReportInputs:
     return report.ReportInputs(
-        root / "reports/metrics", root / "reports/predictions", root / "reports/plots",
+        root / "reports/metrics", root / "reports/predictions", root / "reports/plots", root / "reports/train",
         root / "data/ingested/manifest.csv", root / "data/split/splits.csv", root / "reports/validation.json",
-        root / "reports/ingest.json", root / "reports/split.json", repo=root,
+        root / "reports/ingest.json", root / "reports/split.json", root / "reports/replay",
+        truth=root / "data/truth/synthetic_truth.csv", repo=root,
     )
 
 
