@@ -33,7 +33,6 @@ SNAKEMAKE = str(VENV_BIN / "snakemake")
 DVC = str(VENV_BIN / "dvc")
 SNAKEFILE = REPO / "workflow" / "Snakefile"
 PROFILES = REPO / "workflow" / "profiles"
-THREADS_PREFIX = re.compile(r"^SPINEDXA_THREADS=(\d+) ")
 
 # ---------------------------------------------------------------------------------------------------- helpers
 
@@ -200,19 +199,19 @@ def test_get_stage_names_the_known_stages() -> None:
 
 
 @pytest.mark.parametrize(
-    ("name", "params", "cores", "threads"),
+    ("name", "runtime", "train_threads", "threads"),
     [
-        ("train@cnn21", {}, 10, 2),  # five trainings share ten cores
-        ("train@cnn21", {}, 3, 1),  # never below one
-        ("train@cnn21", {}, None, 1),  # cluster run without --cores: the profile's set-threads decides
-        ("ingest", {"ingest": {"workers": 4, "max_side": 96}}, 10, 4),
-        ("synthesize", {"synthesize.workers": 3}, 10, 3),
-        ("ingest", {"data": {"source": "x"}}, 10, 1),  # no workers key declared
-        ("validate", {"validate": {"workers": 8}}, 10, 1),
+        ("train@cnn21", {"train_processes": 2}, 1, 2),  # two fold processes of one thread each
+        ("train@cnn21", {"train_processes": 3}, 2, 6),
+        ("train@cnn21", {}, 0, 1),  # never below one
+        ("ingest", {"workers": 4}, 1, 4),
+        ("synthesize", {"workers": 3}, 1, 3),
+        ("validate", {"workers": 8, "train_processes": 8}, 8, 1),
     ],
 )
-def test_rule_threads_policy(name: str, params: dict, cores: int | None, threads: int) -> None:
-    assert dag.rule_threads(_stage(name, params=params), cores, n_parallel=5) == threads
+def test_rule_threads_policy(name: str, runtime: dict, train_threads: int, threads: int) -> None:
+    """The cores a job occupies come from the bookkeeping runtime section; they never change the numerics."""
+    assert dag.rule_threads(_stage(name), runtime, train_threads) == threads
 
 
 @pytest.mark.parametrize(
@@ -415,12 +414,13 @@ def test_params_and_content_changes_rerun_the_right_stages(mini_ran: Path) -> No
     assert _planned(mini_ran) == EVERYTHING
 
 
-def test_snakemake_threads_prefix(mini_repo: Path) -> None:
+def test_snakemake_threads_do_not_change_the_command(mini_repo: Path) -> None:
+    """A job's threads are for the scheduler only: the shell command is DVC's, so both engines compute alike."""
     dry = mini_snakemake(mini_repo, "-n", "--cores", "3", "--set-threads", "evaluate_vgg16=3")
     jobs = parse_dry_run(dry.stdout + dry.stderr)
     assert jobs["evaluate_vgg16"]["threads"] == 3
-    assert jobs["evaluate_vgg16"]["shell"].startswith("SPINEDXA_THREADS=3 python step.py")
-    assert jobs["evaluate_cnn21"]["shell"].startswith("SPINEDXA_THREADS=1 python step.py")
+    assert jobs["evaluate_vgg16"]["shell"].startswith("python step.py")
+    assert "SPINEDXA_THREADS" not in jobs["evaluate_cnn21"]["shell"]
 
 
 def test_snakemake_report_has_captions(mini_ran: Path) -> None:
@@ -437,7 +437,7 @@ def test_snakemake_report_has_captions(mini_ran: Path) -> None:
 def test_both_engines_list_the_same_stages(project_copy: Path) -> None:
     dvc_names = run([DVC, "stage", "list", "--name-only"], project_copy).stdout.split()
     rules = snakemake(["--list-rules"], project_copy).stdout.split()
-    assert len(dvc_names) == len(MODEL_NAMES) * 2 + 7  # 7 single stages + train/evaluate per model
+    assert len(dvc_names) == len(MODEL_NAMES) * 2 + 8  # 8 single stages + train/evaluate per model
     assert sorted(rules) == sorted([dag.rule_name(n) for n in dvc_names] + ["all"])
 
 
@@ -467,14 +467,14 @@ def test_both_engines_run_the_same_commands_on_the_same_files(project_copy: Path
         assert set(jobs) == {dag.rule_name(n) for n in dvc_stages} | {"all"}
         for name, st in dvc_stages.items():
             job = jobs[dag.rule_name(name)]
-            prefix = THREADS_PREFIX.match(job["shell"])
-            assert prefix and int(prefix.group(1)) == job["threads"], job["shell"]
-            assert job["shell"][prefix.end():] == st.cmd, name
+            assert job["shell"] == st.cmd, name
             assert job["output"] and sorted(job["output"]) == sorted(o.def_path for o in st.outs), name
             file_deps = [d.def_path for d in st.deps if d.def_path != "params.yaml"]
             assert sorted(job["input"]) == sorted({as_input(d) for d in file_deps}), name
-        # Ten cores, five trainings: two threads each (spinedxa.dag.rule_threads).
-        assert {jobs[f"train_{m}"]["threads"] for m in MODEL_NAMES} == {2}
+        # Every training occupies runtime.train_processes x train.threads cores (spinedxa.dag.rule_threads).
+        params = yaml.safe_load((project_copy / "params.yaml").read_text())
+        expected = params["runtime"]["train_processes"] * max(1, params["train"]["threads"])
+        assert {jobs[f"train_{m}"]["threads"] for m in MODEL_NAMES} == {expected}
 
 
 def test_report_stage_reads_every_model(repo_root: Path) -> None:
@@ -511,7 +511,7 @@ def test_slurm_profile_dry_run(project_copy: Path) -> None:
     text = dry.stdout + dry.stderr
     jobs = parse_dry_run(text)
     assert set(jobs) >= {f"train_{m}" for m in MODEL_NAMES}
-    assert jobs["train_resnet50"]["shell"].startswith("SPINEDXA_THREADS=8 python stages/train.py")
+    assert jobs["train_resnet50"]["shell"].startswith("python stages/train.py")
     block = text[text.index("rule train_resnet50:"):]
     resources = block[block.index("resources:"):].splitlines()[0]
     assert "slurm_partition=gpu" in resources and "gpu=1" in resources
