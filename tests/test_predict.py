@@ -220,14 +220,16 @@ def test_unusable_model_directory_is_an_error(tmp_path: Path, whole, breaks, exc
 # ---------------------------------------------------------------------------------------------------- ingest's path
 
 
-def _ingest_roi(path: Path, params, out: Path) -> tuple[dict, np.ndarray | None]:
-    """What ingest writes for ``path``: its manifest row and its ROI image (as training reads it)."""
-    (out / "images").mkdir(parents=True)
-    (out / "roi").mkdir()
-    cfg = params.ingest
-    job = ingest.FileJob(path.parent, out, cfg.max_side, cfg.max_pixels, cfg.multiframe, cfg.burned_in_text,
-                         cfg.burned_in_margin_px, cfg.roi, cfg.roi_height)
-    row = ingest.process_file(ingest.SourceItem(path.name, label="normal"), job)
+def _ingest_roi(path: Path, params, tmp_path: Path) -> tuple[dict, np.ndarray | None]:
+    """What ingest writes for ``path`` (run on a source holding only it): its manifest row and its ROI image, as
+    training reads it."""
+    source = tmp_path / "source"
+    (source / "normal").mkdir(parents=True)
+    shutil.copy(path, source / "normal" / path.name)
+    out = tmp_path / "ingested"
+    ingest.run_ingest(source, out, tmp_path / "ingest.json", classes=params.data.classes, settings=params.ingest,
+                      progress=False)
+    (row,) = pd.read_csv(out / "manifest.csv", dtype=str, keep_default_na=False).to_dict("records")
     return row, (read_image(out / row["roi"]) if row["status"] == "accepted" else None)
 
 
@@ -237,11 +239,11 @@ def test_input_is_exactly_what_ingest_writes_for_training(tmp_path: Path, params
                                                           roi: str) -> None:
     """decode -> text screening -> normalise -> ROI -> (16-bit PNG read back) -> fit, as ingest + training do."""
     cfg = _with_ingest(params, burned_in_text=policy, roi=roi)
-    row, roi_image = _ingest_roi(scans[scan], cfg, tmp_path / "ingested")
+    row, roi_image = _ingest_roi(scans[scan], cfg, tmp_path)
     assert row["status"] == "accepted", row["reason"]
     prepared = predict.prepare_image(scans[scan], cfg, SHAPE)
     np.testing.assert_array_equal(prepared.image, fit(roi_image, SHAPE))
-    assert prepared.redacted == row["redacted"] == (scan == "banner")
+    assert prepared.redacted == (scan == "banner") and row["redacted"] == str(prepared.redacted)
 
 
 def test_burned_in_text_is_quarantined(model_dir: Path, params, scans) -> None:
