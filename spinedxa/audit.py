@@ -33,14 +33,14 @@ from __future__ import annotations
 import os
 import subprocess
 from collections import defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterable, Mapping
 
 import pandas as pd
 
 from spinedxa import dag
-from spinedxa.config import ValidateConfig, load_params
+from spinedxa.config import ModelTrainConfig, ValidateConfig, load_params
 from spinedxa.contracts import (
     augmented as augmented_contract,
     jsonfile,
@@ -391,7 +391,7 @@ def _model_lineage(root: Path, rel: str, stage: dag.Stage, train: dag.Stage, met
             Check(f"model sha256 (fold {fold}: meta.json vs file)", model_file, meta["model_sha256"], actual),
             Check(f"model sha256 (fold {fold}: metrics vs file)", model_file, shas.get(str(fold)), actual),
             Check(f"params {block} (fold {fold}: meta.json vs dvc.lock)", meta_path, meta["params"],
-                  dag.lookup(train.locked_params, block)),
+                  _with_defaults(dag.lookup(train.locked_params, block))),
             Check(f"git commit (fold {fold} vs {parent_path})", meta_path, commit, folds[-1].git_commit),
             *(Check(f"training data digest (fold {fold}: meta.json vs dvc.lock)", path, digest, locked.get(path))
               for path, digest in sorted(meta["data_digests"].items())),
@@ -420,6 +420,15 @@ def _model_lineage(root: Path, rel: str, stage: dag.Stage, train: dag.Stage, met
         lineage.checks += [Check(f"MLflow run exists ({what})", uri or "MLFLOW_TRACKING_URI", run_id,
                                  _mlflow_run(root, uri, run_id)) for what, run_id in runs]
     return lineage
+
+
+def _with_defaults(block: Any) -> dict[str, Any] | None:
+    """A ``train.<model>`` block as dvc.lock records it (the keys params.yaml sets) completed with the defaults of
+    :class:`~spinedxa.config.ModelTrainConfig`, as the training saw it and wrote it to meta.json."""
+    if not isinstance(block, Mapping):
+        return None
+    defaults = {f.name: f.default for f in fields(ModelTrainConfig) if f.default is not MISSING}
+    return {**defaults, **block}
 
 
 def _lock_checks(root: Path, stages: Iterable[dag.Stage], params_file: str) -> list[Check]:

@@ -61,7 +61,7 @@ def _write_fold_meta(root: Path, fold: int, **changes: object) -> None:
 def _write_lineage_files(root: Path) -> None:
     """Eight raw PNGs (four patients), their manifest, a two-fold split, two fold models with their meta.json and
     the parent meta.json, the metrics file, and the baseline's metrics."""
-    params = yaml.safe_load((root / "params.yaml").read_text())
+    trained_with = dataclasses.asdict(load_params(root / "params.yaml").train.model(MODEL))  # as train writes it
     rng = np.random.default_rng(0)
     rows, split_rows = [], []
     for i in range(8):
@@ -96,7 +96,7 @@ def _write_lineage_files(root: Path) -> None:
         shas[str(fold)] = sha256_file(fold_dir / "model.pt")
         meta = {"model": MODEL, "fold": fold, "image_size": 64, "classes": ["normal", "osteoporosis"],
                 "mlflow_run_id": f"run-fold{fold}", "mlflow_tracking_uri": "sqlite:///mlflow.db",
-                "model_sha256": shas[str(fold)], "data_digests": digests, "params": params["train"][MODEL], **prov}
+                "model_sha256": shas[str(fold)], "data_digests": digests, "params": trained_with, **prov}
         (fold_dir / "meta.json").write_text(json.dumps(meta))
     (model_dir / "meta.json").write_text(json.dumps({
         "model": MODEL, "variant": MODEL, "protocol": "kfold", "folds": list(ROLES), "mlflow_run_id": "parent-run",
