@@ -102,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--json", action="store_true", help="machine-readable output")
     a.add_argument("--root", default=".", help="repository root (default: the working directory)")
     a.add_argument("--params", default="params.yaml", help="params file relative to --root")
-    a.add_argument("--mlflow", action="store_true", help="also check that the parent MLflow run and every fold's run exist in the store")
+    a.add_argument("--mlflow", action="store_true",
+                   help="also check that the parent MLflow run and every fold's run exist in the store")
     a.add_argument("--splits", help="split table in the splits contract (default: data/split/splits.csv), e.g. "
                    "reports/replay/leaky_split.csv")
     a.add_argument("--manifest", help="ingest manifest (default: data/ingested/manifest.csv)")
