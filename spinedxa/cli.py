@@ -1,9 +1,12 @@
 """The ``spinedxa`` command: workflows that use the pipeline's results.
 
     spinedxa profile profiles/tiny.yaml             merge a profile into params.yaml (validated)
-    spinedxa audit reports/metrics/resnet50.json    lineage of a metric back to the raw files, every hash verified
-    spinedxa audit --leakage                        patients, files, near-duplicates or augmentations across splits
-    spinedxa predict --model models/resnet50/model.pt scan.dcm scans/ [--csv out.csv] [--gradcam-dir DIR]
+    spinedxa audit reports/metrics/resnet50.json    lineage of a metric (every fold's model) back to the raw files
+    spinedxa audit --leakage [--splits PATH]        patients, files, near-duplicates or augmentations across the
+                                                    roles of a fold; k-fold coverage
+    spinedxa predict --model models/resnet50 scan.dcm scans/ [--csv out.csv] [--gradcam-dir DIR]
+                                                    the mean of the fold models' probabilities (a fold directory,
+                                                    models/resnet50/fold0, predicts alone)
 
 Exit codes: 0 success; 1 the audit found a mismatch or a leak, or predict could use none of the files; 2 the command
 could not run (bad arguments, a missing or malformed input, invalid params), with a message naming the file.
@@ -43,7 +46,10 @@ def _audit(args: argparse.Namespace) -> int:
     if args.leakage:
         params = load_params(root / args.params)
         defaults = audit.default_leakage_paths(root)
-        augmented = None if args.no_augmented else Path(args.augmented or defaults["augmented"])
+        # The default augmentation index belongs to the default split: another split file (e.g. the replay
+        # ablation's) is audited with the index given alongside it, or without one.
+        augmented = args.augmented or (None if args.splits else defaults["augmented"])
+        augmented = None if args.no_augmented or augmented is None else Path(augmented)
         leakage = audit.audit_leakage(
             args.splits or defaults["splits"], args.manifest or defaults["manifest"], augmented, params.validate
         )
@@ -63,7 +69,9 @@ def _predict(args: argparse.Namespace) -> int:
     files = predict.collect_files(args.inputs)
     if not files:
         raise FileNotFoundError(f"no files found in {args.inputs}")
-    rows = predict.predict_files(args.model, files, params, gradcam_dir=args.gradcam_dir, device=args.device)
+    ensemble = predict.load_ensemble(args.model, args.device)
+    print(f"spinedxa predict: {ensemble.describe()}", file=sys.stderr)
+    rows = predict.predict_files(ensemble, files, params, gradcam_dir=args.gradcam_dir, device=args.device)
     for row in rows:
         if row.status != "ok":
             print(f"error: {row.file}: {row.error}", file=sys.stderr)
@@ -94,18 +102,24 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--json", action="store_true", help="machine-readable output")
     a.add_argument("--root", default=".", help="repository root (default: the working directory)")
     a.add_argument("--params", default="params.yaml", help="params file relative to --root")
-    a.add_argument("--mlflow", action="store_true", help="also check that the MLflow run exists in the store")
-    a.add_argument("--splits", help="splits CSV (default: data/split/splits.csv)")
+    a.add_argument("--mlflow", action="store_true",
+                   help="also check that the parent MLflow run and every fold's run exist in the store")
+    a.add_argument("--splits", help="split table in the splits contract (default: data/split/splits.csv), e.g. "
+                   "reports/replay/leaky_split.csv")
     a.add_argument("--manifest", help="ingest manifest (default: data/ingested/manifest.csv)")
-    a.add_argument("--augmented", help="augmentation index (default: data/augmented/index.csv)")
+    a.add_argument("--augmented", help="augmentation index (default: data/augmented/index.csv when --splits is not "
+                   "given; with --splits, none unless given)")
     a.add_argument("--no-augmented", action="store_true", help="skip the augmentation check")
     a.set_defaults(func=_audit)
 
     r = sub.add_parser("predict", help="probability of osteoporosis for new DICOM/PNG/JPEG/TIFF files")
-    r.add_argument("--model", required=True, help="models/<model>/model.pt (meta.json must lie beside it)")
+    r.add_argument("--model", required=True,
+                   help="models/<model> (the ensemble of its fold models: mean probability) or one fold directory, "
+                        "models/<model>/fold<k> (or its model.pt)")
     r.add_argument("inputs", nargs="+", metavar="FILE_OR_DIR", help="files, or directories searched recursively")
     r.add_argument("--csv", help="write the rows to this CSV instead of standard output")
-    r.add_argument("--gradcam-dir", help="write a Grad-CAM overlay PNG per file into this directory")
+    r.add_argument("--gradcam-dir", help="write a Grad-CAM overlay PNG per file into this directory (on the model "
+                   "input, the ROI; the mean of the fold models' maps)")
     r.add_argument("--params", default="params.yaml", help="params file (ingest settings, threshold)")
     r.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     r.set_defaults(func=_predict)

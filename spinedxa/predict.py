@@ -1,15 +1,30 @@
-"""Predict on new scans with a trained model: the ingest path for one file at a time, then the model.
+"""Predict on new scans with a trained model: the ingest path for one file at a time, then the fold ensemble.
 
-Each file goes through exactly what the training data went through: ``imaging.decode_file`` (DICOM / PNG / JPEG /
-TIFF, sniffed by content; header values are never read out, so nothing identifying reaches the output) and
-``imaging.normalise`` with the ``ingest`` params, the blank-image rule of ``validate``, then ``data.letterbox`` to the
-model's ``image_size`` from the ``meta.json`` next to ``model.pt``. The output is one row per file: ``file,
-prob_osteoporosis, predicted, status, error``; a file that cannot be used gets ``status=error`` and a reason, and
-does not stop the others. Optionally a Grad-CAM overlay per file shows which regions drove the osteoporosis score.
+Which model predicts: ``--model models/<m>`` is the **ensemble of the fold models** the train stage wrote
+(``models/<m>/fold<k>/``): a file's probability of osteoporosis is the mean of the fold models' probabilities. Each
+fold model was trained on (k-1)/k of the cohort and scored out of fold by evaluate; no model was refit on all scans,
+so the ensemble is made only of models whose out-of-fold performance the report shows. A single fold directory
+(``models/<m>/fold0``, or its ``model.pt``) predicts with that one model.
+
+Each file goes through exactly what the training data went through (:func:`prepare_image`): ``imaging.decode_file``
+(DICOM / PNG / JPEG / TIFF, sniffed by content), the burned-in text screening of ingest (``spinedxa.burnedin.screen``
+with the header's PHI values and ``ingest.burned_in_text``: ``quarantine`` gives an error row ``burned_in_text: ...``,
+``redact`` predicts on the redacted image and sets ``redacted``), ``imaging.normalise`` to ``ingest.max_side``, the
+L1-L4 region (``spinedxa.roi.locate``, or the whole image under ``ingest.roi: whole``; none found: ``no_roi: ...``)
+extracted at ``ingest.roi_height``, the blank-image rule of validate, then ``data.fit`` to the model's input shape
+(``image_size`` from meta.json). Header values are never output: an error names the file and a reason code.
+
+The output is one row per file: ``file, prob_osteoporosis, predicted, status, error, redacted``; a file that cannot
+be used gets ``status=error`` and a reason, and does not stop the others. Optionally a Grad-CAM overlay per file
+(on the model input, i.e. the ROI) shows which regions drove the osteoporosis score: the mean of the fold models'
+Grad-CAM maps, each normalised to [0, 1] as pytorch-grad-cam does, so it explains the ensemble's score.
 
 Directories are walked as ingest walks ``data.source`` (``ingest.iter_files``: directory links followed, loop-safe,
 each real directory once), hidden files skipped. Unlike ingest, predict reads a file link wherever it points: the
 files are the user's own, and nothing of them but a probability is output. A dangling link gets an error row.
+
+Memory: every fold model is held at once (k x the model's size), and files are prepared and predicted
+:data:`BATCH` at a time.
 """
 
 from __future__ import annotations
@@ -26,16 +41,22 @@ import numpy as np
 import torch
 from PIL import Image
 
-from spinedxa.config import Params
-from spinedxa.data import letterbox
-from spinedxa.files import atomic_path, write_text_atomic
-from spinedxa.imaging import QuarantineError, decode_file, normalise
+from spinedxa import burnedin, roi as roi_locator
+from spinedxa.audit import fold_model_dirs
+from spinedxa.config import IngestConfig, Params
+from spinedxa.contracts import jsonfile
+from spinedxa.contracts.png16 import U16_MAX
+from spinedxa.data import fit, input_shape
+from spinedxa.files import atomic_path, sha256_file, write_text_atomic
+from spinedxa.imaging import Decoded, QuarantineError, decode_file, normalise
 from spinedxa.ingest import iter_files
 from spinedxa.models import load_trained, predict_proba
 
-U16_MAX = 65535.0  # normalise() windows to the full 16-bit range, as the ingested PNGs the models trained on
 POSITIVE = 1  # index of "osteoporosis" in data.classes (docs/CONTRACTS.md)
 BATCH = 32  # files decoded and predicted together: bounds memory for large directories
+WEIGHTS = "model.pt"
+META = "meta.json"
+_AGREE = ("model", "image_size", "classes")  # what every fold model of an ensemble must share
 
 
 class BlankImageError(ValueError):
@@ -44,13 +65,81 @@ class BlankImageError(ValueError):
 
 @dataclass(frozen=True)
 class Prediction:
-    """One output row."""
+    """One output row (``redacted`` is None on error rows: no image was used)."""
 
     file: str
     prob_osteoporosis: float | None
     predicted: str
     status: str  # "ok" | "error"
     error: str = ""
+    redacted: bool | None = None
+
+
+@dataclass(frozen=True)
+class Processed:
+    """A decoded scan after ingest's steps (what ingest writes for an accepted file).
+
+    Attributes:
+        image: the processed scan, uint16, longest side ``ingest.max_side`` (``data/ingested/images/``).
+        box: the located L1-L4 region (or the whole image), in ``image`` coordinates.
+        roi_image: the region, uint16, ``roi_height x roi_height / 2`` (``data/ingested/roi/``).
+        redacted: burned-in text was blacked out (policy ``redact``).
+    """
+
+    image: np.ndarray
+    box: roi_locator.Roi
+    roi_image: np.ndarray
+    redacted: bool
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """One file ready for the model: ``image`` (float32 ``H x W`` in [0, 1], the model's input shape)."""
+
+    image: np.ndarray
+    redacted: bool
+
+
+@dataclass(frozen=True)
+class FoldModel:
+    """One member of the ensemble: its fold (None when meta.json names none) and directory."""
+
+    fold: int | None
+    directory: Path
+    model: torch.nn.Module
+
+
+@dataclass(frozen=True)
+class Ensemble:
+    """The fold models of one trained model; they share ``name``, ``image_size`` and ``classes``."""
+
+    name: str
+    image_size: int
+    classes: tuple[str, ...]
+    members: tuple[FoldModel, ...]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """The model input ``(height, width)``."""
+        return input_shape(self.image_size)
+
+    def predict(self, images: torch.Tensor, device: str = "cpu") -> np.ndarray:
+        """Mean over the fold models of P(osteoporosis) for each image (``N x 1 x H x W``)."""
+        return np.mean([predict_proba(m.model, self.name, images, device=device) for m in self.members], axis=0)
+
+    def gradcam(self, images: torch.Tensor) -> np.ndarray:
+        """Mean over the fold models of their Grad-CAM maps of the positive class (``N x H x W`` in [0, 1])."""
+        from spinedxa.evaluate import gradcam_maps  # heavy (matplotlib, mlflow): only when asked for
+
+        return np.mean([gradcam_maps(m.model, self.name, images, target_class=POSITIVE) for m in self.members],
+                       axis=0)
+
+    def describe(self) -> str:
+        """One line: which model predicts, and how."""
+        dirs = ", ".join(m.directory.as_posix() for m in self.members)
+        if len(self.members) == 1:
+            return f"{self.name}: one model ({dirs})"
+        return f"{self.name}: ensemble of {len(self.members)} fold models, mean probability ({dirs})"
 
 
 def collect_files(inputs: Iterable[str | Path]) -> list[Path]:
@@ -71,21 +160,121 @@ def collect_files(inputs: Iterable[str | Path]) -> list[Path]:
     return files
 
 
-def prepare_image(path: Path, params: Params, image_size: int) -> np.ndarray:
-    """Decode, normalise and letterbox one file exactly as ingest + training do; float32 ``S x S`` in [0, 1].
+def process_pixels(decoded: Decoded, cfg: IngestConfig) -> Processed:
+    """Ingest's steps after decoding (``ingest.process_file``): burned-in text screening on the decoded pixels at
+    their original resolution (the header's PHI values always count), normalisation, ROI location, ROI extraction.
+
+    Raises:
+        QuarantineError: ``burned_in_text`` (quarantine policy, or text left after redaction) or ``no_roi``.
+        burnedin.OcrUnavailableError: the OCR library or its models are missing (systemic).
+    """
+    screened = burnedin.screen(decoded.pixels, decoded.phi_values, policy=cfg.burned_in_text,
+                               margin_px=cfg.burned_in_margin_px)
+    if not screened.accepted:
+        raise QuarantineError(burnedin.REASON, screened.detail)
+    image = normalise(screened.image, cfg.max_side)
+    try:
+        box = roi_locator.locate(image) if cfg.roi == "locate" else roi_locator.whole(image)
+    except roi_locator.RoiNotFound as exc:  # the message describes the image only, never a header value
+        raise QuarantineError("no_roi", str(exc)) from None
+    return Processed(image, box, roi_locator.extract(image, box, cfg.roi_height), screened.redacted)
+
+
+def prepare_image(path: Path, params: Params, shape: tuple[int, int]) -> Prepared:
+    """Decode one file and take it through ingest's steps (:func:`process_pixels`) and validate's blank rule, then
+    fit its ROI to the model input ``shape`` exactly as training reads an ingested ROI PNG.
 
     Raises:
         QuarantineError: the file cannot be used (the reason says why, as ingest's quarantine would).
-        BlankImageError: the image has (almost) no contrast: std below ``validate.min_std``.
-        ValueError: the decoded pixels are not finite.
+        BlankImageError: the processed image has (almost) no contrast: std below ``validate.min_std``.
+        ValueError: the decoded pixels are unusable (e.g. not finite).
     """
     if path.is_symlink() and not path.exists():
         raise QuarantineError("symlink_dangling", "its target does not exist")
     decoded = decode_file(path, max_pixels=params.ingest.max_pixels, multiframe=params.ingest.multiframe)
-    image = normalise(decoded.pixels, params.ingest.max_side)
-    if float(image.std()) < params.validate.min_std:
-        raise BlankImageError(f"blank: intensity std {image.std():.3f} < validate.min_std {params.validate.min_std}")
-    return letterbox(image.astype(np.float32) / np.float32(U16_MAX), image_size)
+    done = process_pixels(decoded, params.ingest)
+    del decoded
+    std = float(done.image.std())
+    if std < params.validate.min_std:
+        raise BlankImageError(f"blank: intensity std {std:.3f} < validate.min_std {params.validate.min_std}")
+    # As png16.read reads the ROI PNG that training uses: uint16 / 65535 as float32.
+    return Prepared(fit((done.roi_image / float(U16_MAX)).astype(np.float32), shape), done.redacted)
+
+
+def model_dirs(model: str | Path) -> list[Path]:
+    """The model directories ``--model`` names: a fold directory (or its ``model.pt``) alone, or every fold
+    directory of ``models/<m>/`` in fold order.
+
+    Raises:
+        FileNotFoundError: nothing there, or a directory with neither ``model.pt`` nor fold directories.
+        ValueError: the fold directories do not match ``models/<m>/meta.json`` (see ``audit.fold_model_dirs``).
+    """
+    path = Path(model)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: model not found (run the train stage, or `dvc pull`)")
+    if not path.is_dir():
+        return [path.parent]
+    if (path / WEIGHTS).exists():
+        return [path]
+    folds = fold_model_dirs(path)
+    if not folds:
+        raise FileNotFoundError(f"{path}: no {WEIGHTS} and no fold model directories (fold<k>/{WEIGHTS} with "
+                                f"{META}, as the train stage writes them); run the train stage, or `dvc pull`")
+    return list(folds.values())
+
+
+def load_ensemble(model: str | Path, device: str = "cpu") -> Ensemble:
+    """Load the model(s) ``--model`` names (:func:`model_dirs`) in eval mode on ``device``.
+
+    Raises:
+        FileNotFoundError: a model directory, its meta.json or model.pt is missing.
+        ValueError: a ``model.pt`` is not a weights-only state dict (refused, nothing in it run), differs from the
+            ``model_sha256`` its meta.json records, or the fold models disagree on model, image size or classes.
+        RuntimeError: the weights do not fit the architecture meta.json names.
+    """
+    members, metas = [], []
+    for directory in model_dirs(model):
+        net, meta = _load_model(directory, device)
+        members.append(FoldModel(meta.get("fold"), directory, net))
+        metas.append(meta)
+    first = metas[0]
+    for member, meta in zip(members[1:], metas[1:]):
+        for key in _AGREE:
+            if meta.get(key) != first.get(key):
+                raise ValueError(f"{member.directory / META}: {key} is {meta.get(key)!r}, but "
+                                 f"{members[0].directory / META} has {first.get(key)!r}; the fold models of one "
+                                 "ensemble must agree")
+    if "image_size" not in first:
+        raise ValueError(f"{members[0].directory / META}: missing key(s) ['image_size']")
+    return Ensemble(first["model"], int(first["image_size"]), tuple(first["classes"]), tuple(members))
+
+
+def _load_model(model_dir: Path, device: str) -> tuple[torch.nn.Module, dict]:
+    """``models.load_trained``, with the weights checked against meta.json's ``model_sha256`` first and a model.pt
+    that ``torch.load(weights_only=True)`` refuses reported by name.
+
+    torch raises ``pickle.UnpicklingError`` for a pickle of anything but tensors and containers (a whole module, or a
+    payload that would run code), ``EOFError`` / ``KeyError`` for an empty or non-pickle file, and ``TypeError`` when
+    what it loaded is not a dict of tensors.
+
+    Raises:
+        ValueError: the weights file is not a weights-only state dict (nothing in it was executed), or its sha256
+            differs from the one recorded at training.
+    """
+    weights, meta_path = model_dir / WEIGHTS, model_dir / META
+    if weights.is_file() and meta_path.is_file():
+        recorded = jsonfile.read(meta_path).get("model_sha256")
+        if recorded and sha256_file(weights) != recorded:
+            raise ValueError(f"{weights}: sha256 differs from model_sha256 in {meta_path} (the weights were changed "
+                             "after training); refused")
+    try:
+        return load_trained(model_dir, map_location=device)
+    except (pickle.UnpicklingError, EOFError, KeyError, TypeError) as exc:
+        raise ValueError(
+            f"{weights}: not a weights-only state dict as the train stage saves it "
+            f"({type(exc).__name__}); refused without running anything in it. Re-save the weights with "
+            "torch.save(model.state_dict(), path), or retrain"
+        ) from exc
 
 
 def _batches(items: Sequence[Path], size: int) -> Iterator[Sequence[Path]]:
@@ -94,7 +283,7 @@ def _batches(items: Sequence[Path], size: int) -> Iterator[Sequence[Path]]:
 
 
 def predict_files(
-    model_file: str | Path,
+    model: str | Path | Ensemble,
     files: Sequence[Path],
     params: Params,
     *,
@@ -104,74 +293,49 @@ def predict_files(
     """Predict the probability of osteoporosis for each file (in input order).
 
     Args:
-        model_file: ``models/<model>/model.pt`` (its directory, holding meta.json, is accepted too).
+        model: ``models/<m>`` (the fold ensemble), a fold directory or its ``model.pt``, or a loaded
+            :class:`Ensemble`.
         files: the files (see :func:`collect_files`).
-        params: the pipeline params (``ingest`` for decoding, ``validate.min_std``, ``evaluate.threshold``).
+        params: the pipeline params (``ingest`` for decoding, text screening and the ROI, ``validate.min_std``,
+            ``evaluate.threshold``).
         gradcam_dir: write ``<file stem>.gradcam.png`` overlays there (None: no Grad-CAM).
         device: torch device for the model.
 
     Raises:
-        FileNotFoundError: the model file or its meta.json does not exist.
-        ValueError / RuntimeError: meta.json or the weights are unusable (see ``models.load_trained``), e.g. a
-            model.pt that is not a weights-only state dict (an arbitrary pickle is refused, never run).
+        FileNotFoundError, ValueError, RuntimeError: the model cannot be used (see :func:`load_ensemble`).
+        burnedin.OcrUnavailableError: the text screening cannot run.
     """
-    model_path = Path(model_file)
-    model_dir = model_path if model_path.is_dir() else model_path.parent
-    if not model_path.exists():
-        raise FileNotFoundError(f"{model_path}: model not found (run the train stage, or `dvc pull`)")
-    model, meta = _load_model(model_dir, device)
-    name, size, classes = meta["model"], int(meta["image_size"]), list(meta["classes"])
+    ensemble = model if isinstance(model, Ensemble) else load_ensemble(model, device)
     threshold = params.evaluate.threshold
     cam_names = _gradcam_names(files) if gradcam_dir is not None else {}
     results: list[Prediction] = []
     for batch in _batches(files, BATCH):
-        images: dict[int, np.ndarray] = {}
+        prepared: dict[int, Prepared] = {}
         errors: dict[int, str] = {}
         for i, path in enumerate(batch):
             try:
-                images[i] = prepare_image(path, params, size)
+                prepared[i] = prepare_image(path, params, ensemble.shape)
             except (QuarantineError, BlankImageError) as exc:  # per-file problem: report it, go on with the others
                 errors[i] = str(exc)
             except ValueError as exc:  # normalise() on an unusable decode (e.g. non-finite pixels)
                 errors[i] = f"corrupt: {exc}"
         probs: dict[int, float] = {}
-        if images:
-            order = sorted(images)
-            tensor = torch.from_numpy(np.stack([images[i] for i in order]))[:, None]
-            probs = dict(zip(order, predict_proba(model, name, tensor, device=device).tolist()))
+        if prepared:
+            order = sorted(prepared)
+            tensor = torch.from_numpy(np.stack([prepared[i].image for i in order]))[:, None]
+            probs = dict(zip(order, ensemble.predict(tensor, device).tolist()))
             if gradcam_dir is not None:
-                from spinedxa.evaluate import gradcam_maps  # heavy (matplotlib, mlflow): only when asked for
-
-                maps = gradcam_maps(model, name, tensor, target_class=POSITIVE)  # model is on `device` already
+                maps = ensemble.gradcam(tensor)
                 for k, i in enumerate(order):
-                    save_overlay(Path(gradcam_dir) / cam_names[batch[i]], images[i], maps[k])
+                    save_overlay(Path(gradcam_dir) / cam_names[batch[i]], prepared[i].image, maps[k])
         for i, path in enumerate(batch):
             if i in probs:
                 p = probs[i]
-                results.append(Prediction(str(path), round(p, 6), classes[int(p >= threshold)], "ok"))
+                results.append(Prediction(str(path), round(p, 6), ensemble.classes[int(p >= threshold)], "ok",
+                                          redacted=prepared[i].redacted))
             else:
                 results.append(Prediction(str(path), None, "", "error", errors[i]))
     return results
-
-
-def _load_model(model_dir: Path, device: str) -> tuple[torch.nn.Module, dict]:
-    """``models.load_trained``, with a model.pt that ``torch.load(weights_only=True)`` refuses reported by name.
-
-    torch raises ``pickle.UnpicklingError`` for a pickle of anything but tensors and containers (a whole module, or a
-    payload that would run code), ``EOFError`` / ``KeyError`` for an empty or non-pickle file, and ``TypeError`` when
-    what it loaded is not a dict of tensors.
-
-    Raises:
-        ValueError: the weights file is not a weights-only state dict (nothing in it was executed).
-    """
-    try:
-        return load_trained(model_dir, map_location=device)
-    except (pickle.UnpicklingError, EOFError, KeyError, TypeError) as exc:
-        raise ValueError(
-            f"{model_dir / 'model.pt'}: not a weights-only state dict as the train stage saves it "
-            f"({type(exc).__name__}); refused without running anything in it. Re-save the weights with "
-            "torch.save(model.state_dict(), path), or retrain"
-        ) from exc
 
 
 def save_overlay(path: Path, image: np.ndarray, heat: np.ndarray) -> None:
@@ -200,12 +364,12 @@ def _gradcam_names(files: Sequence[Path]) -> dict[Path, str]:
 
 
 def to_csv(rows: Sequence[Prediction]) -> str:
-    """The rows as CSV text with the header ``file,prob_osteoporosis,predicted,status,error``."""
+    """The rows as CSV text with the header ``file,prob_osteoporosis,predicted,status,error,redacted``."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow([f.name for f in fields(Prediction)])
     for row in rows:
-        writer.writerow(["" if v is None else v for v in astuple(row)])
+        writer.writerow(["" if v is None else v for v in astuple(row)])  # booleans as True/False, as in the manifest
     return buf.getvalue()
 
 
