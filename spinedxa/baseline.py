@@ -39,7 +39,8 @@ from sklearn.preprocessing import StandardScaler
 
 from spinedxa import metrics
 from spinedxa.config import Params
-from spinedxa.contracts import splits as splits_contract
+from spinedxa.contracts import jsonfile, splits as splits_contract
+from spinedxa.provenance import provenance
 from spinedxa.contracts.splits import ROLES
 from spinedxa.data import ImageItem, part_items, read_image
 
@@ -218,8 +219,8 @@ def run_baseline(params: Params, paths: BaselinePaths) -> tuple[dict[str, object
     predictions = pd.concat(parts, ignore_index=True).sort_values("source", kind="stable").reset_index(drop=True)
     record = metrics.out_of_fold_record(predictions, classes, protocol=params.split.protocol,
                                         threshold=cfg.threshold, n_resamples=cfg.bootstrap, seed=cfg.seed)
-    record.update(model="baseline", mlflow_run_id=None, model_sha256=None,
-                  baseline_c=[m.c for m in fitted])
+    record.update(model="baseline", mlflow_run_id=None, model_sha256=None, baseline_c=[m.c for m in fitted],
+                  **provenance().record())
     metrics.write_evaluation(predictions, record, metrics_path=paths.metrics, predictions_path=paths.predictions,
                              plots_dir=paths.plots)
     return record, fitted
@@ -230,7 +231,6 @@ def log_baseline(params: Params, paths: BaselinePaths, record: dict[str, object]
     """Log the baseline to MLflow like a CNN: a parent run with the pooled metrics (``test_*``) and the output files,
     and one nested run per fold with its chosen C, validation log-losses and fold metrics. Returns the parent id."""
     from spinedxa import tracking
-    from spinedxa.provenance import provenance
 
     experiment = tracking.experiment_name(params.runtime.mlflow_experiment)
     prov = provenance()
@@ -249,4 +249,6 @@ def log_baseline(params: Params, paths: BaselinePaths, record: dict[str, object]
                 tracking.log_epoch({**fold_metrics, **losses}, 0)
     artifacts = [paths.metrics, paths.predictions, *sorted(Path(paths.plots).glob("*.csv"))]
     tracking.log_metrics_to_run(parent, numbers, artifacts=artifacts)
+    # The metrics file names its MLflow run, as every CNN's does (the audit follows it).
+    jsonfile.write(paths.metrics, {**jsonfile.read(paths.metrics), "mlflow_run_id": parent})
     return parent

@@ -61,7 +61,7 @@ from spinedxa import burnedin, deid, roi as roi_locator
 from spinedxa.config import IngestConfig
 from spinedxa.contracts import manifest as manifest_contract, png16
 from spinedxa.files import atomic_dir, write_json_atomic
-from spinedxa.imaging import Multiframe, QuarantineError, check_regular, decode_file, normalise
+from spinedxa.imaging import Decoded, QuarantineError, check_regular, decode_file, normalise
 
 log = logging.getLogger(__name__)
 
@@ -115,14 +115,7 @@ class FileJob:
 
     source_dir: Path
     out_dir: Path  # the (temporary) output directory; images go to out_dir/images/
-    max_side: int
-    max_pixels: int
-    multiframe: Multiframe
-    burned_in_text: str  # ingest.burned_in_text: quarantine | redact
-    burned_in_margin_px: int
-    roi_mode: str  # ingest.roi: locate | whole
-    roi_height: int  # rows of the ROI image written per accepted scan (its width: roi_height / ROI_ASPECT)
-    worker_memory_mb: int = 0  # the workers' address-space allowance (for the quarantine message)
+    settings: IngestConfig  # max_side, max_pixels, multiframe, burned_in_text, roi, roi_height, worker_memory_mb
 
 
 def read_labels(path: Path, classes: Sequence[str]) -> dict[str, tuple[str, str]]:
@@ -295,6 +288,44 @@ def _labelled(rel: str, label: str, classes: Sequence[str], patient: str, where:
     return SourceItem(rel, label=label, patient_hint=patient)
 
 
+@dataclass(frozen=True)
+class Processed:
+    """A decoded scan after ingest's steps: what is written for an accepted file.
+
+    Attributes:
+        image: the processed scan, uint16, longest side ``ingest.max_side`` (``images/``).
+        box: the located L1-L4 region (or the whole image), in ``image`` coordinates.
+        roi_image: the region, uint16, ``roi_height x roi_height / 2`` (``roi/``).
+        redacted: burned-in text was blacked out (policy ``redact``).
+    """
+
+    image: np.ndarray
+    box: roi_locator.Roi
+    roi_image: np.ndarray
+    redacted: bool
+
+
+def process_pixels(decoded: Decoded, settings: IngestConfig, extra_phi: Sequence[str] = ()) -> Processed:
+    """The steps after decoding, shared with ``spinedxa predict``: burned-in text screening on the decoded pixels
+    at their original resolution (before any resizing blurs the glyphs; the header's PHI values, and ``extra_phi``
+    such as a labels.csv patient id, always count when OCR reads them), normalisation, ROI location and extraction.
+
+    Raises:
+        QuarantineError: ``burned_in_text`` (quarantine policy, or text left after redaction) or ``no_roi``.
+        burnedin.OcrUnavailableError: the OCR library or its models are missing (systemic).
+    """
+    screened = burnedin.screen(decoded.pixels, decoded.phi_values + tuple(extra_phi),
+                               policy=settings.burned_in_text, margin_px=settings.burned_in_margin_px)
+    if not screened.accepted:
+        raise QuarantineError(burnedin.REASON, screened.detail)
+    image = normalise(screened.image, settings.max_side)
+    try:
+        box = roi_locator.locate(image) if settings.roi == "locate" else roi_locator.whole(image)
+    except roi_locator.RoiNotFound as exc:  # the message describes the image only, never a header value
+        raise QuarantineError("no_roi", str(exc)) from None
+    return Processed(image, box, roi_locator.extract(image, box, settings.roi_height), screened.redacted)
+
+
 def process_file(item: SourceItem, job: FileJob) -> dict[str, Any]:
     """Process one input file (in a worker) and return its manifest row. Never raises for per-file problems.
 
@@ -320,23 +351,12 @@ def process_file(item: SourceItem, job: FileJob) -> dict[str, Any]:
         row.update(reason=item.label_problem, patient_id=_fallback_patient(item, row["sha256"]))
         return row
     try:
-        decoded = decode_file(path, max_pixels=job.max_pixels, multiframe=job.multiframe,
+        decoded = decode_file(path, max_pixels=job.settings.max_pixels, multiframe=job.settings.multiframe,
                               pseudonymise=not item.patient_hint, data=data)
         del data  # the file's bytes are not needed past decoding: free them before the float copies below
-        # Burned-in text, on the decoded image at its original resolution (before any resizing blurs the glyphs);
-        # the header's PHI values (and a labels.csv patient id) always count when OCR reads them.
-        phi = decoded.phi_values + ((item.patient_hint,) if item.patient_hint else ())
-        screened = burnedin.screen(decoded.pixels, phi, policy=job.burned_in_text,
-                                   margin_px=job.burned_in_margin_px)
-        if not screened.accepted:
-            raise QuarantineError(burnedin.REASON, screened.detail)
-        image = normalise(screened.image, job.max_side)
-        try:
-            box = roi_locator.locate(image) if job.roi_mode == "locate" else roi_locator.whole(image)
-        except roi_locator.RoiNotFound as exc:  # the message describes the image only, never a header value
-            raise QuarantineError("no_roi", str(exc)) from None
-        roi_image = roi_locator.extract(image, box, job.roi_height)
-        png, roi_png = png16.encode(image), png16.encode(roi_image)
+        done = process_pixels(decoded, job.settings, (item.patient_hint,) if item.patient_hint else ())
+        image, box = done.image, done.box
+        png, roi_png = png16.encode(image), png16.encode(done.roi_image)
     except QuarantineError as exc:
         row.update(reason=str(exc), patient_id=_fallback_patient(item, row["sha256"]))
         return row
@@ -344,7 +364,8 @@ def process_file(item: SourceItem, job: FileJob) -> dict[str, Any]:
         # Under the workers' address-space cap (_init_worker) or a ulimit: this file needs more memory than any
         # image within ingest.max_pixels should. Quarantined, so one hostile file does not stop the stage.
         reason = QuarantineError("too_large", f"decoding needs more memory than this process may use "
-                                              f"(ingest.worker_memory_mb = {job.worker_memory_mb}, or a ulimit)")
+                                              f"(ingest.worker_memory_mb = {job.settings.worker_memory_mb}, or a "
+                                              "ulimit)")
         row.update(reason=str(reason), patient_id=_fallback_patient(item, row["sha256"]))
         return row
     name = f"{IMAGES_DIR}/{row['sha256'][:16]}.png"
@@ -362,7 +383,7 @@ def process_file(item: SourceItem, job: FileJob) -> dict[str, Any]:
         roi_height=box.height,
         roi_width=box.width,
         roi_method=box.method,
-        redacted=screened.redacted,
+        redacted=done.redacted,
         width=image.shape[1],
         height=image.shape[0],
         orig_width=meta["orig_width"],
@@ -488,7 +509,7 @@ def _rows(items: Iterator[SourceItem], job: FileJob, workers: int) -> Iterator[d
         yield from (process_file(item, job) for item in items)
         return
     pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(), initializer=_init_worker,
-                               initargs=(job.worker_memory_mb,))
+                               initargs=(job.settings.worker_memory_mb,))
     pending: deque[tuple[list[SourceItem], Future[list[dict[str, Any]]]]] = deque()
     try:
         for chunk in _chunks(items, _CHUNKSIZE):
@@ -592,9 +613,7 @@ def _ingest_into(
 ) -> None:
     (out / IMAGES_DIR).mkdir()
     (out / ROI_DIR).mkdir()
-    job = FileJob(source.resolve(), out, settings.max_side, settings.max_pixels, settings.multiframe,
-                  settings.burned_in_text, settings.burned_in_margin_px, settings.roi, settings.roi_height,
-                  settings.worker_memory_mb)
+    job = FileJob(source.resolve(), out, settings)
     unsorted = out / f".{MANIFEST}.unsorted"
     seen_labelled = 0
     with unsorted.open("w", newline="", encoding="utf-8") as fh, logging_redirect_tqdm(), \

@@ -41,15 +41,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-from spinedxa import burnedin, roi as roi_locator
 from spinedxa.audit import fold_model_dirs
-from spinedxa.config import IngestConfig, Params
+from spinedxa.calibration import Platt
+from spinedxa.config import Params
 from spinedxa.contracts import jsonfile
 from spinedxa.contracts.png16 import U16_MAX
 from spinedxa.data import fit, input_shape
 from spinedxa.files import atomic_path, sha256_file, write_text_atomic
-from spinedxa.imaging import Decoded, QuarantineError, decode_file, normalise
-from spinedxa.ingest import iter_files
+from spinedxa.imaging import QuarantineError, decode_file
+from spinedxa.ingest import iter_files, process_pixels
 from spinedxa.models import load_trained, predict_proba
 
 POSITIVE = 1  # index of "osteoporosis" in data.classes (docs/CONTRACTS.md)
@@ -76,23 +76,6 @@ class Prediction:
 
 
 @dataclass(frozen=True)
-class Processed:
-    """A decoded scan after ingest's steps (what ingest writes for an accepted file).
-
-    Attributes:
-        image: the processed scan, uint16, longest side ``ingest.max_side`` (``data/ingested/images/``).
-        box: the located L1-L4 region (or the whole image), in ``image`` coordinates.
-        roi_image: the region, uint16, ``roi_height x roi_height / 2`` (``data/ingested/roi/``).
-        redacted: burned-in text was blacked out (policy ``redact``).
-    """
-
-    image: np.ndarray
-    box: roi_locator.Roi
-    roi_image: np.ndarray
-    redacted: bool
-
-
-@dataclass(frozen=True)
 class Prepared:
     """One file ready for the model: ``image`` (float32 ``H x W`` in [0, 1], the model's input shape)."""
 
@@ -102,11 +85,18 @@ class Prepared:
 
 @dataclass(frozen=True)
 class FoldModel:
-    """One member of the ensemble: its fold (None when meta.json names none) and directory."""
+    """One member of the ensemble: its fold (None when meta.json names none), directory, and how it scores: its
+    test-time augmentation and its Platt calibration (both from meta.json, as evaluate applies them)."""
 
     fold: int | None
     directory: Path
     model: torch.nn.Module
+    tta: str = "none"
+    calibration: Platt = Platt()
+
+    def predict(self, name: str, images: torch.Tensor, device: str = "cpu") -> np.ndarray:
+        """Calibrated P(osteoporosis): exactly what evaluate scores for this fold."""
+        return self.calibration.apply(predict_proba(self.model, name, images, device=device, tta=self.tta))
 
 
 @dataclass(frozen=True)
@@ -124,8 +114,8 @@ class Ensemble:
         return input_shape(self.image_size)
 
     def predict(self, images: torch.Tensor, device: str = "cpu") -> np.ndarray:
-        """Mean over the fold models of P(osteoporosis) for each image (``N x 1 x H x W``)."""
-        return np.mean([predict_proba(m.model, self.name, images, device=device) for m in self.members], axis=0)
+        """Mean over the fold models of their calibrated P(osteoporosis) for each image (``N x 1 x H x W``)."""
+        return np.mean([m.predict(self.name, images, device=device) for m in self.members], axis=0)
 
     def gradcam(self, images: torch.Tensor) -> np.ndarray:
         """Mean over the fold models of their Grad-CAM maps of the positive class (``N x H x W`` in [0, 1])."""
@@ -160,28 +150,8 @@ def collect_files(inputs: Iterable[str | Path]) -> list[Path]:
     return files
 
 
-def process_pixels(decoded: Decoded, cfg: IngestConfig) -> Processed:
-    """Ingest's steps after decoding (``ingest.process_file``): burned-in text screening on the decoded pixels at
-    their original resolution (the header's PHI values always count), normalisation, ROI location, ROI extraction.
-
-    Raises:
-        QuarantineError: ``burned_in_text`` (quarantine policy, or text left after redaction) or ``no_roi``.
-        burnedin.OcrUnavailableError: the OCR library or its models are missing (systemic).
-    """
-    screened = burnedin.screen(decoded.pixels, decoded.phi_values, policy=cfg.burned_in_text,
-                               margin_px=cfg.burned_in_margin_px)
-    if not screened.accepted:
-        raise QuarantineError(burnedin.REASON, screened.detail)
-    image = normalise(screened.image, cfg.max_side)
-    try:
-        box = roi_locator.locate(image) if cfg.roi == "locate" else roi_locator.whole(image)
-    except roi_locator.RoiNotFound as exc:  # the message describes the image only, never a header value
-        raise QuarantineError("no_roi", str(exc)) from None
-    return Processed(image, box, roi_locator.extract(image, box, cfg.roi_height), screened.redacted)
-
-
 def prepare_image(path: Path, params: Params, shape: tuple[int, int]) -> Prepared:
-    """Decode one file and take it through ingest's steps (:func:`process_pixels`) and validate's blank rule, then
+    """Decode one file and take it through ingest's steps (``ingest.process_pixels``) and validate's blank rule, then
     fit its ROI to the model input ``shape`` exactly as training reads an ingested ROI PNG.
 
     Raises:
@@ -235,7 +205,8 @@ def load_ensemble(model: str | Path, device: str = "cpu") -> Ensemble:
     members, metas = [], []
     for directory in model_dirs(model):
         net, meta = _load_model(directory, device)
-        members.append(FoldModel(meta.get("fold"), directory, net))
+        members.append(FoldModel(meta.get("fold"), directory, net, str(meta.get("tta", "none")),
+                                 Platt.from_record(meta.get("calibration"))))
         metas.append(meta)
     first = metas[0]
     for member, meta in zip(members[1:], metas[1:]):

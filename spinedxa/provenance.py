@@ -48,10 +48,13 @@ class Provenance:
         """One line for reports and audits."""
         if self.commit == UNKNOWN:
             return "code commit unknown (not a git work tree)"
+        if self.dirty is None:
+            return f"commit {self.commit[:12]} (whether the tree was clean was not recorded)"
         if self.dirty:
-            shown = ", ".join(self.changed[:5]) + (", ..." if len(self.changed) > 5 else "")
-            return (f"commit {self.commit[:12]} WITH UNCOMMITTED CHANGES to {len(self.changed)} code or params file(s) "
-                    f"({shown}): the commit alone does not reproduce this result")
+            shown = (" (" + ", ".join(self.changed[:5]) + (", ..." if len(self.changed) > 5 else "") + ")"
+                     if self.changed else "")
+            return (f"commit {self.commit[:12]} WITH UNCOMMITTED CHANGES to code or params{shown}: the commit alone "
+                    "does not reproduce this result")
         return f"commit {self.commit[:12]} (clean tree: the commit reproduces this result)"
 
 
