@@ -1,6 +1,8 @@
 """The ``spinedxa`` command: workflows that use the pipeline's results.
 
-    spinedxa profile profiles/tiny.yaml             merge a profile into params.yaml (validated)
+    spinedxa profile run profiles/paper.yaml [-n N] a DVC experiment with the profile (params.yaml stays the default)
+    spinedxa profile show profiles/tiny.yaml        the profile as `dvc exp run -S` values, validated
+    spinedxa profile apply profiles/tiny.yaml       merge it into params.yaml in place (throwaway copies, tests)
     spinedxa audit reports/metrics/resnet50.json    lineage of a metric (every fold's model) back to the raw files
     spinedxa audit --leakage [--splits PATH]        patients, files, near-duplicates or augmentations across the
                                                     roles of a fold; k-fold coverage
@@ -20,15 +22,28 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from spinedxa.config import ConfigError, apply_profile, load_params
+from spinedxa.config import ConfigError, apply_profile, load_params, profile_overrides
 
 EXIT_OK, EXIT_FAILED, EXIT_ERROR = 0, 1, 2
 
 
 def _profile(args: argparse.Namespace) -> int:
-    apply_profile(args.params, args.profile)
-    print(f"{args.params}: profile {args.profile} applied")
-    return EXIT_OK
+    """Profiles keep params.yaml the committed default: ``run`` is a DVC experiment (``dvc exp run -S``), ``show``
+    prints its values, and only ``apply`` rewrites params.yaml (with a header naming the profile, so the overlay is
+    explicit; ``git checkout params.yaml`` reverts it)."""
+    if args.action == "apply":
+        apply_profile(args.params, args.profile)
+        print(f"{args.params}: profile {args.profile} applied (revert with `git checkout {args.params}`)")
+        return EXIT_OK
+    overrides = profile_overrides(args.params, args.profile)
+    if args.action == "show":
+        print("\n".join(overrides))
+        return EXIT_OK
+    import subprocess
+
+    cmd = ["dvc", "exp", "run", *(["-n", args.name] if args.name else []), *(a for o in overrides for a in ("-S", o))]
+    print(" ".join(cmd), file=sys.stderr)
+    return subprocess.run(cmd, check=False).returncode
 
 
 def _audit(args: argparse.Namespace) -> int:
@@ -91,8 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("profile", help="merge a profile (e.g. profiles/tiny.yaml) into params.yaml, validated")
-    p.add_argument("profile", help="profile YAML to merge")
+    p = sub.add_parser("profile", help="run, show or apply a profile (e.g. profiles/paper.yaml), validated")
+    p.add_argument("action", choices=("run", "show", "apply"),
+                   help="run: a DVC experiment with the profile's values; show: print them; apply: rewrite params.yaml")
+    p.add_argument("profile", help="profile YAML (an overlay of params.yaml)")
+    p.add_argument("-n", "--name", help="experiment name (run)")
     p.add_argument("--params", default="params.yaml", help="params file to update in place (default: params.yaml)")
     p.set_defaults(func=_profile)
 

@@ -36,7 +36,7 @@ def test_console_script_is_installed() -> None:
 def test_profile_merges_into_params(params_copy: Path, repo_root: Path, capsys) -> None:
     before = yaml.safe_load(params_copy.read_text())
     profile = yaml.safe_load((repo_root / "profiles/tiny.yaml").read_text())
-    assert main(["profile", str(repo_root / "profiles/tiny.yaml"), "--params", str(params_copy)]) == 0
+    assert main(["profile", "apply", str(repo_root / "profiles/tiny.yaml"), "--params", str(params_copy)]) == 0
     merged = yaml.safe_load(params_copy.read_text())
     assert merged["synthesize"]["n_scans"] == profile["synthesize"]["n_scans"]
     assert merged["train"]["cnn21"]["epochs"] == profile["train"]["cnn21"]["epochs"]
@@ -59,15 +59,27 @@ def test_invalid_profile_changes_nothing(params_copy: Path, tmp_path: Path, over
     before = params_copy.read_text()
     profile = tmp_path / "bad.yaml"
     profile.write_text(yaml.safe_dump(overlay))
-    assert main(["profile", str(profile), "--params", str(params_copy)]) == 2
-    err = capsys.readouterr().err
-    assert "bad.yaml" in err and message in err
-    assert params_copy.read_text() == before
+    for action in ("apply", "show", "run"):
+        assert main(["profile", action, str(profile), "--params", str(params_copy)]) == 2
+        err = capsys.readouterr().err
+        assert "bad.yaml" in err and message in err
+        assert params_copy.read_text() == before
 
 
 def test_missing_profile_names_the_file(params_copy: Path, tmp_path: Path, capsys) -> None:
-    assert main(["profile", str(tmp_path / "nope.yaml"), "--params", str(params_copy)]) == 2
+    assert main(["profile", "apply", str(tmp_path / "nope.yaml"), "--params", str(params_copy)]) == 2
     assert "nope.yaml" in capsys.readouterr().err
+
+
+def test_profile_show_gives_dvc_set_params_and_keeps_params_yaml(params_copy: Path, repo_root: Path,
+                                                                  capsys) -> None:
+    """`show` (and `run`, which passes them to `dvc exp run -S`) leave params.yaml the committed default."""
+    before = params_copy.read_text()
+    assert main(["profile", "show", str(repo_root / "profiles/tiny.yaml"), "--params", str(params_copy)]) == 0
+    lines = capsys.readouterr().out.split()
+    assert "synthesize.n_scans=40" in lines and "replay.enabled=false" in lines
+    assert all("=" in line for line in lines)
+    assert params_copy.read_text() == before
 
 
 # ---------------------------------------------------------------------------------------------------- audit

@@ -21,8 +21,9 @@ def repro(repo: Path, *targets: str) -> set[str]:
 def test_data_half_repro_is_idempotent_and_split_seed_reruns_only_split(tiny_repo):
     assert repro(tiny_repo, "split") == {"synthesize", "ingest", "validate", "split"}
     splits = pd.read_csv(tiny_repo / "data/split/splits.csv")
-    assert splits.groupby("patient_id")["split"].nunique().max() == 1
+    assert splits.groupby(["fold", "patient_id"])["split"].nunique().max() == 1  # one role per patient and fold
     assert set(splits["split"]) == {"train", "val", "test"}
+    assert splits.loc[splits["split"] == "test", "source"].is_unique  # every scan scored by one fold
     # Outputs are DVC-tracked, not git-tracked.
     ignored = run(["git", "check-ignore", "data/ingested", "data/split/splits.csv"], tiny_repo).stdout.split()
     assert ignored == ["data/ingested", "data/split/splits.csv"]

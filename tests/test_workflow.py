@@ -247,7 +247,7 @@ def test_load_stages_lets_dvc_resolve_matrix_templating_and_outputs(mini_repo: P
     ("edit", "message"),
     [
         (lambda text: text.replace("\nsplit:\n", "\nsplit:\n  seed: 1\n", 1), "split.seed: duplicated key at line"),
-        (lambda text: text.replace("    batch_size: 16", "    batch_size: 0", 1),
+        (lambda text: text.replace("    batch_size: 32", "    batch_size: 0", 1),
          "train.cnn21.batch_size: 0 is out of range"),
     ],
     ids=["duplicated_key", "out_of_range"],
