@@ -28,6 +28,7 @@ import logging
 import multiprocessing
 import random
 import shutil
+import sys
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
@@ -338,8 +339,18 @@ def _run_folds(jobs: Sequence[FoldJob], processes: int, on_epoch_end: Callable[[
 
 
 def _init_worker(level: int) -> None:
-    """A spawned training process logs like the stage (its progress lines reach the stage's stderr)."""
+    """A spawned training process logs like the stage (its progress lines reach the stage's stderr) and dies with it.
+
+    Without the parent-death signal, killing the stage (Ctrl-C, ``kill``, the OOM killer) would leave its fold
+    processes training on as orphans (measured: they ran to the end of their epochs).
+    """
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", force=True)  # mlflow adds a handler
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        PR_SET_PDEATHSIG = 1  # prctl(2)
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def _mlflow_params(params: Params, name: str) -> dict[str, Any]:
