@@ -17,7 +17,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import pandas as pd
@@ -27,7 +27,9 @@ import yaml
 
 from spinedxa.config import Params, deep_merge, params_from_dict
 from spinedxa.contracts import augmented as augmented_contract, png16, splits as splits_contract
-from spinedxa.train import TrainPaths
+
+if TYPE_CHECKING:
+    from spinedxa.train import TrainPaths
 
 REPO = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -137,6 +139,8 @@ def make_dataset(root: Path, *, folds: int = 2, n_train: int = 8, n_val: int = 4
 
 def paths_for(model: str) -> TrainPaths:
     """The stage's paths as dvc.yaml passes them (relative to the repo root = cwd)."""
+    from spinedxa.train import TrainPaths  # the training stack (MLflow) only where a test trains
+
     return TrainPaths(Path("data/split/splits.csv"), Path("data/ingested"), Path("data/augmented"),
                       Path(f"models/{model}"), Path(f"reports/train/{model}.csv"), Path(f"checkpoints/{model}"))
 
