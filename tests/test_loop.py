@@ -19,11 +19,9 @@ from spinedxa.loop import CURVE_COLUMNS, Batches, FitPlan, Session, cpu_state, e
 from spinedxa.models import get_model, get_spec
 from spinedxa.recipe import AUX_LOSS_WEIGHT, EarlyStopping, Schedule, build_scheduler, criterion
 from spinedxa.runtime import FP32, Distributed, FastPath, Runtime, cpu_has_native_bf16, select_fast_path
-from train_factory import CPU, ROI_SHAPE, make_params
+from train_factory import BF16_EPS, CPU, ROI_SHAPE, make_params
 
 SPEC = get_spec("cnn21")
-#: bf16's unit roundoff: 8 significant bits (7 stored + 1 implicit), so one rounding moves a value by <= 2^-8.
-BF16_EPS = 2.0**-8
 #: The AVX2 fast path, which every x86-64 CPU can take (what select_fast_path gives without native bf16).
 FP32_CHANNELS_LAST = FastPath("cpu_fp32_channels_last", True, fused_optimizer=True)
 

@@ -27,6 +27,7 @@ import yaml
 
 from spinedxa.config import Params, deep_merge, params_from_dict
 from spinedxa.contracts import augmented as augmented_contract, png16, splits as splits_contract
+from spinedxa.runtime import FastPath
 
 if TYPE_CHECKING:
     from spinedxa.train import TrainPaths
@@ -38,6 +39,23 @@ CLASSES = ("normal", "osteoporosis")
 #: ROI images: 2:1 (spinedxa.contracts.manifest.ROI_ASPECT), the size the models see at image_size 64.
 ROI_SHAPE = (64, 32)
 IMAGE_SIZE = ROI_SHAPE[0]
+#: Unit roundoff of the autocast dtypes: significand bits 8 (bf16) and 11 (fp16), so one rounding moves a value by
+#: at most 2^-8 resp. 2^-11 relative.
+UNIT_ROUNDOFF = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+BF16_EPS = UNIT_ROUNDOFF[torch.bfloat16]
+
+
+def path_tolerance(fast: FastPath) -> float:
+    """Relative tolerance between two short trainings (a few epochs) that differ only in how ``fast`` rounds.
+
+    Mixed precision: 8 roundings of its dtype (bf16: 3.1e-2). Autocast rounds the operands of every convolution and
+    linear layer, and a few epochs of steps compound them: bf16 against fp32 after 3 epochs of the default cnn21
+    recipe on the train_factory cohort differed by up to 1.6e-2 relative on val_loss (AMD EPYC Zen 4, AVX512-BF16).
+    fp32 paths (plain, channels_last, DDP): 1e-4, the order of fp32 reductions only (measured <= 3.1e-7).
+    """
+    if fast.autocast_dtype is None:
+        return 1e-4
+    return 8 * UNIT_ROUNDOFF[fast.autocast_dtype]
 
 
 @dataclass(frozen=True)
