@@ -48,6 +48,7 @@ from train_factory import (
     make_params,
     model_bytes,
     path_tolerance,
+    scans_that_may_flip,
     paths_for,
     raw_params,
     train_workdir,  # noqa: F401 - the fixture
@@ -414,12 +415,12 @@ def test_fast_path_costs_no_accuracy(workdir: Path, monkeypatch: pytest.MonkeyPa
     shutil.rmtree(workdir / "checkpoints")
     fast = train_fold(job(make_params(fast=True)))
     assert plain.runtime["fast_path"] == FP32.name and fast.runtime["fast_path"] == expected.name != FP32.name
-    rtol = path_tolerance(expected)
+    rtol, flips = path_tolerance(expected), scans_that_may_flip(expected, plain.n_val)
     for a, b in zip(plain.history, fast.history, strict=True):
         assert b["train_loss"] == pytest.approx(a["train_loss"], rel=rtol)
         assert b["val_loss"] == pytest.approx(a["val_loss"], rel=rtol)
         assert b["val_auc"] == pytest.approx(a["val_auc"], abs=0.05, nan_ok=True)
-        assert b["val_accuracy"] == a["val_accuracy"]
+        assert b["val_accuracy"] == pytest.approx(a["val_accuracy"], abs=flips)
 
 
 # ------------------------------------------------------------------------------------------- bad settings and data
@@ -516,8 +517,9 @@ def test_ddp_two_cpu_processes_match_one_process(workdir: Path, variant: str) ->
     statistics per process (SyncBatchNorm is CUDA-only) and dropout masks differ per rank. What remains is rounding:
     each rank sums its half batch. "exact" runs in fp32 (``train.fast: false``, rtol 1e-4: sums of a few hundred
     fp32 products reordered, then 2 epochs of steps); "fast" takes this machine's fast path with the tolerance of
-    that path (train_factory.path_tolerance: bf16 rounds each rank's half batch differently from the whole, about
-    3e-4 relative on val_loss measured on an AMX Xeon).
+    that path (train_factory.path_tolerance: bf16 rounds each rank's half batch differently from the whole).
+    Measured on an AMD EPYC Zen 4 (AVX512-BF16), 1 thread per process: exact <= 1e-7 relative on train_loss and
+    val_loss; fast (bf16) <= 6.4e-4 on train_loss, 2.2e-3 on val_loss; val_auc and val_accuracy equal in both.
     """
     shutil.rmtree(workdir / "data")
     make_dataset(workdir, folds=1, n_train=16, n_val=8)
@@ -545,7 +547,7 @@ def test_ddp_two_cpu_processes_match_one_process(workdir: Path, variant: str) ->
     for column in ("train_loss", "val_loss"):
         np.testing.assert_allclose(ddp[column], one[column], rtol=rtol, err_msg=column)
     np.testing.assert_allclose(ddp["val_auc"], one["val_auc"], atol=0.05 if fast else 1e-6)
-    np.testing.assert_array_equal(ddp["val_accuracy"], one["val_accuracy"])
+    np.testing.assert_allclose(ddp["val_accuracy"], one["val_accuracy"], atol=scans_that_may_flip(path, 8))
 
 
 @pytest.mark.slow

@@ -58,6 +58,12 @@ def path_tolerance(fast: FastPath) -> float:
     return 8 * UNIT_ROUNDOFF[fast.autocast_dtype]
 
 
+def scans_that_may_flip(fast: FastPath, n_val: int) -> float:
+    """Accuracy difference allowed between two such trainings on ``n_val`` validation scans: none in fp32; one scan
+    under mixed precision, whose probability may lie within the rounding of the 0.5 threshold."""
+    return 0.0 if fast.autocast_dtype is None else 1.0 / n_val + 1e-12
+
+
 @dataclass(frozen=True)
 class Cohort:
     """What :func:`make_dataset` wrote: the split table and, per fold and role, the ROI paths (repo-relative)."""
