@@ -234,7 +234,7 @@ def log_baseline(params: Params, paths: BaselinePaths, record: dict[str, object]
 
     experiment = tracking.experiment_name(params.runtime.mlflow_experiment)
     prov = provenance()
-    tags = {"git_commit": prov.commit, "git_dirty": str(prov.dirty), "dvc_stage": "baseline"}
+    tags = {"git_commit": prov.commit, "git_dirty": "unknown" if prov.dirty is None else str(prov.dirty).lower(), "dvc_stage": "baseline"}
     base_params = {"model": "logistic_regression", "features": ",".join(FEATURE_NAMES),
                    "c_grid": ",".join(map(str, C_GRID)), "class_weight": "balanced", "seed": params.evaluate.seed}
     numbers = {f"test_{k}": float(v) for k, v in record.items()

@@ -765,7 +765,7 @@ def log_data_metrics(params: Params, inputs: ReportInputs) -> str:
     prov = provenance(inputs.repo)
     experiment = tracking.experiment_name(params.runtime.mlflow_experiment)
     with tracking.training_run(experiment, "data", params={"data.source": params.data.source},
-                               tags={"git_commit": prov.commit, "git_dirty": str(prov.dirty),
+                               tags={"git_commit": prov.commit, "git_dirty": "unknown" if prov.dirty is None else str(prov.dirty).lower(),
                                      "dvc_stage": "ingest,validate,split"}) as run_id:
         tracking.log_epoch(numbers, 0)
     return run_id

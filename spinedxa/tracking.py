@@ -60,7 +60,14 @@ def experiment_name(configured: str) -> str:
 
 
 def redact_uri(uri: str) -> str:
-    """Return ``uri`` without user name and password (safe for meta.json and logs)."""
+    """Return ``uri`` without user name and password, and a SQLite store's absolute path as a path relative to the
+    working directory (else its file name): safe for meta.json and logs (a home directory can name a person)."""
+    sqlite = _sqlite_path(uri)
+    if sqlite is not None and sqlite.is_absolute():
+        try:
+            return f"sqlite:///{sqlite.relative_to(Path.cwd()).as_posix()}"
+        except ValueError:
+            return f"sqlite:///{sqlite.name}"
     parts = urlsplit(uri)
     if parts.username is None and parts.password is None:
         return uri

@@ -365,7 +365,7 @@ def _mlflow_params(params: Params, name: str) -> dict[str, Any]:
 
 def _tags(name: str, runtime: Mapping[str, Any], **extra: str) -> dict[str, str]:
     prov = provenance()
-    return {"git_commit": prov.commit, "git_dirty": str(prov.dirty), "dvc_stage": f"train@{name}",
+    return {"git_commit": prov.commit, "git_dirty": "unknown" if prov.dirty is None else str(prov.dirty).lower(), "dvc_stage": f"train@{name}",
             **{k: str(v) for k, v in runtime.items()}, **extra}
 
 
