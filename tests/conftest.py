@@ -104,8 +104,8 @@ def write_split_cohort(
             sha = hashlib.sha256(f"{seed}:{source}".encode()).hexdigest()
             roi = np.clip(0.15 + rng.normal(0, 0.02, roi_shape), 0, 1)
             band = slice(int(0.3 * roi_shape[1]), int(0.7 * roi_shape[1]))
-            roi[:, band] = np.clip(band_level + rng.normal(0, 0.03 + 0.05 * label, (roi_shape[0], band.stop - band.start)),
-                                   0, 1)
+            noise = rng.normal(0, 0.03 + 0.05 * label, (roi_shape[0], band.stop - band.start))
+            roi[:, band] = np.clip(band_level + noise, 0, 1)
             whole = np.clip(0.1 + rng.normal(0, 0.02, image_shape), 0, 1)
             top, left = (image_shape[0] - roi_shape[0]) // 2, (image_shape[1] - roi_shape[1]) // 2
             whole[top: top + roi_shape[0], left: left + roi_shape[1]] = roi

@@ -331,7 +331,8 @@ def test_contract_modules_are_leaves() -> None:
 
     code = ("import sys; import spinedxa.contracts.manifest, spinedxa.contracts.splits, spinedxa.contracts.png16, "
             "spinedxa.contracts.predictions, spinedxa.contracts.augmented, spinedxa.contracts.jsonfile; "
-            "print(','.join(m for m in ('torch', 'sklearn', 'mlflow', 'great_expectations', 'cv2') if m in sys.modules))")
+            "print(','.join(m for m in ('torch', 'sklearn', 'mlflow', 'great_expectations', 'cv2') "
+            "if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[1])
     assert out.stdout.strip() == ""

@@ -195,7 +195,8 @@ def test_patient_label_is_the_majority(scans, expected):
 
 
 @pytest.mark.parametrize("n_normal, n_osteo, config, message", [
-    (2, 20, cfg(folds=3), r"split\.folds=3 needs at least 3 patients per class, got \{'normal': 2, 'osteoporosis': 20\}"),
+    (2, 20, cfg(folds=3),
+     r"split\.folds=3 needs at least 3 patients per class, got \{'normal': 2, 'osteoporosis': 20\}"),
     (6, 20, cfg(folds=8), r"split\.folds=8 needs at least 8 patients per class"),
     (0, 20, cfg(), r"split\.folds=3 needs .*'normal': 0"),
     (6, 20, cfg(val=0.1), r"split\.val=0\.1 needs at least 10 patients per class"),
