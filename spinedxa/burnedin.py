@@ -240,6 +240,18 @@ def _engine() -> Any:
     return RapidOCR(params=params)
 
 
+#: How onnxruntime words an allocation failure (C++ ``std::bad_alloc``; its memory arena's own message).
+_OUT_OF_MEMORY = ("bad_alloc", "Failed to allocate memory")
+
+
+@functools.cache
+def _engine_error() -> type[Exception]:
+    """The exception RapidOCR raises when an onnxruntime session fails (it wraps onnxruntime's own error)."""
+    from rapidocr.inference_engine.onnxruntime.main import ONNXRuntimeError
+
+    return ONNXRuntimeError
+
+
 def _gray(image: np.ndarray) -> np.ndarray:
     """A 2-D float32 view of ``image``: grayscale as is, RGB(A) as ITU-R BT.709 luma (as ingest converts colour)."""
     img = np.asarray(image)
@@ -291,6 +303,7 @@ def detect_text(image: np.ndarray) -> list[TextBox]:
     Raises:
         ValueError: ``image`` is not a 2-D or colour numeric array.
         OcrUnavailableError: the OCR library or its models are missing.
+        MemoryError: the detector could not allocate its buffers (ingest quarantines the file ``too_large``).
     """
     gray = _gray(image)
     height, width = gray.shape
@@ -300,7 +313,16 @@ def detect_text(image: np.ndarray) -> list[TextBox]:
         # Area averaging when reducing (no aliasing, memory of the small image only); bicubic when enlarging text.
         gray = cv2.resize(gray, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC)
     u8 = _to_uint8(gray)
-    result = _engine()(np.repeat(u8[:, :, None], 3, axis=2))
+    engine = _engine()
+    try:
+        result = engine(np.repeat(u8[:, :, None], 3, axis=2))
+    except _engine_error() as exc:
+        # onnxruntime reports a failed allocation (under ingest's worker address-space cap: the detector needs
+        # ~1 GB at 2048 px, measured) as a runtime error; as a MemoryError it quarantines the file (too_large)
+        # instead of ending the stage.
+        if any(marker in str(exc) for marker in _OUT_OF_MEMORY):
+            raise MemoryError(f"text detection on a {u8.shape[0]} x {u8.shape[1]} image ran out of memory") from None
+        raise
     if result.boxes is None or result.txts is None:
         return []
     sy, sx = u8.shape[0] / height, u8.shape[1] / width

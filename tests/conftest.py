@@ -11,9 +11,12 @@ import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import pytest
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ("normal", "osteoporosis")
@@ -59,47 +62,84 @@ def dvc_argv(stage: str, **matrix: str) -> list[str]:
     return shlex.split(cmd)[2:]
 
 
-def write_cohort(
-    root: Path, n_patients: int = 24, *, size: tuple[int, int] = (48, 32), seed: int = 0, followup_every: int = 4
-) -> tuple[Path, Path]:
-    """Write ``root/data/ingested/images/*.png`` and ``root/data/split/splits.csv`` (the dvc.yaml layout).
+def write_split_cohort(
+    ingested: Path, splits_csv: Path, *, n_patients: int = 12, folds: int = 3, protocol: str = "kfold", seed: int = 0,
+    followup_every: int = 4, roi_shape: tuple[int, int] = (40, 20), image_shape: tuple[int, int] = (56, 40),
+) -> "pd.DataFrame":
+    """Write a tiny cohort in the ingest + split layout: ``ingested/images/<sha16>.png`` (the whole "scan"),
+    ``ingested/roi/<sha16>.png`` (its ROI, ``roi_shape``, 2:1 like real ROIs) and the LONG split table
+    ``splits_csv`` (one row per scan and fold, docs/CONTRACTS.md).
 
-    Osteoporosis images have a darker, noisier central band (the "vertebrae"), so a classifier can learn. Every
-    ``followup_every``-th patient has two scans. Patients alternate classes and splits are assigned per patient
-    (train 50 %, val 25 %, test 25 %).
+    Patient ``p`` has label ``p % 2`` and home fold ``(p // 2) % k`` (``k = folds``; 3 under ``holdout``); every
+    ``followup_every``-th patient has two scans. In fold ``f`` the home-fold-``f`` patients are ``test``, the first
+    pair (one per class) of home fold ``f + 1`` is ``val``, everyone else ``train``. ``protocol="holdout"`` writes
+    fold 0 of that assignment only. Roles are assigned here by hand (not by :mod:`spinedxa.split`), so the tests of
+    the readers do not depend on the splitter.
+
+    Osteoporosis ROIs have a darker, noisier central band (the "vertebrae"), so a classifier can learn.
 
     Returns:
-        ``(splits_csv, ingested_dir)``.
+        The split table as written (``fold`` as int).
     """
     import hashlib
 
     import numpy as np
     import pandas as pd
 
-    from spinedxa.data import write_image
+    from spinedxa.contracts import png16, splits as splits_contract
 
+    if protocol not in ("kfold", "holdout"):
+        raise ValueError(f"protocol {protocol!r}; expected 'kfold' or 'holdout'")
+    k = folds if protocol == "kfold" else 3
+    if n_patients < 2 * k:
+        raise ValueError(f"{n_patients} patients are too few for {k} folds with both classes in each")
     rng = np.random.default_rng(seed)
-    ingested = root / "data" / "ingested"
-    rows = []
-    h, w = size
+    scans = []
     for p in range(n_patients):
         label = p % 2
-        split = ("train", "train", "val", "test")[(p // 2) % 4]
         band_level = (0.75 if label == 0 else 0.5) + rng.normal(0, 0.05)
+        patient = "P" + hashlib.sha256(f"patient-{seed}-{p}".encode()).hexdigest()[:12]
         for visit in range(2 if p % followup_every == 0 else 1):
-            img = np.clip(0.15 + rng.normal(0, 0.02, (h, w)), 0, 1)
-            band = slice(int(0.3 * w), int(0.7 * w))
-            img[:, band] = np.clip(band_level + rng.normal(0, 0.03 + 0.05 * label, (h, band.stop - band.start)), 0, 1)
-            source = f"{CLASSES[label]}/scan_{p:04d}_{visit}.dcm"
-            sha = hashlib.sha256(source.encode()).hexdigest()
-            rel = f"images/{sha[:16]}.png"
-            write_image(ingested / rel, img)
-            rows.append({"source": source, "sha256": sha, "patient_id": f"P{p:012x}", "label": CLASSES[label],
-                         "image": rel, "split": split})
-    splits = root / "data" / "split" / "splits.csv"
-    splits.parent.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame(rows).to_csv(splits, index=False)
-    return splits, ingested
+            source = f"{CLASSES[label]}/scan_{p:03d}_{visit}.dcm"
+            sha = hashlib.sha256(f"{seed}:{source}".encode()).hexdigest()
+            roi = np.clip(0.15 + rng.normal(0, 0.02, roi_shape), 0, 1)
+            band = slice(int(0.3 * roi_shape[1]), int(0.7 * roi_shape[1]))
+            noise = rng.normal(0, 0.03 + 0.05 * label, (roi_shape[0], band.stop - band.start))
+            roi[:, band] = np.clip(band_level + noise, 0, 1)
+            whole = np.clip(0.1 + rng.normal(0, 0.02, image_shape), 0, 1)
+            top, left = (image_shape[0] - roi_shape[0]) // 2, (image_shape[1] - roi_shape[1]) // 2
+            whole[top: top + roi_shape[0], left: left + roi_shape[1]] = roi
+            image, roi_rel = f"images/{sha[:16]}.png", f"roi/{sha[:16]}.png"
+            for rel, pixels in ((image, whole), (roi_rel, roi)):
+                (ingested / rel).parent.mkdir(parents=True, exist_ok=True)
+                png16.write(ingested / rel, pixels)
+            scans.append({"source": source, "sha256": sha, "patient_id": patient, "label": CLASSES[label],
+                          "image": image, "roi": roi_rel, "p": p})
+    rows = []
+    for fold in range(folds if protocol == "kfold" else 1):
+        for scan in scans:
+            p = scan["p"]
+            home, pair = (p // 2) % k, p // (2 * k)
+            role = "test" if home == fold else "val" if (home == (fold + 1) % k and pair == 0) else "train"
+            rows.append({**scan, "fold": fold, "split": role})
+    table = pd.DataFrame(rows).drop(columns="p")
+    splits_contract.write(splits_csv, table)
+    return splits_contract.read(splits_csv)
+
+
+def write_cohort(
+    root: Path, n_patients: int = 24, *, folds: int = 3, protocol: str = "kfold", seed: int = 0,
+    followup_every: int = 4,
+) -> tuple[Path, Path]:
+    """:func:`write_split_cohort` in the dvc.yaml layout: ``root/data/ingested`` and ``root/data/split/splits.csv``.
+
+    Returns:
+        ``(splits_csv, ingested_dir)``.
+    """
+    ingested, splits_csv = root / "data" / "ingested", root / "data" / "split" / "splits.csv"
+    write_split_cohort(ingested, splits_csv, n_patients=n_patients, folds=folds, protocol=protocol, seed=seed,
+                       followup_every=followup_every)
+    return splits_csv, ingested
 
 
 def tracked_files(root: Path) -> list[str]:
@@ -165,43 +205,18 @@ def tiny_repo(tmp_path: Path) -> Path:
     return make_repo_copy(tmp_path / "repo")
 
 
-def write_tiny_split(root: Path, counts: dict[str, int] | None = None, seed: int = 0) -> tuple[Path, Path]:
-    """Write a tiny ingested directory (16-bit PNGs, 36-56 px, mixed aspect ratios) and its splits.csv under ``root``.
-
-    ``counts`` gives images per split (half of each split per class). Returns ``(splits_csv, ingested_dir)``.
-    """
-    import hashlib
-
-    import numpy as np
-    import pandas as pd
-    from PIL import Image
-
-    counts = counts or {"train": 6, "val": 2, "test": 2}
-    rng = np.random.default_rng(seed)
-    ingested = root / "ingested"
-    (ingested / "images").mkdir(parents=True, exist_ok=True)
-    rows = []
-    for split, n in counts.items():
-        for i in range(n):
-            label = ("normal", "osteoporosis")[i % 2]
-            source = f"{label}/{split}_{i:02d}.dcm"
-            sha = hashlib.sha256(source.encode()).hexdigest()
-            h, w = (48, 36) if i % 2 else (40, 56)
-            # A bright vertical band (the "spine") on a darker, noisy background.
-            img = rng.uniform(0.05, 0.2, size=(h, w))
-            img[:, w // 3 : 2 * w // 3] += 0.6
-            image = f"images/{sha[:16]}.png"
-            Image.fromarray(np.rint(np.clip(img, 0, 1) * 65535).astype(np.uint16)).save(ingested / image)
-            patient = "P" + hashlib.sha256(f"patient-{split}-{i}".encode()).hexdigest()[:12]
-            rows.append({"source": source, "sha256": sha, "patient_id": patient, "label": label, "image": image,
-                         "split": split})
-    splits_csv = root / "split" / "splits.csv"
-    splits_csv.parent.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame(rows).sort_values("source").to_csv(splits_csv, index=False)
+def write_tiny_split(
+    root: Path, *, n_patients: int = 12, folds: int = 3, protocol: str = "kfold", seed: int = 0
+) -> tuple[Path, Path]:
+    """A tiny cohort under ``root`` (``root/ingested`` with images/ and roi/, ``root/split/splits.csv``): by default
+    12 patients (every 4th with a follow-up scan: 15 scans) in 3 folds of 4 test, 2 val and 6 train patients each
+    (:func:`write_split_cohort`). Returns ``(splits_csv, ingested_dir)``."""
+    splits_csv, ingested = root / "split" / "splits.csv", root / "ingested"
+    write_split_cohort(ingested, splits_csv, n_patients=n_patients, folds=folds, protocol=protocol, seed=seed)
     return splits_csv, ingested
 
 
 @pytest.fixture
 def tiny_split(tmp_path: Path) -> tuple[Path, Path]:
-    """``(splits_csv, ingested_dir)`` of a tiny generated cohort: 6 train, 2 val, 2 test 16-bit PNGs."""
+    """``(splits_csv, ingested_dir)`` of a tiny generated 3-fold cohort (:func:`write_tiny_split`)."""
     return write_tiny_split(tmp_path)

@@ -1,6 +1,7 @@
-"""Tests of spinedxa.baseline and stages/baseline.py on a tiny generated cohort.
+"""spinedxa.baseline and stages/baseline.py: ROI features, C chosen on each fold's validation part, the model fitted on
+the fold's training part only, out-of-fold scoring of every scan, and the MLflow runs.
 
-:func:`conftest.write_cohort` writes ingested-style 16-bit PNGs and a splits CSV: osteoporosis images have a darker,
+:func:`conftest.write_cohort` writes ROI-style 16-bit PNGs and a 3-fold split table: osteoporosis ROIs have a darker,
 noisier central band (the "vertebrae"), so the baseline can learn.
 """
 
@@ -10,13 +11,16 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
-from conftest import REPO, dvc_argv, stage_main, write_cohort
+from sklearn.metrics import log_loss
 
-from spinedxa import baseline, metrics
+from conftest import REPO, dvc_argv, stage_main, write_cohort
+from spinedxa import baseline, metrics, tracking
 from spinedxa.config import load_params
-from spinedxa.data import ImageItem, write_image
+from spinedxa.contracts import png16, splits as splits_contract
+from spinedxa.data import ImageItem, part_items
+
+CLASSES = ("normal", "osteoporosis")
 
 
 @pytest.fixture
@@ -24,9 +28,23 @@ def cohort(tmp_path: Path) -> tuple[Path, Path]:
     return write_cohort(tmp_path)
 
 
+def _paths(tmp_path: Path, splits: Path, ingested: Path) -> baseline.BaselinePaths:
+    return baseline.BaselinePaths(splits, ingested, tmp_path / "m.json", tmp_path / "p.csv", tmp_path / "plots")
+
+
+def _params(bootstrap: int = 50):
+    import dataclasses
+
+    params = load_params(REPO / "params.yaml")
+    return dataclasses.replace(params, evaluate=dataclasses.replace(params.evaluate, bootstrap=bootstrap))
+
+
+# ------------------------------------------------------------------------------------------ features
+
+
 def test_feature_vector_names_and_signal() -> None:
     bright, dark = np.full((40, 30), 0.2), np.full((40, 30), 0.2)
-    bright[:, 9:21], dark[:, 9:21] = 0.8, 0.4
+    bright[:, 7:23], dark[:, 7:23] = 0.8, 0.4  # covers the vertebral band (columns 25-75 %)
     fb, fd = baseline.image_features(bright), baseline.image_features(dark)
     assert fb.shape == (len(baseline.FEATURE_NAMES),) and np.isfinite(fb).all() and np.isfinite(fd).all()
     named = dict(zip(baseline.FEATURE_NAMES, fb))
@@ -51,7 +69,7 @@ def test_too_small_roi_is_rejected(shape: tuple[int, int]) -> None:
 
 
 def test_feature_matrix_names_the_bad_file(tmp_path: Path) -> None:
-    write_image(tmp_path / "tiny.png", np.zeros((6, 6)))
+    png16.write(tmp_path / "tiny.png", np.zeros((6, 6)))
     with pytest.raises(ValueError, match="tiny.png"):
         baseline.feature_matrix([ImageItem(tmp_path / "tiny.png", 0, "x.dcm", "P0")])
 
@@ -70,34 +88,117 @@ def test_fit_selects_c_on_validation_and_rejects_one_class() -> None:
         baseline.fit_baseline(x[:10], np.zeros(10, dtype=int), x[10:], y[10:], seed=0)
 
 
-def test_stage_runs_the_dvc_command_and_writes_the_evaluate_contract(
+# ------------------------------------------------------------------------------------------ per fold, out of fold
+
+
+def test_each_fold_is_fitted_on_its_training_part_with_c_chosen_on_its_validation_part(
     cohort: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     splits, ingested = cohort
-    params = (REPO / "params.yaml").read_text().replace("bootstrap: 1000", "bootstrap: 100")
-    (tmp_path / "params.yaml").write_text(params)
+    seen: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
+    real_fit = baseline.fit_baseline
+
+    def spy(x_train, y_train, x_val, y_val, *, seed):
+        seen.append((x_train, y_train, x_val, y_val))
+        return real_fit(x_train, y_train, x_val, y_val, seed=seed)
+
+    monkeypatch.setattr(baseline, "fit_baseline", spy)
+    params = _params()
+    record, fitted = baseline.run_baseline(params, _paths(tmp_path, splits, ingested))
+    table = splits_contract.read(splits)
+    assert [f.fold for f in fitted] == splits_contract.folds(table) == [0, 1, 2] and len(seen) == 3
+    for fit, (x_train, y_train, x_val, y_val) in zip(fitted, seen):
+        parts = {r: part_items(splits, ingested, fit.fold, r, CLASSES) for r in ("train", "val", "test")}
+        # Exactly the fold's training scans, then its validation scans: never a test scan.
+        np.testing.assert_allclose(x_train, baseline.feature_matrix(parts["train"]))
+        np.testing.assert_allclose(x_val, baseline.feature_matrix(parts["val"]))
+        assert y_train.tolist() == [it.label for it in parts["train"]]
+        scaler = fit.model.named_steps["standardscaler"]
+        assert scaler.n_samples_seen_ == len(parts["train"])  # the model saw the training rows only
+        np.testing.assert_allclose(scaler.mean_, x_train.mean(axis=0))
+        # C is the candidate with the lowest validation log-loss, each candidate fitted on the training part alone.
+        for c in baseline.C_GRID:
+            candidate = baseline._pipeline(params.evaluate.seed, c).fit(x_train, y_train)
+            assert fit.val_log_loss[float(c)] == pytest.approx(
+                log_loss(y_val, candidate.predict_proba(x_val)[:, 1], labels=[0, 1]))
+        assert fit.c == min(baseline.C_GRID, key=lambda c: (fit.val_log_loss[float(c)], c))
+        assert set(fit.test_metrics) == set(metrics.METRIC_KEYS)
+    assert record["baseline_c"] == [f.c for f in fitted]
+
+
+def test_every_scan_is_scored_once_by_the_fold_that_holds_it_out(cohort: tuple[Path, Path], tmp_path: Path) -> None:
+    splits, ingested = cohort
+    record, fitted = baseline.run_baseline(_params(), _paths(tmp_path, splits, ingested))
+    table = splits_contract.read(splits)
+    tested = splits_contract.out_of_fold(table).set_index("source")
+    preds = metrics.read_predictions(tmp_path / "p.csv")
+    assert sorted(preds["source"]) == sorted(table["source"].unique()) and preds["source"].is_unique
+    assert dict(zip(preds["source"], preds["fold"])) == tested["fold"].to_dict()
+    for fit in fitted:  # each fold's probabilities come from that fold's own model
+        items = part_items(splits, ingested, fit.fold, "test", CLASSES)
+        own = fit.model.predict_proba(baseline.feature_matrix(items))[:, 1]
+        np.testing.assert_allclose(preds.set_index("source").loc[[it.source for it in items], "prob"], own)
+    assert (record["protocol"], record["folds"], record["n_folds"]) == ("kfold", 3, 3)
+    assert record["n_test"] == len(tested) and record["n_test_patients"] == tested["patient_id"].nunique()
+    assert record["n_patients"] == tested["patient_id"].nunique()
+    for key in metrics.METRIC_KEYS:
+        assert {key, f"{key}_ci_low", f"{key}_ci_high", f"{key}_fold_mean", f"{key}_fold_sd",
+                f"patient_{key}"} <= set(record), key
+    assert record["roc_auc"] > 0.9  # the band intensity separates the classes of the fake cohort
+    assert record["roc_auc_ci_low"] <= record["roc_auc"] <= record["roc_auc_ci_high"]
+
+
+def test_holdout_protocol_scores_the_test_part(tmp_path: Path) -> None:
+    splits, ingested = write_cohort(tmp_path, protocol="holdout")
+    import dataclasses
+
+    params = _params()
+    params = dataclasses.replace(params, split=dataclasses.replace(params.split, protocol="holdout"))
+    record, fitted = baseline.run_baseline(params, _paths(tmp_path, splits, ingested))
+    table = splits_contract.read(splits)
+    assert len(fitted) == 1 and (record["protocol"], record["folds"]) == ("holdout", 1)
+    assert record["n_test"] == int((table["split"] == "test").sum()) < table["source"].nunique()
+
+
+@pytest.mark.parametrize("edit, message", [
+    ("one_class_train", r"the training part holds only class"),
+    ("empty_test", r"splits\.csv: fold 1 has no test images"),
+])
+def test_unusable_fold_fails_and_writes_nothing(cohort: tuple[Path, Path], tmp_path: Path, edit: str,
+                                                message: str) -> None:
+    splits, ingested = cohort
+    table = splits_contract.read(splits)
+    fold1 = table["fold"] == 1
+    if edit == "one_class_train":
+        table.loc[fold1 & (table["split"] == "train") & (table["label"] == "normal"), "split"] = "val"
+    else:
+        table.loc[fold1 & (table["split"] == "test"), "split"] = "train"
+    splits_contract.write(splits, table)
+    with pytest.raises(ValueError, match=message):
+        baseline.run_baseline(_params(), _paths(tmp_path, splits, ingested))
+    assert not (tmp_path / "m.json").exists()
+
+
+def test_stage_runs_the_dvc_command_and_logs_to_mlflow(
+    cohort: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mlflow_store: str
+) -> None:
+    splits, _ = cohort
+    params_text = (REPO / "params.yaml").read_text().replace("bootstrap: 1000", "bootstrap: 100")
+    (tmp_path / "params.yaml").write_text(params_text)
     monkeypatch.chdir(tmp_path)
     stage_main("baseline")(dvc_argv("baseline"))
     out = tmp_path / "reports"
     record = json.loads((out / "metrics/baseline.json").read_text())
-    for key in metrics.METRIC_KEYS:
-        assert {key, f"{key}_ci_low", f"{key}_ci_high", f"{key}_ci_skipped"} <= set(record), key
     assert record["model"] == "baseline" and record["bootstrap_resamples"] == 100
-    test_rows = pd.read_csv(splits).query("split == 'test'")
-    assert record["n_test"] == len(test_rows) and record["n_test_patients"] == test_rows["patient_id"].nunique()
-    assert record["roc_auc"] > 0.9  # the band intensity separates the classes of the fake cohort
-    preds = metrics.read_predictions(out / "predictions/baseline.csv")
-    assert sorted(preds["source"]) == sorted(test_rows["source"])
+    assert record["n_test"] == splits_contract.read(splits)["source"].nunique()
     assert sorted(p.name for p in (out / "plots/baseline").iterdir()) == ["calibration.csv", "pr.csv", "roc.csv"]
 
-
-def test_one_class_test_split_fails_with_the_file_name(cohort: tuple[Path, Path], tmp_path: Path) -> None:
-    splits, ingested = cohort
-    frame = pd.read_csv(splits)
-    frame.loc[(frame["split"] == "test") & (frame["label"] == "normal"), "split"] = "train"
-    frame.to_csv(splits, index=False)
-    with pytest.raises(ValueError, match=r"splits\.csv: the test split must hold both classes"):
-        baseline.run_baseline(load_params(REPO / "params.yaml"), splits_csv=splits, images_dir=ingested,
-                              metrics_path=tmp_path / "m.json", predictions_path=tmp_path / "p.csv",
-                              plots_dir=tmp_path / "plots")
-    assert not (tmp_path / "m.json").exists()
+    params = load_params(tmp_path / "params.yaml")
+    runs = tracking.find_runs(tracking.experiment_name(params.runtime.mlflow_experiment))
+    parents = [r for r in runs if r["run_name"] == "baseline"]
+    folds = sorted((r for r in runs if r["run_name"].startswith("baseline/fold")), key=lambda r: r["run_name"])
+    assert len(parents) == 1 and [r["run_name"] for r in folds] == [f"baseline/fold{k}" for k in range(3)]
+    assert parents[0]["metrics"]["test_roc_auc"] == pytest.approx(record["roc_auc"])
+    assert parents[0]["metrics"]["test_n_test"] == record["n_test"]
+    assert [float(r["params"]["c"]) for r in folds] == record["baseline_c"]
+    assert all(r["tags"]["fold"] == r["run_name"][-1] for r in folds)

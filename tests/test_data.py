@@ -1,4 +1,5 @@
-"""Tests for spinedxa.data: PNG reading/writing, letterboxing, split and training item lists, the cached dataset."""
+"""spinedxa.data: model input shapes, fitting ROI images to them, one fold's parts and training items (with the
+augmented copies of that fold's training scans only), and the cached dataset."""
 
 from __future__ import annotations
 
@@ -8,199 +9,224 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from PIL import Image
 
+from spinedxa.contracts import augmented as augmented_contract, png16, splits as splits_contract
 from spinedxa.data import (
     DXADataset,
     ImageItem,
-    letterbox,
-    load_split,
-    load_training_items,
+    fit,
+    input_shape,
+    load_item_image,
+    part_items,
     read_image,
     stack_images,
-    write_image,
+    training_items,
 )
 
 CLASSES = ("normal", "osteoporosis")
+ROLES = ("train", "val", "test")
 
 
-# ------------------------------------------------------------------------------------------ read / write
+# ------------------------------------------------------------------------------------------ shapes and fit
 
 
-@pytest.mark.parametrize(
-    ("array", "expected_max"),
-    [
-        (np.array([[0, 65535], [32768, 1]], dtype=np.uint16), 1.0),
-        (np.array([[0, 255], [128, 1]], dtype=np.uint8), 1.0),
-        (np.array([[0, 1000], [0, 0]], dtype=np.uint16), 1000 / 65535),
-    ],
-)
-def test_read_image_scales_to_unit_range(tmp_path: Path, array: np.ndarray, expected_max: float) -> None:
-    path = tmp_path / "img.png"
-    Image.fromarray(array).save(path)
-    img = read_image(path)
-    assert img.dtype == np.float32 and img.shape == array.shape
-    assert img.min() == 0.0
-    assert img.max() == pytest.approx(expected_max)
+@pytest.mark.parametrize("size, expected", [(64, (64, 32)), (96, (96, 48)), (150, (150, 75)), (65, (65, 32)),
+                                            (1, (1, 1))])
+def test_input_shape_is_the_roi_aspect(size: int, expected: tuple[int, int]) -> None:
+    assert input_shape(size) == expected
 
 
-def test_read_image_rejects_colour(tmp_path: Path) -> None:
-    path = tmp_path / "rgb.png"
-    Image.fromarray(np.zeros((4, 4, 3), dtype=np.uint8)).save(path)
-    with pytest.raises(ValueError, match=r"rgb.png: expected a grayscale image, got mode 'RGB'"):
-        read_image(path)
-
-
-def test_write_image_round_trip_is_16_bit_and_deterministic(tmp_path: Path) -> None:
-    img = np.linspace(0, 1, 12 * 9, dtype=np.float32).reshape(12, 9)
-    write_image(tmp_path / "a.png", img)
-    write_image(tmp_path / "b.png", img)
-    assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
-    with Image.open(tmp_path / "a.png") as png:
-        assert png.mode.startswith("I;16") and png.size == (9, 12)
-    np.testing.assert_allclose(read_image(tmp_path / "a.png"), img, atol=1 / 65535)
-
-
-@pytest.mark.parametrize(
-    ("img", "message"),
-    [(np.full((3, 3), 1.5), r"values must lie in \[0, 1\]"), (np.full((3, 3), np.nan), r"values must lie"),
-     (np.zeros((3, 3, 3)), r"expected a 2-D image")],
-)
-def test_write_image_rejects_bad_arrays(tmp_path: Path, img: np.ndarray, message: str) -> None:
-    with pytest.raises(ValueError, match=message):
-        write_image(tmp_path / "x.png", img)
-    assert not (tmp_path / "x.png").exists()
-
-
-# ------------------------------------------------------------------------------------------ letterbox
-
-
-@pytest.mark.parametrize(
-    ("shape", "size"), [((40, 30), 64), ((30, 40), 64), ((100, 60), 32), ((64, 64), 64), ((7, 3), 5)]
-)
-def test_letterbox_shape_and_range(shape: tuple[int, int], size: int) -> None:
+@pytest.mark.parametrize("shape, out", [((40, 20), (64, 32)), ((224, 112), (96, 48)), ((30, 40), (64, 32)),
+                                        ((100, 60), (32, 16)), ((64, 32), (64, 32)), ((7, 3), (5, 3))])
+def test_fit_shape_and_range(shape: tuple[int, int], out: tuple[int, int]) -> None:
     img = np.random.default_rng(0).uniform(0, 1, size=shape).astype(np.float32)
-    out = letterbox(img, size)
-    assert out.shape == (size, size) and out.dtype == np.float32
-    assert 0.0 <= out.min() and out.max() <= 1.0
+    fitted = fit(img, out)
+    assert fitted.shape == out and fitted.dtype == np.float32
+    assert 0.0 <= fitted.min() and fitted.max() <= 1.0
 
 
-def test_letterbox_pads_short_side_with_black_and_centres() -> None:
-    img = np.ones((40, 20), dtype=np.float32)  # tall: padding left and right
-    out = letterbox(img, 40)
-    assert out[:, :10].max() == 0.0 and out[:, 30:].max() == 0.0
-    assert out[:, 10:30].min() == 1.0
+def test_fit_of_the_right_shape_is_the_image_itself() -> None:
+    img = np.random.default_rng(1).uniform(0, 1, size=(64, 32)).astype(np.float32)
+    np.testing.assert_array_equal(fit(img, (64, 32)), img)
 
 
-def test_letterbox_keeps_aspect_ratio_when_resizing() -> None:
-    img = np.ones((80, 40), dtype=np.float32)
-    out = letterbox(img, 40)  # 80 x 80 square -> 40 x 40: the image occupies the middle 20 columns
-    assert out[:, 20].min() == pytest.approx(1.0)
-    assert out[:, :8].max() < 0.05 and out[:, 32:].max() < 0.05
+def test_fit_pads_with_black_centred_to_the_aspect() -> None:
+    img = np.ones((40, 40), dtype=np.float32)  # square into 2:1: black above and below
+    out = fit(img, (80, 40))
+    assert out[:20].max() == 0.0 and out[60:].max() == 0.0
+    assert out[20:60].min() == 1.0
 
 
-@pytest.mark.parametrize(("img", "size"), [(np.zeros((0, 5)), 8), (np.zeros((4, 4, 1)), 8), (np.zeros((4, 4)), 0)])
-def test_letterbox_rejects(img: np.ndarray, size: int) -> None:
-    with pytest.raises(ValueError, match="letterbox"):
-        letterbox(img, size)
+def test_fit_keeps_the_aspect_ratio_when_resizing() -> None:
+    img = np.ones((40, 40), dtype=np.float32)
+    out = fit(img, (40, 20))  # padded to 80 x 40, shrunk to 40 x 20: the image fills the middle 20 rows
+    assert out[20, :].min() == pytest.approx(1.0, abs=1e-3)
+    assert out[:5].max() < 0.05 and out[-5:].max() < 0.05
 
 
-# ------------------------------------------------------------------------------------------ item lists
+def test_fit_shrinking_is_anti_aliased() -> None:
+    """A one-pixel checkerboard (finer than the output grid) averages to grey instead of aliasing to stripes."""
+    img = (np.indices((128, 64)).sum(axis=0) % 2).astype(np.float32)
+    out = fit(img, (32, 16))
+    assert abs(float(out.mean()) - 0.5) < 0.05 and float(out.std()) < 0.1
 
 
-@pytest.mark.parametrize(("split", "n"), [("train", 6), ("val", 2), ("test", 2)])
-def test_load_split(tiny_split: tuple[Path, Path], split: str, n: int) -> None:
+@pytest.mark.parametrize("img, shape", [(np.zeros((0, 5)), (8, 4)), (np.zeros((4, 4, 1)), (8, 4)),
+                                        (np.zeros((4, 4)), (0, 4)), (np.zeros((4, 4)), (8, -1))])
+def test_fit_rejects(img: np.ndarray, shape: tuple[int, int]) -> None:
+    with pytest.raises(ValueError, match="fit:"):
+        fit(img, shape)
+
+
+# ------------------------------------------------------------------------------------------ one fold's parts
+
+
+@pytest.mark.parametrize("fold", [0, 1, 2])
+@pytest.mark.parametrize("role", ROLES)
+def test_part_items_are_the_fold_roles_roi_images(tiny_split: tuple[Path, Path], fold: int, role: str) -> None:
     splits_csv, ingested = tiny_split
-    items = load_split(splits_csv, ingested, split, CLASSES)
-    assert len(items) == n
-    assert all(isinstance(it, ImageItem) and it.path.is_file() for it in items)
-    assert all(it.source.split("/")[1].startswith(split) for it in items)
+    table = splits_contract.read(splits_csv)
+    expected = table[(table["fold"] == fold) & (table["split"] == role)].sort_values("source")
+    items = part_items(splits_csv, ingested, fold, role, CLASSES)
+    assert [it.source for it in items] == list(expected["source"]) and items
+    assert all(isinstance(it, ImageItem) and it.fold == fold for it in items)
+    assert [it.path for it in items] == [ingested / r for r in expected["roi"]]  # the ROI, not the whole image
+    assert all(it.path.parent.name == "roi" and it.path.is_file() for it in items)
+    assert [it.label for it in items] == [CLASSES.index(x) for x in expected["label"]]
+    assert [it.patient_id for it in items] == list(expected["patient_id"])
     assert sorted({it.label for it in items}) == [0, 1]
-    assert all(it.label == CLASSES.index(it.source.split("/")[0]) for it in items)
-    assert all(it.patient_id.startswith("P") and len(it.patient_id) == 13 for it in items)
+    assert items == part_items(splits_csv, ingested, fold, role, CLASSES, table=table)  # an already-read table
 
 
-@pytest.mark.parametrize(
-    ("edit", "error", "message"),
-    [
-        ("bad_label", ValueError, r"splits.csv: row \d+: label 'osteopenia' is not one of \['normal', 'osteo"),
-        ("bad_split", ValueError, r"splits.csv: unknown split value\(s\) \['holdout'\]"),
-        ("no_column", ValueError, r"splits.csv: missing column\(s\) \['patient_id'\]"),
-        ("missing_image", FileNotFoundError, r"splits.csv: row \d+: image 'images/.*\.png' not found"),
-    ],
-)
-def test_load_split_errors(tiny_split: tuple[Path, Path], edit: str, error: type[Exception], message: str) -> None:
+def test_parts_of_a_fold_are_patient_disjoint_and_cover_every_scan(tiny_split: tuple[Path, Path]) -> None:
     splits_csv, ingested = tiny_split
-    frame = pd.read_csv(splits_csv, dtype=str)
-    first_train = frame.index[frame["split"] == "train"][0]
-    if edit == "bad_label":
-        frame.loc[first_train, "label"] = "osteopenia"
-    elif edit == "bad_split":
-        frame.loc[first_train, "split"] = "holdout"
-    elif edit == "no_column":
-        frame = frame.drop(columns="patient_id")
-    elif edit == "missing_image":
-        (ingested / frame.loc[first_train, "image"]).unlink()
-    frame.to_csv(splits_csv, index=False)
+    every = set(splits_contract.read(splits_csv)["source"])
+    for fold in (0, 1, 2):
+        parts = {r: part_items(splits_csv, ingested, fold, r, CLASSES) for r in ROLES}
+        patients = {r: {it.patient_id for it in items} for r, items in parts.items()}
+        assert patients["train"].isdisjoint(patients["test"]) and patients["val"].isdisjoint(patients["test"])
+        assert patients["train"].isdisjoint(patients["val"])
+        assert set().union(*({it.source for it in items} for items in parts.values())) == every
+
+
+def _edit_splits(splits_csv: Path, edit) -> None:
+    edit(pd.read_csv(splits_csv, dtype=str, keep_default_na=False)).to_csv(splits_csv, index=False)
+
+
+@pytest.mark.parametrize("edit, error, message", [
+    ("bad_label", ValueError, r"splits\.csv: label 'osteopenia' is not one of \['normal', 'osteoporosis'\]"),
+    ("bad_role", ValueError, r"splits\.csv: unknown split value\(s\) \['holdout'\]"),
+    ("no_roi_column", ValueError, r"splits\.csv: missing column\(s\) \['roi'\]"),
+    ("missing_roi_file", FileNotFoundError, r"splits\.csv: image 'roi/[0-9a-f]{16}\.png' not found under"),
+    ("empty_roi_path", FileNotFoundError, r"splits\.csv: image '' not found"),
+])
+def test_part_items_errors_name_the_file(tiny_split: tuple[Path, Path], edit: str, error: type[Exception],
+                                         message: str) -> None:
+    splits_csv, ingested = tiny_split
+    table = splits_contract.read(splits_csv)
+    first = table.index[(table["fold"] == 0) & (table["split"] == "train")][0]
+
+    def change(frame: pd.DataFrame) -> pd.DataFrame:
+        if edit == "bad_label":
+            frame.loc[first, "label"] = "osteopenia"
+        elif edit == "bad_role":
+            frame.loc[first, "split"] = "holdout"
+        elif edit == "no_roi_column":
+            return frame.drop(columns="roi")
+        elif edit == "missing_roi_file":
+            (ingested / frame.loc[first, "roi"]).unlink()
+        elif edit == "empty_roi_path":
+            frame.loc[first, "roi"] = ""
+        return frame
+
+    _edit_splits(splits_csv, change)
     with pytest.raises(error, match=message):
-        load_split(splits_csv, ingested, "train", CLASSES)
+        part_items(splits_csv, ingested, 0, "train", CLASSES)
 
 
-def test_load_split_unknown_split_name(tiny_split: tuple[Path, Path]) -> None:
-    with pytest.raises(ValueError, match=r"unknown split 'dev'"):
-        load_split(*tiny_split, "dev", CLASSES)
+@pytest.mark.parametrize("fold, role, message", [(0, "dev", r"unknown split role 'dev'"),
+                                                 (7, "train", r"fold 7 is not in the split table")])
+def test_part_items_unknown_fold_or_role(tiny_split: tuple[Path, Path], fold: int, role: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        part_items(*tiny_split, fold, role, CLASSES)
 
 
-def _write_augmented(root: Path, splits_csv: Path, ingested: Path, parents_split: str) -> Path:
-    """A minimal data/augmented: one copy (the parent image itself) per parent of ``parents_split``."""
-    frame = pd.read_csv(splits_csv, dtype=str)
+def test_holdout_table_has_one_fold(tmp_path: Path) -> None:
+    from conftest import write_tiny_split
+
+    splits_csv, ingested = write_tiny_split(tmp_path, protocol="holdout")
+    assert splits_contract.folds(splits_contract.read(splits_csv)) == [0]
+    assert part_items(splits_csv, ingested, 0, "test", CLASSES)
+    with pytest.raises(ValueError, match=r"fold 1 is not in the split table \(folds \[0\]\)"):
+        part_items(splits_csv, ingested, 1, "test", CLASSES)
+
+
+# ------------------------------------------------------------------------------------------ training items
+
+
+def _write_augmented(root: Path, splits_csv: Path, ingested: Path) -> Path:
+    """A data/augmented as the augment stage lays it out: one copy (the parent's ROI, flipped) of every scan that is
+    a training scan in some fold, which under k-fold includes scans that are val or test in other folds."""
+    table = splits_contract.read(splits_csv)
+    parents = table[table["split"] == "train"].drop_duplicates("source")
     out = root / "augmented"
-    (out / "images").mkdir(parents=True)
+    (out / augmented_contract.IMAGES_DIR).mkdir(parents=True)
     rows = []
-    for _, row in frame[frame["split"] == parents_split].iterrows():
-        rel = f"images/{row['sha256'][:16]}_aug1.png"
-        (out / rel).write_bytes((ingested / row["image"]).read_bytes())
-        rows.append({"image": rel, "parent_source": row["source"], "parent_sha256": row["sha256"],
-                     "parent_image": row["image"], "patient_id": row["patient_id"], "label": row["label"], "k": 1})
-    pd.DataFrame(rows).to_csv(out / "index.csv", index=False)
+    for row in parents.itertuples(index=False):
+        rel = f"{augmented_contract.IMAGES_DIR}/{row.sha256[:16]}_aug1.png"
+        png16.write(out / rel, np.fliplr(png16.read(ingested / row.roi)))
+        rows.append({"image": rel, "parent_source": row.source, "parent_sha256": row.sha256, "parent_image": row.roi,
+                     "patient_id": row.patient_id, "label": row.label, "k": 1})
+    augmented_contract.write(out / augmented_contract.FILE_NAME, pd.DataFrame(rows))
     return out
 
 
-def test_load_training_items_adds_augmented_copies(tiny_split: tuple[Path, Path], tmp_path: Path) -> None:
+@pytest.mark.parametrize("fold", [0, 1, 2])
+def test_training_items_add_copies_of_that_folds_training_scans_only(tiny_split: tuple[Path, Path], tmp_path: Path,
+                                                                     fold: int) -> None:
     splits_csv, ingested = tiny_split
-    augmented = _write_augmented(tmp_path, splits_csv, ingested, "train")
-    items = load_training_items(splits_csv, ingested, augmented, CLASSES)
-    assert len(items) == 12
-    copies = [it for it in items if "#aug" in it.source]
-    assert len(copies) == 6
+    augmented = _write_augmented(tmp_path, splits_csv, ingested)
+    table = splits_contract.read(splits_csv)
+    train = table[(table["fold"] == fold) & (table["split"] == "train")]
+    held_out = table[(table["fold"] == fold) & (table["split"] != "train")]
+    assert len(augmented_contract.read(augmented / "index.csv")) > len(train)  # copies of other folds' scans exist
+
+    items = training_items(splits_csv, ingested, augmented, fold, CLASSES)
+    originals, copies = items[: len(train)], items[len(train):]
+    assert [it.source for it in originals] == sorted(train["source"])
+    assert sorted(it.source.removesuffix("#aug1") for it in copies) == sorted(train["source"])
     assert all(it.source.endswith("#aug1") and it.path.parent == augmented / "images" for it in copies)
-    originals = {it.source: it for it in items[:6]}
+    assert not {it.source.removesuffix("#aug1") for it in copies} & set(held_out["source"])
+    assert not {it.patient_id for it in items} & set(held_out["patient_id"])  # no held-out patient, no copy of one
+    by_source = {it.source: it for it in originals}
     for copy in copies:
-        parent = originals[copy.source.removesuffix("#aug1")]
-        assert (copy.label, copy.patient_id) == (parent.label, parent.patient_id)
+        parent = by_source[copy.source.removesuffix("#aug1")]
+        assert (copy.label, copy.patient_id, copy.fold) == (parent.label, parent.patient_id, fold)
 
 
-def test_load_training_items_rejects_copies_of_test_images(tiny_split: tuple[Path, Path], tmp_path: Path) -> None:
+def test_training_items_without_copies(tiny_split: tuple[Path, Path], tmp_path: Path) -> None:
     splits_csv, ingested = tiny_split
-    augmented = _write_augmented(tmp_path, splits_csv, ingested, "test")
-    with pytest.raises(ValueError, match=r"index.csv: row 2: parent 'normal/test_00.dcm' is not in the training split"):
-        load_training_items(splits_csv, ingested, augmented, CLASSES)
+    out = tmp_path / "augmented"
+    (out / "images").mkdir(parents=True)
+    augmented_contract.write(out / "index.csv", pd.DataFrame(columns=list(augmented_contract.COLUMNS)))
+    assert training_items(splits_csv, ingested, out, 0, CLASSES) == part_items(splits_csv, ingested, 0, "train",
+                                                                               CLASSES)
 
 
-def test_load_training_items_needs_the_index(tiny_split: tuple[Path, Path], tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match=r"index.csv: not found"):
-        load_training_items(*tiny_split, tmp_path / "nowhere", CLASSES)
+def test_training_items_need_the_index(tiny_split: tuple[Path, Path], tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"index\.csv: not found"):
+        training_items(*tiny_split, tmp_path / "nowhere", 0, CLASSES)
 
 
 # ------------------------------------------------------------------------------------------ dataset
 
 
-def test_dataset_decodes_once_and_returns_unit_tensors(
+def test_dataset_decodes_once_and_returns_fitted_unit_tensors(
     tiny_split: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import spinedxa.data as data
 
-    items = load_split(*tiny_split, "train", CLASSES)
+    items = part_items(*tiny_split, 0, "train", CLASSES)
     calls: list[Path] = []
     real_read = data.read_image
 
@@ -209,34 +235,37 @@ def test_dataset_decodes_once_and_returns_unit_tensors(
         return real_read(path)
 
     monkeypatch.setattr(data, "read_image", spy)
-    ds = DXADataset(items, 32)
+    shape = input_shape(64)
+    ds = DXADataset(items, shape)
     for _ in range(2):  # two "epochs"
         for i in range(len(ds)):
             image, label = ds[i]
-            assert image.shape == (1, 32, 32) and image.dtype == torch.float32
+            assert image.shape == (1, 64, 32) and image.dtype == torch.float32
             assert 0.0 <= float(image.min()) and float(image.max()) <= 1.0
             assert label == items[i].label
     assert len(calls) == len(items)  # decoded at construction only
-    expected = stack_images(items, 32)
+    expected = stack_images(items, shape)
     assert torch.allclose(torch.stack([ds[i][0] for i in range(len(ds))]), expected, atol=1e-3)  # float16 cache
+    assert torch.allclose(expected[0, 0], torch.from_numpy(fit(read_image(items[0].path), shape)))
 
 
 def test_dataset_applies_transform_per_access(tiny_split: tuple[Path, Path]) -> None:
-    items = load_split(*tiny_split, "val", CLASSES)
+    items = part_items(*tiny_split, 0, "val", CLASSES)
     counter = {"n": 0}
 
     def invert(x: torch.Tensor) -> torch.Tensor:
         counter["n"] += 1
         return 1.0 - x
 
-    plain, transformed = DXADataset(items, 32), DXADataset(items, 32, transform=invert)
+    plain, transformed = DXADataset(items, (32, 16)), DXADataset(items, (32, 16), transform=invert)
     assert torch.allclose(transformed[0][0], 1.0 - plain[0][0])
     transformed[0]
     assert counter["n"] == 2
 
 
 def test_stack_images(tiny_split: tuple[Path, Path]) -> None:
-    items = load_split(*tiny_split, "test", CLASSES)
-    batch = stack_images(items, 48)
-    assert batch.shape == (2, 1, 48, 48) and batch.dtype == torch.float32
-    assert stack_images([], 48).shape == (0, 1, 48, 48)
+    items = part_items(*tiny_split, 1, "test", CLASSES)
+    batch = stack_images(items, (48, 24))
+    assert batch.shape == (len(items), 1, 48, 24) and batch.dtype == torch.float32
+    np.testing.assert_allclose(batch[0, 0].numpy(), load_item_image(items[0], (48, 24)))
+    assert stack_images([], (48, 24)).shape == (0, 1, 48, 24)

@@ -1,8 +1,11 @@
-"""The ingest stage: walking and labelling, the manifest contract, summaries, systemic errors, the CLI."""
+"""The ingest stage: walking and labelling, the manifest contract (whole image and ROI image per accepted scan),
+summaries, systemic errors, the CLI. The tiny test images are not spines, so these runs use ``ingest.roi: whole``
+(tests/test_roi.py covers ``locate`` and the ``no_roi`` quarantine)."""
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import importlib.util
 import json
 import multiprocessing
@@ -23,7 +26,8 @@ from pydicom.uid import RLELossless
 
 from dicom_factory import gradient, hostile_corpus, write_deflate_bomb, write_dicom
 from spinedxa import deid, ingest
-from spinedxa.config import IngestConfig
+from spinedxa.config import IngestConfig, load_params
+from spinedxa.contracts import png16
 from spinedxa.files import sha256_file
 from spinedxa.ingest import MANIFEST_COLUMNS, IngestError, LabelsError, phash16, read_labels, run_ingest
 
@@ -31,8 +35,12 @@ CLASSES = ("normal", "osteoporosis")
 REPO = Path(__file__).resolve().parents[1]
 
 
-def settings(workers: int = 1, max_side: int = 24, multiframe: str = "first") -> IngestConfig:
-    return IngestConfig(workers=workers, max_side=max_side, max_pixels=10**6, multiframe=multiframe)
+ROI_HEIGHT = 32  # the smallest allowed ROI image: 32 x 16
+
+
+def settings(max_side: int = 24, multiframe: str = "first", **kwargs) -> IngestConfig:
+    return IngestConfig(max_side=max_side, max_pixels=10**6, multiframe=multiframe, roi="whole",
+                        roi_height=ROI_HEIGHT, **kwargs)
 
 
 def scan(seed: int) -> np.ndarray:
@@ -55,7 +63,8 @@ def folder_source(root: Path) -> dict[str, str]:
     write_dicom(add("osteoporosis/deep/d.dcm", "accepted"), scan(4), phi={"PatientID": "OTHER"})
     Image.fromarray(scan(5)).save(add("osteoporosis/e.png", "accepted"))
     Image.fromarray(scan(6)).save(add("osteoporosis/f.tif", "accepted"))
-    Image.fromarray((scan(7) // 16).astype(np.uint8)).save(add("normal/g.jpg", "accepted"))
+    # Seed 21: the OCR reads a "2" (score 0.88) in the JPEG noise of scan(7), and of 4 in 40 such tiny noisy JPEGs.
+    Image.fromarray((scan(21) // 16).astype(np.uint8)).save(add("normal/g.jpg", "accepted"))
     write_dicom(add("osteoporosis/mf.dcm", "accepted"), np.stack([scan(8), scan(9)]))
     add("normal/.DS_Store", "not_an_image").write_bytes(b"\x00\x00\x00\x01Bud1" + b"\x00" * 64)
     add("normal/empty.dcm", "zero_byte").write_bytes(b"")
@@ -78,7 +87,8 @@ def test_folder_source_manifest_contract(tmp_path: Path, workers: int) -> None:
     source = tmp_path / "source"
     expected = folder_source(source)
     out, summary_path = tmp_path / "ingested", tmp_path / "ingest.json"
-    summary = run_ingest(source, out, summary_path, classes=CLASSES, settings=settings(workers), progress=False)
+    summary = run_ingest(source, out, summary_path, classes=CLASSES, settings=settings(), workers=workers,
+                         progress=False)
     rows = read_manifest(out)
 
     sources = [r["source"] for r in rows]
@@ -98,11 +108,17 @@ def test_folder_source_manifest_contract(tmp_path: Path, workers: int) -> None:
             assert int(row["max"]) == pixels.max() and abs(float(row["mean"]) - pixels.mean()) < 0.01
             assert re.fullmatch(r"[0-9a-f]{16}", row["phash"])
             assert row["label"] == row["source"].split("/")[0]
+            # ingest.roi: whole: the ROI is the whole image padded to 2:1, resized to roi_height x roi_height / 2.
+            assert row["roi"] == f"roi/{row['sha256'][:16]}.png" and row["roi_method"] == "whole"
+            assert png16.read(out / row["roi"]).shape == (ROI_HEIGHT, ROI_HEIGHT // 2)
+            assert int(row["roi_height"]) == 2 * int(row["roi_width"]) >= int(row["height"])
+            assert row["redacted"] == "False"
         else:
             assert row["status"] == "quarantined" and row["reason"].split(":")[0] == want
-            assert row["image"] == "" and row["phash"] == ""
-    assert sorted(p.name for p in (out / "images").iterdir()) == sorted(
-        f"{r['sha256'][:16]}.png" for r in rows if r["status"] == "accepted")
+            assert row["image"] == row["roi"] == row["phash"] == ""
+    for folder in ("images", "roi"):
+        assert sorted(p.name for p in (out / folder).iterdir()) == sorted(
+            f"{r['sha256'][:16]}.png" for r in rows if r["status"] == "accepted")
 
     by_source = {r["source"]: r for r in rows}
     assert by_source["normal/a.dcm"]["patient_id"] == by_source["normal/b.dcm"]["patient_id"]
@@ -132,7 +148,8 @@ def test_outputs_are_deterministic_and_raw_input_untouched(tmp_path: Path) -> No
     digests = []
     for run in ("one", "two"):
         out = tmp_path / run
-        run_ingest(source, out, tmp_path / f"{run}.json", classes=CLASSES, settings=settings(2), progress=False)
+        run_ingest(source, out, tmp_path / f"{run}.json", classes=CLASSES, settings=settings(), workers=2,
+                   progress=False)
         digests.append({p.relative_to(out): sha256_file(p) for p in out.rglob("*") if p.is_file()})
     assert digests[0] == digests[1]
     assert {p: sha256_file(p) for p in source.rglob("*") if p.is_file()} == before
@@ -146,7 +163,7 @@ def test_output_dir_is_replaced_whole(tmp_path: Path) -> None:
     (out / "images" / "stale.png").write_bytes(b"old")
     run_ingest(source, out, tmp_path / "s.json", classes=CLASSES, settings=settings(), progress=False)
     assert not (out / "images" / "stale.png").exists()
-    assert sorted(p.name for p in out.iterdir()) == ["images", "manifest.csv"]
+    assert sorted(p.name for p in out.iterdir()) == ["images", "manifest.csv", "roi"]
 
 
 # --- labels.csv ---------------------------------------------------------------------------------------------------
@@ -247,6 +264,18 @@ def test_systemic_problems_raise_after_the_summary(tmp_path: Path, make, match: 
 
 # --- the stage's command line (as dvc.yaml calls it) --------------------------------------------------------------
 
+def _params_file(tmp_path: Path) -> Path:
+    """The repo's params.yaml with one ingest worker and ``ingest.roi: whole`` (the test images are not spines)."""
+    import yaml
+
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["runtime"]["workers"] = 1
+    raw["ingest"].update(roi="whole", roi_height=ROI_HEIGHT)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
 def test_stage_cli(tmp_path: Path) -> None:
     spec = importlib.util.spec_from_file_location("stage_ingest", REPO / "stages" / "ingest.py")
     stage = importlib.util.module_from_spec(spec)
@@ -255,12 +284,13 @@ def test_stage_cli(tmp_path: Path) -> None:
     source = tmp_path / "source"
     write_dicom(source / "normal" / "a.dcm", scan(1))
     write_dicom(source / "osteoporosis" / "b.dcm", scan(2))
-    params = tmp_path / "params.yaml"
-    params.write_text((REPO / "params.yaml").read_text().replace("workers: 2\n  max_side", "workers: 1\n  max_side"))
+    params = _params_file(tmp_path)
+    figure = tmp_path / "roi_examples.png"
     args = ["--params", str(params), "--out", str(tmp_path / "out"), "--summary", str(tmp_path / "s.json"),
-            "--no-progress"]
+            "--roi-figure", str(figure), "--no-progress"]
     assert main([*args, "--source", str(source)]) == 0
     assert json.loads((tmp_path / "s.json").read_text())["n_accepted"] == 2
+    assert figure.is_file()
     assert main([*args, "--source", str(tmp_path / "nowhere")]) == 1
     assert "does not exist" in json.loads((tmp_path / "s.json").read_text())["error"]
 
@@ -303,7 +333,7 @@ def test_phash16_tells_different_images_apart() -> None:
 
 def test_png_writer_is_lossless_deterministic_and_carries_no_text(tmp_path: Path) -> None:
     image = PHASH_IMAGES["dxa_size"]
-    first, second = ingest.encode_png16(image), ingest.encode_png16(image.copy())
+    first, second = png16.encode(image), png16.encode(image.copy())
     assert first == second  # byte-identical for identical input: no timestamp
     assert b"tIME" not in first and b"tEXt" not in first and b"iTXt" not in first and b"zTXt" not in first
     ingest.write_png16(tmp_path / "a.png", image)
@@ -312,12 +342,16 @@ def test_png_writer_is_lossless_deterministic_and_carries_no_text(tmp_path: Path
         np.testing.assert_array_equal(np.asarray(img), image)
     ingest.write_png16(tmp_path / "a.png", np.zeros((2, 2), np.uint16))  # an existing name is left as it is
     assert (tmp_path / "a.png").read_bytes() == first
+    ingest.write_png16(tmp_path / "b.png", first)  # encoded bytes are written as they are
+    assert (tmp_path / "b.png").read_bytes() == first
 
 
-@pytest.mark.parametrize("bad", [np.zeros((4, 4), np.uint8), np.zeros((4, 4, 3), np.uint16)])
-def test_png_writer_rejects_other_arrays(bad: np.ndarray) -> None:
-    with pytest.raises(ValueError, match="2-D uint16"):
-        ingest.encode_png16(bad)
+@pytest.mark.parametrize("bad, message", [(np.zeros((4, 4, 3), np.uint16), r"expected a 2-D image"),
+                                          (np.full((4, 4), 2.0), r"values must lie in \[0, 1\]")])
+def test_png_writer_rejects_other_arrays(tmp_path: Path, bad: np.ndarray, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        ingest.write_png16(tmp_path / "x.png", bad)
+    assert not (tmp_path / "x.png").exists()
 
 
 def test_large_files_stream_to_the_same_outputs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -330,14 +364,15 @@ def test_large_files_stream_to_the_same_outputs(tmp_path: Path, monkeypatch: pyt
         out = tmp_path / f"out_{limit}"
         run_ingest(source, out, tmp_path / f"{limit}.json", classes=CLASSES, settings=settings(), progress=False)
         digests.append({p.relative_to(out): sha256_file(p) for p in out.rglob("*") if p.is_file()})
-    assert digests[0] == digests[1] and len(digests[0]) == 1 + 8  # manifest + the eight accepted images
+    assert digests[0] == digests[1] and len(digests[0]) == 1 + 2 * 8  # manifest + the eight accepted images and ROIs
 
 
 # --- links and special files --------------------------------------------------------------------------------------
 
 def _rows_by_source(tmp_path: Path, source: Path, workers: int = 1) -> dict[str, dict[str, str]]:
     out = tmp_path / "out"
-    run_ingest(source, out, tmp_path / "s.json", classes=CLASSES, settings=settings(workers), progress=False)
+    run_ingest(source, out, tmp_path / "s.json", classes=CLASSES, settings=settings(), workers=workers,
+               progress=False)
     return {r["source"]: r for r in read_manifest(out)}
 
 
@@ -483,10 +518,11 @@ def test_bad_labels_csv_stops_the_stage_with_exit_1_after_the_summary(tmp_path: 
     params.write_text((REPO / "params.yaml").read_text())
     summary = tmp_path / "s.json"
     assert stage.main(["--params", str(params), "--source", str(source), "--out", str(tmp_path / "out"),
-                       "--summary", str(summary), "--no-progress"]) == 1
+                       "--summary", str(summary), "--roi-figure", str(tmp_path / "roi.png"), "--no-progress"]) == 1
     error = json.loads(summary.read_text())["error"]
     assert re.search(r"labels\.csv:\d+: ", error)
     assert "Traceback" not in capfd.readouterr().err and not (tmp_path / "out").exists()
+    assert not (tmp_path / "roi.png").exists()
 
 
 # --- a worker that dies must not hang the stage -------------------------------------------------------------------
@@ -538,7 +574,7 @@ def test_a_killed_worker_ends_the_stage_with_a_clear_error(tmp_path: Path, monke
     started = time.monotonic()
     try:
         with pytest.raises(IngestError, match=r"a worker process died .* ingesting one of \d+ file\(s\): normal/"):
-            run_ingest(source, out, summary, classes=CLASSES, settings=settings(workers=2), progress=False)
+            run_ingest(source, out, summary, classes=CLASSES, settings=settings(), workers=2, progress=False)
     finally:
         stop.set()
     assert time.monotonic() - started < 60
@@ -556,12 +592,44 @@ def test_worker_memory_cap_turns_a_consistent_bomb_into_a_quarantine_row(tmp_pat
     write_deflate_bomb(source / "normal" / "big.dcm", 8000 * 8000 * 2 + 4096, rows=8000, cols=8000)
     write_dicom(source / "normal" / "ok.dcm", scan(1))
     write_dicom(source / "osteoporosis" / "ok2.dcm", scan(2))
-    cfg = IngestConfig(workers=2, max_side=24, max_pixels=10**8, multiframe="first", worker_memory_mb=64)
+    cfg = dataclasses.replace(settings(), max_pixels=10**8, worker_memory_mb=64)
     out = tmp_path / "out"
-    run_ingest(source, out, tmp_path / "s.json", classes=CLASSES, settings=cfg, progress=False)
+    run_ingest(source, out, tmp_path / "s.json", classes=CLASSES, settings=cfg, workers=2, progress=False)
     rows = {r["source"]: r for r in read_manifest(out)}
     assert rows["normal/big.dcm"]["reason"].startswith("too_large: decoding needs more memory than this process")
     assert rows["normal/ok.dcm"]["status"] == rows["osteoporosis/ok2.dcm"]["status"] == "accepted"
+
+
+def _ocr_out_of_memory(*args, **kwargs):
+    """Stand-in for the RapidOCR engine (test only): fails as onnxruntime does when an allocation fails."""
+    from spinedxa import burnedin
+
+    raise burnedin._engine_error()("RUNTIME_EXCEPTION : Non-zero status code returned while running Resize node. "
+                                   "Status Message: std::bad_alloc")
+
+
+def test_ocr_out_of_memory_quarantines_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An allocation failure inside the OCR engine is a per-file problem (too_large), never the end of the stage."""
+    from spinedxa import burnedin
+
+    source = tmp_path / "source"
+    write_dicom(source / "normal" / "a.dcm", scan(1))
+    write_dicom(source / "osteoporosis" / "b.dcm", scan(2))
+    real_engine = burnedin._engine
+
+    def engine():
+        real = real_engine()
+        # Small scans are enlarged to 384 px for detection; the big one is reduced to 2048 px and "runs out".
+        return lambda image: _ocr_out_of_memory() if max(image.shape) > 1000 else real(image)
+
+    monkeypatch.setattr(burnedin, "_engine", engine)
+    write_dicom(source / "normal" / "big.dcm", np.kron(scan(3), np.ones((60, 60), dtype=np.uint16)))  # 2400 x 1920
+    out = tmp_path / "out"
+    run_ingest(source, out, tmp_path / "s.json", classes=CLASSES, settings=dataclasses.replace(
+        settings(), max_pixels=10**7), progress=False)
+    rows = {r["source"]: r for r in read_manifest(out)}
+    assert rows["normal/big.dcm"]["reason"].startswith("too_large: decoding needs more memory")
+    assert rows["normal/a.dcm"]["status"] == rows["osteoporosis/b.dcm"]["status"] == "accepted"
 
 
 # --- peak memory on hostile files ---------------------------------------------------------------------------------
@@ -573,22 +641,34 @@ from spinedxa.config import load_params
 from spinedxa.ingest import run_ingest
 params = load_params(sys.argv[1])
 run_ingest(Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4]), classes=params.data.classes,
-           settings=dataclasses.replace(params.ingest, workers=2), progress=False)
+           settings=dataclasses.replace(params.ingest, roi="whole"), workers=2, progress=False)
 with open("/proc/self/status") as fh:  # VmHWM: ru_maxrss of an exec'd process starts at its parent's peak
     hwm = next(int(line.split()[1]) for line in fh if line.startswith("VmHWM:"))
 print(json.dumps({"parent_kib": hwm, "worker_kib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}))
 """
 
 
+#: The one consistent image of the hostile corpus: within max_pixels, but screening it for burned-in text (detected
+#: at 2048 px) needs more address space than the repo's ingest.worker_memory_mb allows (the detector alone peaks at
+#: ~1 GB RSS there, measured), so it is quarantined too_large and the stage goes on.
+CONSISTENT = "deflate_7000x7000_consistent"
+
+
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmHWM from /proc")
 @pytest.mark.timeout(300)
-def test_peak_memory_on_hostile_files_stays_well_under_1_gib(tmp_path: Path) -> None:
-    """Ingest (the repo's params, two workers) on every hostile fixture of tests/dicom_factory.HOSTILE at once: each
-    gets its row, and memory stays bounded whatever the files say (1 GB deflate bombs, 12000 x 12000 codestreams
-    behind 64 x 64 headers, ...). The largest allowed case is a consistent 7000 x 7000 image, which max_pixels
-    admits."""
+@pytest.mark.parametrize("corpus", ["lying", "consistent"])
+def test_peak_memory_on_hostile_files_stays_bounded(tmp_path: Path, corpus: str) -> None:
+    """Ingest (the repo's params, two workers) on the hostile fixtures of tests/dicom_factory.HOSTILE: each gets its
+    row, and memory stays bounded whatever the files say. ``lying``: every file whose header lies or that inflates
+    out of proportion (1 GB deflate bombs, 12000 x 12000 codestreams behind 64 x 64 headers, ...), all at once: the
+    whole process tree well under 1 GiB. ``consistent``: a true 7000 x 7000 image: its worker stops at its cap."""
+    from dicom_factory import HOSTILE
+
     source = tmp_path / "source"
-    expected = hostile_corpus(source)
+    names = [n for n in HOSTILE if (n == CONSISTENT) == (corpus == "consistent")]
+    expected = hostile_corpus(source, names)
+    if corpus == "consistent":
+        expected[f"normal/{CONSISTENT}.dcm"] = "too_large"
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, "-c", _MEMORY_CHILD, str(REPO / "params.yaml"), str(source), str(out),
                              str(tmp_path / "s.json")], stdout=subprocess.PIPE, text=True,
@@ -606,5 +686,10 @@ def test_peak_memory_on_hostile_files_stays_well_under_1_gib(tmp_path: Path) -> 
             for r in read_manifest(out)}
     assert rows == expected
     mib = 2**20
-    assert sampled < 1024 * mib, f"process tree peaked at {sampled / mib:.0f} MiB"
-    assert peaks["parent_kib"] * 1024 < 256 * mib and peaks["worker_kib"] * 1024 < 512 * mib, peaks
+    assert peaks["parent_kib"] * 1024 < 256 * mib, peaks
+    if corpus == "lying":  # measured: tree 605 MiB, worker 276 MiB (each worker holds the OCR models, ~150 MiB)
+        assert sampled < 1024 * mib, f"process tree peaked at {sampled / mib:.0f} MiB"
+        assert peaks["worker_kib"] * 1024 < 512 * mib, peaks
+    else:  # the worker's address-space cap (its size at start-up + worker_memory_mb) holds it
+        cap = load_params(REPO / "params.yaml").ingest.worker_memory_mb
+        assert peaks["worker_kib"] * 1024 < (cap + 256) * mib, peaks

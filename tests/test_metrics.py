@@ -1,4 +1,5 @@
-"""Tests of spinedxa.metrics: scikit-learn agreement, patient bootstrap, McNemar, DeLong, curves and output files."""
+"""Tests of spinedxa.metrics: scikit-learn agreement, patient bootstrap, McNemar, DeLong, curves, output files, and the
+pooled out-of-fold record (per-fold mean and SD, patient-level view)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import pytest
 from sklearn import metrics as skm
 
 from spinedxa import metrics as M
+from spinedxa.contracts import predictions as predictions_contract
 
 
 def _cohort(n_patients: int, images_per_patient: int = 1, seed: int = 0, signal: float = 1.0):
@@ -265,9 +267,13 @@ def test_write_and_read_evaluation(tmp_path) -> None:
     M.write_evaluation(preds, rec, metrics_path=tmp_path / "m.json", predictions_path=tmp_path / "p.csv",
                        plots_dir=tmp_path / "plots")
     back = M.read_predictions(tmp_path / "p.csv")
-    assert list(back.columns) == list(M.PREDICTION_COLUMNS)
+    assert list(back.columns) == list(predictions_contract.COLUMNS)
+    assert (back["fold"] == 0).all()  # no folds given: one fold, 0
+    assert list(back["source"]) == sorted(sources)  # written in source order
+    back = back.set_index("source").loc[sources]
     assert (back["actual"] == np.where(y == 1, "osteoporosis", "normal")).all()
     assert (back["predicted"] == np.where(p >= 0.5, "osteoporosis", "normal")).all()
+    back = back.reset_index()
     assert json.loads((tmp_path / "m.json").read_text())["roc_auc"] == pytest.approx(skm.roc_auc_score(y, p))
     assert sorted(f.name for f in (tmp_path / "plots").iterdir()) == ["calibration.csv", "pr.csv", "roc.csv"]
     back.drop(columns=["prob"]).to_csv(tmp_path / "bad.csv", index=False)
@@ -275,3 +281,80 @@ def test_write_and_read_evaluation(tmp_path) -> None:
         M.read_predictions(tmp_path / "bad.csv")
     with pytest.raises(FileNotFoundError, match="missing.csv"):
         M.read_predictions(tmp_path / "missing.csv")
+
+
+# ------------------------------------------------------------------------------------------ out of fold
+
+
+def _oof(n_patients: int = 30, folds: int = 3, seed: int = 11) -> pd.DataFrame:
+    """Pooled out-of-fold predictions: two scans for every third patient, patients dealt into folds."""
+    y, p, pids = _cohort(n_patients, seed=seed)
+    rows = []
+    for i, (t, prob, pid) in enumerate(zip(y, p, pids)):
+        for visit in range(2 if i % 3 == 0 else 1):
+            rows.append({"source": f"s{i:03d}_{visit}.dcm", "patient_id": pid, "y": t,
+                         "prob": float(np.clip(prob + 0.05 * visit, 0, 1)), "fold": i % folds})
+    frame = pd.DataFrame(rows)
+    return M.predictions_frame(frame["source"], frame["patient_id"], frame["y"].to_numpy(), frame["prob"].to_numpy(),
+                               classes=("normal", "osteoporosis"), threshold=0.5, folds=frame["fold"])
+
+
+def test_predictions_frame_keeps_the_fold() -> None:
+    preds = _oof()
+    assert list(preds.columns) == list(predictions_contract.COLUMNS)
+    assert sorted(preds["fold"].unique()) == [0, 1, 2]
+
+
+def test_fold_summary_is_the_mean_and_sd_of_the_folds() -> None:
+    preds = _oof()
+    summary = M.fold_summary(preds, 0.5)
+    per_fold = [M.point_metrics(g["y_true"], g["prob"], 0.5) for _, g in preds.groupby("fold")]
+    assert summary["n_folds"] == 3
+    for key in M.METRIC_KEYS:
+        values = [m[key] for m in per_fold]
+        assert summary[f"{key}_fold_mean"] == pytest.approx(np.mean(values)), key
+        assert summary[f"{key}_fold_sd"] == pytest.approx(np.std(values, ddof=1)), key
+
+
+def test_fold_summary_leaves_undefined_folds_out() -> None:
+    preds = _oof()
+    one_class = preds[(preds["fold"] != 0) | (preds["y_true"] == 1)]  # fold 0 holds positives only: no AUC there
+    summary = M.fold_summary(one_class, 0.5)
+    aucs = [M.point_metrics(g["y_true"], g["prob"], 0.5)["roc_auc"] for f, g in one_class.groupby("fold") if f != 0]
+    assert summary["roc_auc_fold_mean"] == pytest.approx(np.mean(aucs))
+    single = M.fold_summary(preds[preds["fold"] == 1], 0.5)
+    assert single["n_folds"] == 1 and single["accuracy_fold_sd"] is None  # no SD from one fold
+
+
+def test_patient_level_is_the_mean_probability_per_patient() -> None:
+    preds = _oof()
+    patients = M.patient_level(preds, ("normal", "osteoporosis")).set_index("patient_id")
+    assert list(patients.columns) == ["n_scans", "y_true", "prob"]
+    assert len(patients) == preds["patient_id"].nunique() and patients["n_scans"].sum() == len(preds)
+    for pid, group in preds.groupby("patient_id"):
+        assert patients.at[pid, "prob"] == pytest.approx(group["prob"].mean())
+        assert patients.at[pid, "n_scans"] == len(group)
+
+
+@pytest.mark.parametrize("labels, expected", [([0], 0), ([1, 1], 1), ([0, 1], 1), ([0, 0, 1], 0)])
+def test_patient_label_is_the_majority_a_tie_positive(labels: list[int], expected: int) -> None:
+    preds = M.predictions_frame([f"s{i}" for i in range(len(labels))], ["P1"] * len(labels), np.array(labels),
+                                np.full(len(labels), 0.5), classes=("normal", "osteoporosis"), threshold=0.5)
+    assert M.patient_level(preds, ("normal", "osteoporosis"))["y_true"].tolist() == [expected]
+
+
+def test_out_of_fold_record_pools_every_scan() -> None:
+    preds = _oof()
+    record = M.out_of_fold_record(preds, ("normal", "osteoporosis"), protocol="kfold", threshold=0.5,
+                                  n_resamples=50, seed=0)
+    assert (record["protocol"], record["folds"], record["n_folds"]) == ("kfold", 3, 3)
+    assert record["n_test"] == len(preds) and record["n_test_patients"] == record["n_patients"] == 30
+    pooled = M.point_metrics(preds["y_true"], preds["prob"], 0.5)
+    for key in M.METRIC_KEYS:
+        assert record[key] == pytest.approx(pooled[key]), key
+        assert {f"{key}_ci_low", f"{key}_ci_high", f"{key}_fold_mean", f"{key}_fold_sd", f"patient_{key}",
+                f"patient_{key}_ci_low", f"patient_{key}_ci_high"} <= set(record)
+    patients = M.patient_level(preds, ("normal", "osteoporosis"))
+    assert record["patient_roc_auc"] == pytest.approx(skm.roc_auc_score(patients["y_true"], patients["prob"]))
+    assert record["patient_tp"] + record["patient_fp"] + record["patient_tn"] + record["patient_fn"] == 30
+    json.dumps(record, allow_nan=False)  # strict JSON: undefined values are None

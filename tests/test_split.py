@@ -1,9 +1,11 @@
-"""split: patient-grouped, stratified, reproducible; folds patient-disjoint; refuses bad input with clear errors."""
+"""split: patient-grouped, stratified k-fold (or holdout) assignment; every scan scored once; independent of the
+de-identification key and of file order; refuses bad input with errors naming the params key."""
 
 from __future__ import annotations
 
 import copy
 import hashlib
+import hmac
 import json
 from pathlib import Path
 
@@ -13,29 +15,24 @@ import pytest
 import yaml
 
 from conftest import REPO, stage_main
-from spinedxa.config import SplitConfig, params_from_dict
+from spinedxa.config import ConfigError, SplitConfig, params_from_dict
+from spinedxa.contracts import manifest as manifest_contract, splits as splits_contract
 from spinedxa.files import sha256_file
-from spinedxa.split import (
-    OUTPUT_COLUMNS,
-    SplitError,
-    make_splits,
-    min_patients_per_class,
-    patient_labels,
-    require_validation_success,
-    split_patients,
-)
+from spinedxa.split import SplitError, make_splits, patient_table, require_validation_success, summarize
 
 CLASSES = ("normal", "osteoporosis")
+ROLES = ("train", "val", "test")
 
 
 def make_cohort(n_normal: int, n_osteo: int, followup: float = 0.2, n_quarantined: int = 2, seed: int = 0,
-                mixed: float = 0.0) -> pd.DataFrame:
+                mixed: float = 0.0, key: str = "key-a") -> pd.DataFrame:
     """A manifest with ``n_normal`` + ``n_osteo`` patients; a ``followup`` share scanned twice (a ``mixed`` share of
-    those with the other label on the second scan), plus quarantined files."""
+    those with the other label on the second scan), plus quarantined files. Pseudonyms are HMACs under ``key`` (as
+    ingest makes them); file names and raw sha256 do not depend on it."""
     rng = np.random.default_rng(seed)
     rows = []
     for p, label in enumerate([CLASSES[0]] * n_normal + [CLASSES[1]] * n_osteo):
-        pid = "P" + hashlib.sha256(f"patient{p}".encode()).hexdigest()[:12]
+        pid = "P" + hmac.new(key.encode(), f"patient{p}".encode(), hashlib.sha256).hexdigest()[:12]
         labels = [label]
         if rng.random() < followup:
             labels.append(CLASSES[1 - CLASSES.index(label)] if rng.random() < mixed else label)
@@ -44,87 +41,145 @@ def make_cohort(n_normal: int, n_osteo: int, followup: float = 0.2, n_quarantine
     frame = pd.DataFrame(rows)
     frame["source"] = [f"scan_{k:05d}.dcm" for k in rng.permutation(len(frame))]  # rows not in patient order
     frame["sha256"] = [hashlib.sha256(s.encode()).hexdigest() for s in frame["source"]]
-    frame["image"] = np.where(frame["status"] == "accepted", "images/" + frame["sha256"].str[:16] + ".png", "")
+    accepted = frame["status"] == "accepted"
+    frame["image"] = np.where(accepted, "images/" + frame["sha256"].str[:16] + ".png", "")
+    frame["roi"] = np.where(accepted, "roi/" + frame["sha256"].str[:16] + ".png", "")
     return frame
 
 
-def cfg(seed: int = 42, train: float = 0.6, val: float = 0.2, test: float = 0.2, folds: int = 0) -> SplitConfig:
-    return SplitConfig(seed=seed, train=train, val=val, test=test, folds=folds)
+def cfg(protocol: str = "kfold", seed: int = 42, folds: int = 3, val: float = 0.2, test: float = 0.2) -> SplitConfig:
+    return SplitConfig(protocol=protocol, seed=seed, folds=folds, val=val, test=test)
+
+
+def assignment(splits: pd.DataFrame) -> dict[tuple[str, int], str]:
+    """(source, fold) -> role."""
+    return {(s, int(f)): r for s, f, r in splits[["source", "fold", "split"]].itertuples(index=False)}
 
 
 COHORTS = {  # (normal patients, osteoporosis patients, follow-up share, mixed-label share of follow-ups)
     "tiny_profile": (12, 22, 0.15, 0.0),
     "paper_like": (52, 98, 0.15, 0.0),
     "many_followups": (20, 30, 0.6, 0.3),
-    "minimum": (5, 5, 0.0, 0.0),
+    "small": (8, 10, 0.2, 0.0),
 }
 
 
-@pytest.mark.parametrize("seed", [0, 1, 7, 2025])
+@pytest.mark.parametrize("folds", [3, 5])
+@pytest.mark.parametrize("seed", [0, 7])
 @pytest.mark.parametrize("shape", COHORTS.values(), ids=COHORTS.keys())
-def test_no_patient_crosses_splits_and_every_split_holds_every_class(shape, seed):
+def test_kfold_scores_every_scan_once_and_keeps_patients_apart(shape, seed, folds):
     n_normal, n_osteo, followup, mixed = shape
     manifest = make_cohort(n_normal, n_osteo, followup, seed=seed, mixed=mixed)
-    splits = make_splits(manifest, cfg(seed=seed), CLASSES)
-    assert list(splits.columns) == list(OUTPUT_COLUMNS)
-    assert splits.groupby("patient_id")["split"].nunique().max() == 1
-    accepted = manifest[manifest["status"] == "accepted"]
-    assert sorted(splits["source"]) == sorted(accepted["source"])  # every accepted row once, no quarantined row
-    assert splits["source"].is_monotonic_increasing
-    assert (pd.crosstab(splits["split"], splits["label"]).reindex(index=["train", "val", "test"]) > 0).all().all()
-
-
-@pytest.mark.parametrize("seed", [0, 1, 7])
-@pytest.mark.parametrize("fractions", [(0.6, 0.2, 0.2), (0.5, 0.25, 0.25), (0.7, 0.15, 0.15), (0.8, 0.1, 0.1)])
-def test_class_ratios_hold_per_split(fractions, seed):
-    """Stated tolerance: in each split, each class's patient count is within 2 of fraction x class patients (one
-    patient of rounding per stratified step, two steps), and the positive share of images is within 0.08 of the
-    cohort's on a paper-sized cohort."""
-    manifest = make_cohort(52, 98, 0.15, seed=seed)
-    config = cfg(seed, *fractions)
+    config = cfg(seed=seed, folds=folds)
     splits = make_splits(manifest, config, CLASSES)
-    labels = patient_labels(splits, CLASSES)
-    per_class = labels.value_counts()
-    by_patient = splits.drop_duplicates("patient_id").set_index("patient_id")["split"]
-    counts = pd.crosstab(by_patient, labels)
-    overall_positive = (splits["label"] == CLASSES[1]).mean()
-    for split, fraction in zip(("train", "val", "test"), fractions):
-        for cls in CLASSES:
-            got = counts.at[split, cls] if split in counts.index else 0
-            assert abs(got - fraction * per_class[cls]) < 2, (split, cls, got)
-        if fraction > 0:
-            share = (splits.loc[splits["split"] == split, "label"] == CLASSES[1]).mean()
-            assert abs(share - overall_positive) < 0.08, (split, share, overall_positive)
-    assert set(splits["split"]) == {s for s, f in zip(("train", "val", "test"), fractions) if f > 0}
+    accepted = manifest[manifest["status"] == "accepted"]
+
+    assert sorted(splits.columns) == sorted(splits_contract.COLUMNS)  # the file's column order: see the stage test
+    assert splits_contract.folds(splits) == list(range(folds))
+    for fold, part in splits.groupby("fold"):  # every accepted scan once per fold, no quarantined row
+        assert sorted(part["source"]) == sorted(accepted["source"]), fold
+    # Every scan is test in exactly one fold: one out-of-fold prediction per scan.
+    tested = splits_contract.out_of_fold(splits)
+    assert sorted(tested["source"]) == sorted(accepted["source"])
+    assert tested["source"].is_unique
+    for fold, part in splits.groupby("fold"):
+        # No patient in both the training part (train + val) and the held-out part of a fold.
+        roles = part.groupby("patient_id")["split"].nunique()
+        assert roles.max() == 1, fold
+        test_patients = set(part.loc[part["split"] == "test", "patient_id"])
+        training = part[part["split"] != "test"]
+        assert test_patients.isdisjoint(training["patient_id"])
+        # The validation subset lies inside the training part: a share of the fold's training patients.
+        val_patients = set(part.loc[part["split"] == "val", "patient_id"])
+        train_patients = set(part.loc[part["split"] == "train", "patient_id"])
+        assert val_patients and val_patients <= set(training["patient_id"]) and val_patients.isdisjoint(train_patients)
+        n_training = training["patient_id"].nunique()
+        assert abs(len(val_patients) - config.val * n_training) <= 2, (fold, len(val_patients), n_training)
+        assert (pd.crosstab(part["split"], part["label"]).reindex(index=list(ROLES)) > 0).all().all()
+    # The test parts partition the patients, stratified: per class, fold sizes differ by at most one patient.
+    test_rows = splits[splits["split"] == "test"].drop_duplicates("patient_id")
+    assert sorted(test_rows["patient_id"]) == sorted(accepted["patient_id"].unique())
+    labels = patient_table(accepted, CLASSES).set_index("patient_id")["label"]
+    per_fold = pd.crosstab(test_rows["fold"], test_rows["patient_id"].map(labels))
+    assert (per_fold.max() - per_fold.min()).max() <= 1
 
 
-def test_same_seed_same_split_and_row_order_does_not_matter():
+@pytest.mark.parametrize("test_share, val_share", [(0.2, 0.2), (0.25, 0.15), (0.3, 0.25)])
+def test_holdout_protocol_is_one_fold_with_a_test_share(test_share, val_share):
+    manifest = make_cohort(30, 50, 0.2)
+    splits = make_splits(manifest, cfg("holdout", test=test_share, val=val_share), CLASSES)
+    accepted = manifest[manifest["status"] == "accepted"]
+    assert splits_contract.folds(splits) == [0]
+    assert sorted(splits["source"]) == sorted(accepted["source"])
+    assert splits.groupby("patient_id")["split"].nunique().max() == 1
+    patients = splits.drop_duplicates("patient_id")["split"].value_counts()
+    n = patients.sum()
+    assert abs(patients["test"] - test_share * n) <= 2
+    assert abs(patients["val"] - val_share * (n - patients["test"])) <= 2
+    assert (pd.crosstab(splits["split"], splits["label"]) > 0).all().all()
+
+
+@pytest.mark.parametrize("protocol", ["kfold", "holdout"])
+def test_assignment_does_not_depend_on_the_deidentification_key(protocol):
+    """Two clones with different keys give every scan different pseudonyms but the same fold and role (issue 7)."""
+    one = make_splits(make_cohort(20, 30, 0.3, key="clone-one"), cfg(protocol), CLASSES)
+    two = make_splits(make_cohort(20, 30, 0.3, key="clone-two"), cfg(protocol), CLASSES)
+    assert assignment(one) == assignment(two)
+    pseudonyms = one.merge(two, on=["source", "fold"], suffixes=("_1", "_2"))
+    assert (pseudonyms["patient_id_1"] != pseudonyms["patient_id_2"]).all()
+    # ... and the grouping is the same: pseudonyms map one to one.
+    assert pseudonyms.groupby("patient_id_1")["patient_id_2"].nunique().max() == 1
+
+
+def test_ingest_under_two_keys_gives_the_same_split(tmp_path, monkeypatch):
+    """The same raw files ingested under two SPINEDXA_DEID_KEY values: pseudonyms differ, every scan's fold and
+    role are the same (the whole chain: DICOM PatientID -> HMAC pseudonym -> patient grouping -> folds)."""
+    from dicom_factory import gradient, write_dicom
+    from spinedxa.config import IngestConfig
+    from spinedxa.ingest import run_ingest
+
+    source = tmp_path / "source"
+    rng = np.random.default_rng(0)
+    for p in range(12):
+        label = CLASSES[p % 2]
+        for visit in range(2 if p % 4 == 0 else 1):
+            pixels = (gradient(48, 40) + rng.integers(0, 300, (48, 40))).astype(np.uint16)
+            write_dicom(source / label / f"s{p:02d}_{visit}.dcm", pixels, phi={"PatientID": f"MRN-{p:04d}"})
+    settings = IngestConfig(max_side=48, max_pixels=10**6, roi="whole", roi_height=32)
+    manifests = []
+    for key in ("clone-one-key", "clone-two-key"):
+        monkeypatch.setenv("SPINEDXA_DEID_KEY", key)
+        out = tmp_path / key
+        run_ingest(source, out, tmp_path / f"{key}.json", classes=CLASSES, settings=settings, progress=False)
+        manifests.append(manifest_contract.read(out / manifest_contract.FILE_NAME))
+    assert (manifests[0]["status"] == "accepted").all()
+    assert set(manifests[0]["patient_id"]).isdisjoint(manifests[1]["patient_id"])
+    config = cfg(val=0.25)
+    one, two = (make_splits(m, config, CLASSES) for m in manifests)
+    assert assignment(one) == assignment(two)
+    assert one["patient_id"].nunique() == two["patient_id"].nunique() == 12
+
+
+@pytest.mark.parametrize("protocol", ["kfold", "holdout"])
+def test_file_order_does_not_matter(protocol):
     manifest = make_cohort(20, 30, 0.3)
-    first = make_splits(manifest, cfg(seed=3), CLASSES)
-    shuffled = manifest.sample(frac=1.0, random_state=1)
-    pd.testing.assert_frame_equal(make_splits(shuffled, cfg(seed=3), CLASSES), first)
+    first = make_splits(manifest, cfg(protocol, seed=3), CLASSES)
+    for state in (1, 2):
+        shuffled = manifest.sample(frac=1.0, random_state=state).reset_index(drop=True)
+        pd.testing.assert_frame_equal(make_splits(shuffled, cfg(protocol, seed=3), CLASSES), first)
 
 
-def test_different_seed_gives_a_different_split():
+def test_different_seed_gives_a_different_assignment():
     manifest = make_cohort(20, 30, 0.3)
     assignments = {make_splits(manifest, cfg(seed=s), CLASSES)["split"].str.cat() for s in range(5)}
     assert len(assignments) == 5
 
 
-@pytest.mark.parametrize("folds", [2, 3, 5])
-def test_folds_are_patient_disjoint_stratified_and_exclude_test(folds):
-    manifest = make_cohort(25, 40, 0.3, mixed=0.2)
-    splits = make_splits(manifest, cfg(folds=folds), CLASSES)
-    assert (splits.loc[splits["split"] == "test", "fold"] == -1).all()
-    dev = splits[splits["split"] != "test"]
-    assert sorted(dev["fold"].unique()) == list(range(folds))
-    assert dev.groupby("patient_id")["fold"].nunique().max() == 1
-    assert (pd.crosstab(dev["fold"], dev["label"]) > 0).all().all()
-    pd.testing.assert_frame_equal(make_splits(manifest, cfg(folds=folds), CLASSES), splits)
-
-
-def test_no_fold_column_without_folds():
-    assert "fold" not in make_splits(make_cohort(10, 10), cfg(), CLASSES)
+def test_patient_order_is_the_smallest_raw_sha256():
+    rows = pd.DataFrame({"patient_id": ["Pb", "Pb", "Pa"], "label": ["normal"] * 3,
+                         "sha256": ["f" * 64, "1" * 64, "5" * 64]})
+    table = patient_table(rows, CLASSES)
+    assert list(table["patient_id"]) == ["Pb", "Pa"] and list(table["order"]) == ["1" * 64, "5" * 64]
 
 
 @pytest.mark.parametrize("scans, expected", [
@@ -134,26 +189,36 @@ def test_no_fold_column_without_folds():
     ([CLASSES[1], CLASSES[0]], CLASSES[1]),
 ])
 def test_patient_label_is_the_majority(scans, expected):
-    rows = pd.DataFrame({"patient_id": ["P1"] * len(scans), "label": scans})
-    assert patient_labels(rows, CLASSES)["P1"] == expected
-
-
-@pytest.mark.parametrize("fractions, expected", [
-    ((0.6, 0.2, 0.2), 5), ((0.5, 0.25, 0.25), 4), ((0.7, 0.15, 0.15), 7), ((0.8, 0.1, 0.1), 10), ((0.34, 0.33, 0.33), 4),
-])
-def test_min_patients_per_class(fractions, expected):
-    assert min_patients_per_class(cfg(0, *fractions)) == expected
+    rows = pd.DataFrame({"patient_id": ["P1"] * len(scans), "label": scans,
+                         "sha256": [f"{i:064x}" for i in range(len(scans))]})
+    assert patient_table(rows, CLASSES).set_index("patient_id").at["P1", "label"] == expected
 
 
 @pytest.mark.parametrize("n_normal, n_osteo, config, message", [
-    (4, 20, cfg(), r"\{'normal': 4\} patients per class, need at least 5"),
-    (20, 3, cfg(train=0.5, val=0.25, test=0.25), r"\{'osteoporosis': 3\} patients per class, need at least 4"),
-    (0, 20, cfg(), r"\{'normal': 0\}"),
-    (6, 20, cfg(folds=8), r"split.folds: 8 folds need at least 8 train\+val patients per class"),
+    (2, 20, cfg(folds=3),
+     r"split\.folds=3 needs at least 3 patients per class, got \{'normal': 2, 'osteoporosis': 20\}"),
+    (6, 20, cfg(folds=8), r"split\.folds=8 needs at least 8 patients per class"),
+    (0, 20, cfg(), r"split\.folds=3 needs .*'normal': 0"),
+    (6, 20, cfg(val=0.1), r"split\.val=0\.1 needs at least 10 patients per class"),
+    (3, 20, cfg("holdout", test=0.25), r"split\.test=0\.25 needs at least 4 patients per class"),
+    (5, 20, cfg("holdout", test=0.2, val=0.2), r"split\.val=0\.2 needs at least 5 patients per class"),  # after test
 ])
-def test_too_few_patients_is_a_clear_error(n_normal, n_osteo, config, message):
+def test_too_few_patients_is_an_error_naming_the_key(n_normal, n_osteo, config, message):
     with pytest.raises(SplitError, match=message):
         make_splits(make_cohort(n_normal, n_osteo, followup=0.0), config, CLASSES)
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"folds": 2}, r"split\.folds: 2 is out of range under protocol kfold; allowed: >= 3"),
+    ({"val": 0.0}, r"split\.val"),
+    ({"test": 1.0}, r"split\.test"),
+    ({"protocol": "loo"}, r"split\.protocol"),
+])
+def test_split_config_rejects_unusable_values(values, message):
+    raw = copy.deepcopy(yaml.safe_load((REPO / "params.yaml").read_text()))
+    raw["split"].update(values)
+    with pytest.raises(ConfigError, match=message):
+        params_from_dict(raw)
 
 
 @pytest.mark.parametrize("column, value, message", [
@@ -162,20 +227,14 @@ def test_too_few_patients_is_a_clear_error(n_normal, n_osteo, config, message):
 ])
 def test_rows_validate_would_block_are_refused(column, value, message):
     manifest = make_cohort(10, 10, followup=0.0)
-    manifest.loc[0, column] = value  # row 0 is accepted
+    manifest.loc[manifest.index[manifest["status"] == "accepted"][0], column] = value
     with pytest.raises(SplitError, match=message):
         make_splits(manifest, cfg(), CLASSES)
 
 
-def test_split_patients_returns_one_split_per_patient():
-    labels = pd.Series([CLASSES[0]] * 10 + [CLASSES[1]] * 10, index=[f"P{i:012x}" for i in range(20)])
-    assigned = split_patients(labels, cfg(), CLASSES)
-    assert assigned.value_counts().to_dict() == {"train": 12, "val": 4, "test": 4}
-
-
 def write_manifest_and_validation(tmp_path: Path, manifest: pd.DataFrame, **validation) -> tuple[Path, Path]:
     path = tmp_path / "manifest.csv"
-    manifest.to_csv(path, index=False)
+    manifest_contract.write(path, manifest.reindex(columns=manifest_contract.COLUMNS, fill_value=""))
     summary = {"success": True, "manifest_sha256": sha256_file(path), "blocking_failures": [], **validation}
     (tmp_path / "validation.json").write_text(json.dumps(summary))
     return path, tmp_path / "validation.json"
@@ -192,24 +251,37 @@ def test_refuses_unless_validation_passed_on_this_manifest(tmp_path, validation,
         require_validation_success(summary, manifest)
 
 
-@pytest.mark.parametrize("folds", [0, 3])
-def test_stage_writes_splits_and_summary(tmp_path, folds):
+def test_summary_counts_images_and_patients_per_fold_role_and_class():
+    manifest = make_cohort(20, 30, 0.3)
+    config = cfg()
+    splits = make_splits(manifest, config, CLASSES)
+    summary = summarize(splits, config, CLASSES)
+    n_scans = int((manifest["status"] == "accepted").sum())
+    assert (summary["protocol"], summary["n_folds"], summary["n_images"], summary["n_scored"]) == (
+        "kfold", 3, n_scans, n_scans)
+    for fold, entry in summary["folds"].items():
+        part = splits[splits["fold"] == int(fold)]
+        assert sum(entry[r]["total"] for r in ROLES) == n_scans
+        assert sum(entry[r]["patients"] for r in ROLES) == summary["n_patients"]  # no patient in two roles
+        for role in ROLES:
+            assert entry[role]["total"] == sum(entry[role][c] for c in CLASSES) == (part["split"] == role).sum()
+
+
+@pytest.mark.parametrize("protocol", ["kfold", "holdout"])
+def test_stage_writes_splits_and_summary(tmp_path, protocol):
     raw = copy.deepcopy(yaml.safe_load((REPO / "params.yaml").read_text()))
-    raw["split"]["folds"] = folds
+    raw["split"]["protocol"] = protocol
     params_from_dict(raw)  # the edited params are valid
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     manifest, validation = write_manifest_and_validation(tmp_path, make_cohort(30, 50, 0.2))
     out, summary_path = tmp_path / "data" / "split" / "splits.csv", tmp_path / "reports" / "split.json"
     stage_main("split")(["--params", str(tmp_path / "params.yaml"), "--manifest", str(manifest), "--validation",
                        str(validation), "--out", str(out), "--summary", str(summary_path)])
-    splits = pd.read_csv(out)
-    assert list(splits.columns) == list(OUTPUT_COLUMNS) + (["fold"] if folds else [])
+    splits = splits_contract.read(out)
+    assert list(splits.columns) == list(splits_contract.COLUMNS)
+    assert list(splits.sort_values(["fold", "source"])["source"]) == list(splits["source"])  # sorted on disk
     summary = json.loads(summary_path.read_text())
-    assert summary["n_images"] == len(splits) and summary["n_patients"] == splits["patient_id"].nunique()
-    assert sum(summary["patients"].values()) == summary["n_patients"]  # no patient counted in two splits
-    assert sum(v["total"] for v in summary["images"].values()) == len(splits)
-    assert summary["fraction_patients"]["train"] == pytest.approx(0.6, abs=0.03)
-    assert ("folds" in summary) == bool(folds)
-    if folds:
-        assert sum(f["images"] for f in summary["folds"].values()) == summary["images"]["train"]["total"] + \
-            summary["images"]["val"]["total"]
+    n_folds = raw["split"]["folds"] if protocol == "kfold" else 1
+    assert summary["protocol"] == protocol and summary["n_folds"] == n_folds == len(summary["folds"])
+    assert summary["n_images"] == splits["source"].nunique() == len(splits) // n_folds
+    assert summary["n_scored"] == (summary["n_images"] if protocol == "kfold" else (splits["split"] == "test").sum())

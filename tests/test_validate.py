@@ -70,6 +70,9 @@ def make_manifest(n_per_class: int = 6, n_quarantined: int = 1, seed: int = 0) -
             **row,
             "sha256": sha,
             "image": f"images/{sha[:16]}.png" if ok else "",
+            "roi": f"roi/{sha[:16]}.png" if ok else "",
+            "roi_top": 0 if ok else "", "roi_left": -12 if ok else "", "roi_height": 96 if ok else "",
+            "roi_width": 48 if ok else "", "roi_method": "whole" if ok else "", "redacted": False if ok else "",
             "width": 72 if ok else "", "height": 96 if ok else "",
             "orig_width": 120 if ok else "", "orig_height": 160 if ok else "",
             "format": "dicom", "modality": "BMD" if ok else "", "photometric": "MONOCHROME2" if ok else "",
@@ -279,6 +282,7 @@ def test_phi_never_reaches_the_reports(tmp_path):
     ("reason", "unreadable: 12345678.dcm x", "digit_run"),
     ("reason", "corrupt: 1.2.840.113619.2.55.3.604688 invalid", "dicom_uid"),  # an instance UID (GE root)
     ("source", "normal/10000000 bytes.dcm", "digit_run"),  # quantities are masked in `reason` only
+    ("roi", "roi/DOE^JANE.png", "person_name"),  # an ROI path not in ingest's format is scanned like free text
 ])
 def test_find_phi_flags(column, value, kinds):
     m = make_manifest(n_per_class=1, n_quarantined=0)
@@ -294,6 +298,9 @@ def test_find_phi_flags(column, value, kinds):
     ("source", "osteoporosis/IMG_123456.png"),  # six digits: below the MRN-like run length
     ("sha256", "1234567890" * 6 + "abcd"),  # long digit runs inside a hash are fine
     ("image", "images/1234567890123456.png"),
+    ("roi", "roi/1234567890123456.png"),  # the ROI image name: hex, like the image's
+    ("roi_method", "pelvis"),
+    ("roi_left", "-12"),  # a box may start left of the image
     ("patient_id", "P0123456789ab"),
     ("pixel_spacing_mm", "0.5"),
     ("mean", "31234.567891234"),  # many decimals, few integer digits
