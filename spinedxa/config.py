@@ -219,10 +219,10 @@ class IngestConfig(_Section):
     # 224 keeps the ~0.7 mm pixels of a 384-px processed AP lumbar scan (the L1-L4 column is ~185-265 px tall there).
     roi_height: int = bounded(32, default=224)
     # Address space each ingest worker may add to its size at start-up (RLIMIT_AS; spinedxa/ingest.py _init_worker).
-    # Decoding and normalising a grayscale image needs ~8 bytes a pixel (measured: +380 MB for 49 M pixels), so 1024
-    # fits the default max_pixels (50 M) with room to spare; a file needing more is quarantined too_large instead of
-    # the worker being OOM-killed.
-    worker_memory_mb: int = count(default=1024)
+    # Decoding and normalising a grayscale image needs ~8 bytes a pixel (measured: +380 MB for 49 M pixels), and OCR
+    # of burned-in text at its 2048-px cap peaks at ~1 GB (measured), so 2048 fits both; a file needing more is
+    # quarantined too_large instead of the worker being OOM-killed.
+    worker_memory_mb: int = count(default=2048)
 
 
 @dataclass(frozen=True)
