@@ -63,4 +63,9 @@ def fit_platt(prob: Sequence[float], y_true: Sequence[int], *, seed: int = 0) ->
     if len(np.unique(y)) < 2:
         return Platt()
     model = LogisticRegression(C=1.0, random_state=seed).fit(logit(p)[:, None], y)
-    return Platt(float(model.coef_[0, 0]), float(model.intercept_[0]), int(len(y)))
+    slope = float(model.coef_[0, 0])
+    if slope <= 0:
+        # The validation scans rank against the network (or not at all): calibration may rescale a network's
+        # scores, never reverse or flatten them, which would be training on the validation part. Identity.
+        return Platt(n=int(len(y)), method="identity_on_val (fitted slope <= 0)")
+    return Platt(slope, float(model.intercept_[0]), int(len(y)))

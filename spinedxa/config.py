@@ -309,6 +309,8 @@ class ModelTrainConfig(_Section):
     # Online augmentation for this network: full (every technique of the augment section) or flip (its horizontal
     # flip only); off altogether when augment.online is false.
     augment: Literal["full", "flip"] = "full"
+    # Clip the gradients' global L2 norm to this before each step; 0 = no clipping (Pascanu et al. 2013).
+    grad_clip: float = non_negative(default=0.0)
 
 
 @dataclass(frozen=True)
@@ -367,14 +369,6 @@ class ReportConfig(_Section):
 
 
 @dataclass(frozen=True)
-class MlflowConfig(_Section):
-    KEY: ClassVar[str] = "mlflow"
-
-    # MLflow rejects an empty experiment name and one over 500 characters (mlflow.utils.validation).
-    experiment: str = sized(1, 500, noun="characters", default="spinedxa")
-
-
-@dataclass(frozen=True)
 class ReplayConfig(_Section):
     """``replay``: the labelled leaky ablation of the paper's likely protocol (see :mod:`spinedxa.replay`)."""
 
@@ -414,7 +408,6 @@ class Params:
     evaluate: EvaluateConfig
     report: ReportConfig
     replay: ReplayConfig
-    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
 
@@ -481,7 +474,7 @@ def _coerce(key: str, tp: Any, value: Any) -> Any:
     if origin is Literal:
         allowed = typing.get_args(tp)
         if value not in allowed:
-            raise ConfigError(f"{key}: {value!r} is not one of {list(allowed)}")
+            raise ConfigError(f"{key}: {value!r} is not one of {list(allowed)}; allowed: one of {list(allowed)}")
         return value
     if origin in (typing.Union, types.UnionType):
         errors = []

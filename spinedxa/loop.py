@@ -55,6 +55,7 @@ class Session:
     history: list[dict[str, float]] = field(default_factory=list)
     best_state: dict[str, Tensor] | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # e.g. the MLflow run id, kept across a resume
+    grad_clip: float = 0.0  # clip the gradients' global L2 norm to this before each step (0: no clipping)
 
     def state(self, fingerprint: str, rng: list[dict[str, Any]] | None) -> dict[str, Any]:
         """The checkpoint of the epoch just finished (``rng``: every rank's RNG states, in rank order)."""
@@ -119,10 +120,15 @@ def train_one_epoch(model: nn.Module, spec: ModelSpec, batches: DataLoader, loss
         session.optimizer.zero_grad(set_to_none=True)
         if session.scaler is not None:
             session.scaler.scale(loss).backward()
+            if session.grad_clip > 0:
+                session.scaler.unscale_(session.optimizer)  # clip the true gradients, not the scaled ones
+                nn.utils.clip_grad_norm_(session.model.parameters(), session.grad_clip)
             session.scaler.step(session.optimizer)
             session.scaler.update()
         else:
             loss.backward()
+            if session.grad_clip > 0:
+                nn.utils.clip_grad_norm_(session.model.parameters(), session.grad_clip)
             session.optimizer.step()
         session.schedule.after_batch()
         total += float(loss.detach()) * len(y)

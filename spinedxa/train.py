@@ -189,7 +189,8 @@ def prepare(params: Params, name: str, cfg: ModelTrainConfig, items: tuple[Seque
     scaler = torch.amp.GradScaler(rt.device.type) if rt.fast.grad_scaler else None
     stopper = EarlyStopping(train.monitor, train.patience, first_candidate_epoch(cfg))
     torch.manual_seed(seed + rt.dist.rank)  # dropout and online augmentation differ per rank
-    return Prepared(model, data, loss_fn, Session(bare, optimizer, schedule, scaler, stopper))
+    return Prepared(model, data, loss_fn, Session(bare, optimizer, schedule, scaler, stopper,
+                                                 grad_clip=cfg.grad_clip))
 
 
 def _network(params: Params, name: str, cfg: ModelTrainConfig, rt: Runtime) -> tuple[nn.Module, nn.Module]:

@@ -73,7 +73,8 @@ def _del(d: dict, dotted: str) -> None:
         ("train.resnet50.optimizer", "rmsprop", "train.resnet50.optimizer"),  # not in Literal
         ("train.models", ["cnn21", "alexnet"], "alexnet"),          # unknown model
         ("augment.scale", [0.9], "augment.scale"),                  # wrong tuple length
-        ("split.train", 0.9, "train + val + test"),                 # fractions do not sum to 1
+        ("split.train", 0.6, "split.train"),                        # the holdout train share is what is left
+        ("split.protocol", "loo", "split.protocol"),
         ("synthesize.n_osteoporosis", 500, "synthesize.n_osteoporosis"),
         ("data.classes", ["a", "b", "c"], "data.classes"),
         ("ingest.multiframe", "all", "ingest.multiframe"),
@@ -158,15 +159,23 @@ OUT_OF_RANGE = [
     ("train.seed", -1, None),
     ("train.threads", -1, None),
     ("train.patience", -1, None),
-    ("train.num_workers", -1, None),
     ("split.test", 0.0, None),                           # was an empty test split
     ("split.val", 0.0, None),                            # was an empty validation split
-    ("split.train", 0.0, None),
-    ("split.train", 1.0, None),
+    ("split.val", 1.0, None),
+    ("split.test", 1.0, None),
     ("split.val", -0.2, None),
     ("split.test", NAN, None),
     ("split.seed", -1, None),
     ("split.folds", -2, None),
+    ("split.folds", 2, None),                            # k-fold needs at least 3 folds
+    ("train.cnn21.grad_clip", -1.0, None),
+    ("train.cnn21.label_smoothing", 1.0, None),
+    ("train.tta", "vflip", None),
+    ("runtime.train_processes", 0, None),
+    ("runtime.workers", 0, None),
+    ("replay.copies", 0, None),
+    ("replay.test_fraction", 1.0, None),
+    ("ingest.roi_height", 16, None),
     ("validate.min_side", 9000, "validate.min_side"),    # above validate.max_side (8192)
     ("validate.max_side", 32, "validate.max_side"),      # below validate.min_side (64)
     ("validate.max_quarantine_rate", 1.5, None),
@@ -188,8 +197,6 @@ OUT_OF_RANGE = [
     ("synthesize.width", -1, None),
     ("synthesize.pixel_spacing_mm", 0.0, None),
     ("synthesize.pixel_spacing_mm", INF, None),
-    ("synthesize.workers", 0, None),
-    ("ingest.workers", 0, None),
     ("ingest.max_side", 0, None),
     ("ingest.max_pixels", -1, None),
     ("augment.seed", -1, None),
@@ -214,9 +221,9 @@ OUT_OF_RANGE = [
     ("report.paper_accuracy", 101.0, None),
     ("report.paper_f1", NAN, None),
     ("report.paper_n_images", 0, None),
-    ("mlflow.experiment", "", None),
-    ("mlflow.experiment", "   ", None),
-    ("mlflow.experiment", "x" * 501, None),
+    ("runtime.mlflow_experiment", "", None),
+    ("runtime.mlflow_experiment", "   ", None),
+    ("runtime.mlflow_experiment", "x" * 501, None),
     ("data.source", "", None),
     ("data.classes", ["normal", "normal"], None),
 ]
@@ -246,14 +253,14 @@ def test_out_of_range_values_are_rejected_at_load_naming_key_and_range(raw, tmp_
 EDGES = [
     ("train.patience", 0),                               # 0 = no early stopping
     ("train.threads", 0),                                # 0 = all cores given
-    ("train.num_workers", 0),
+    ("train.cnn21.grad_clip", 0.0),
     ("train.models", ["vgg16"]),
     ("train.cnn21.weight_decay", 0.0),
     ("train.cnn21.lr", 1e-8),
     ("train.cnn21.batch_size", 1),
     ("train.cnn21.epochs", 1),
-    ("split.folds", 0),
-    ("split.folds", 2),
+    ("split.folds", 3),
+    ("runtime.train_processes", 1),
     ("augment.expand", 0),
     ("augment.elastic_alpha", 0.0),
     ("augment.hflip", 1.0),
@@ -264,7 +271,7 @@ EDGES = [
     ("synthesize.n_osteoporosis", 0),
     ("synthesize.followup_fraction", 1.0),
     ("report.paper_accuracy", 100.0),
-    ("mlflow.experiment", "x" * 500),
+    ("runtime.mlflow_experiment", "x" * 500),
 ]
 
 
@@ -284,9 +291,9 @@ def test_direct_construction_and_replace_check_ranges_too():
     """The sections check their declared ranges on every construction, not only in the loader."""
     with pytest.raises(ConfigError, match=r"evaluate\.bootstrap: 0 is out of range; allowed: >= 1"):
         EvaluateConfig(seed=0, bootstrap=0, threshold=0.5, gradcam_images=1)
-    split = SplitConfig(seed=1, train=0.6, val=0.2, test=0.2)
+    split = SplitConfig(protocol="holdout", seed=1, folds=3, val=0.2, test=0.2)
     with pytest.raises(ConfigError, match=r"split\.val: 0\.0 is out of range; allowed: \(0, 1\)"):
-        dataclasses.replace(split, val=0.0, train=0.8)
+        dataclasses.replace(split, val=0.0)
 
 
 @pytest.mark.parametrize(
