@@ -229,6 +229,9 @@ def train_fold(job: FoldJob, on_epoch_end: Callable[[int], None] | None = None) 
     classes = params.data.classes
     items = (training_items(job.paths.splits, job.paths.images, job.paths.augmented, job.fold, classes),
              part_items(job.paths.splits, job.paths.images, job.fold, "val", classes))
+    if not items[0] or not items[1]:
+        raise ValueError(f"{job.paths.splits}: fold {job.fold} has {len(items[0])} training and {len(items[1])} "
+                         "validation images; both must be > 0")
     with process_group(rt.dist, rt.device):
         prepared = prepare(params, job.model, cfg, items, rt)
         model, data, loss_fn, session = prepared.model, prepared.data, prepared.loss_fn, prepared.session

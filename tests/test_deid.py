@@ -154,11 +154,11 @@ def test_no_phi_leaves_ingest(tmp_path: Path, caplog: pytest.LogCaptureFixture,
     out, summary = tmp_path / "ingested", tmp_path / "reports" / "ingest.json"
     caplog.set_level(logging.DEBUG)
     result = run_ingest(source, out, summary, classes=("normal", "osteoporosis"),
-                        settings=IngestConfig(workers=1, max_side=32, max_pixels=10**6, multiframe="first"))
+                        settings=IngestConfig(max_side=32, max_pixels=10**6, multiframe="first", roi="whole"))
     assert result["n_accepted"] == 5
 
     written = [p for p in out.rglob("*") if p.is_file()] + [summary]
-    assert len(written) == 1 + 5 + 1  # manifest, five images, summary
+    assert len(written) == 1 + 2 * 5 + 1  # manifest, five images and their five ROI images, summary
     captured = capfd.readouterr()
     texts = {str(p): p.read_bytes() for p in written}
     texts["log"] = caplog.text.encode()
@@ -217,7 +217,7 @@ def test_header_values_holding_phi_reach_no_output(tmp_path: Path, caplog: pytes
     out, summary = tmp_path / "ingested", tmp_path / "ingest.json"
     caplog.set_level(logging.DEBUG)
     run_ingest(source, out, summary, classes=("normal", "osteoporosis"), progress=False,
-               settings=IngestConfig(workers=1, max_side=32, max_pixels=10**6))
+               settings=IngestConfig(max_side=32, max_pixels=10**6, roi="whole"))
     manifest = (out / "manifest.csv").read_text()
     row = next(line for line in manifest.splitlines() if line.startswith("normal/x.dcm,"))
     assert f",{status}," in row
