@@ -150,6 +150,15 @@ def _build_resnet50(num_classes: int, weights: str | None, batch_norm: bool) -> 
 def _build_vgg(name: str) -> Callable[[int, str | None, bool], nn.Module]:
     def build(num_classes: int, weights: str | None, batch_norm: bool) -> nn.Module:
         net = _torchvision_backbone(name, weights, batch_norm)
+        # The classifier reads the 512 globally average-pooled channels, not torchvision's 7 x 7 grid (25088 inputs):
+        # at this pipeline's inputs (80 x 40 px) the last feature map is 2 x 1, which the 7 x 7 adaptive pool only
+        # interpolates, so 103 M first-layer weights would carry 1024 distinct values. Measured (one core, bf16,
+        # batch 16, VGG-16-BN at 80 x 40): 134 M -> 34 M parameters, 3.0 s -> 0.9 s per AdamW step, checkpoint
+        # 1.6 GB -> 0.4 GB. The 13/16 conv layers and the 4096-4096 classifier stay; with ImageNet weights the
+        # convolutions and the second classifier layer are pretrained, the first classifier layer is new.
+        net.avgpool = nn.AdaptiveAvgPool2d(1)
+        channels = [m for m in net.features if isinstance(m, nn.Conv2d)][-1].out_channels  # 512
+        net.classifier[0] = nn.Linear(channels, net.classifier[0].out_features)
         net.classifier[-1] = nn.Linear(net.classifier[-1].in_features, num_classes)
         return ImageNetInput(net)
 
