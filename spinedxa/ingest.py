@@ -350,6 +350,7 @@ def process_file(item: SourceItem, job: FileJob) -> dict[str, Any]:
     if item.label_problem:
         row.update(reason=item.label_problem, patient_id=_fallback_patient(item, row["sha256"]))
         return row
+    decoded: Decoded | None = None  # once decoded, a later quarantine row still says which format it was
     try:
         decoded = decode_file(path, max_pixels=job.settings.max_pixels, multiframe=job.settings.multiframe,
                               pseudonymise=not item.patient_hint, data=data)
@@ -358,7 +359,8 @@ def process_file(item: SourceItem, job: FileJob) -> dict[str, Any]:
         image, box = done.image, done.box
         png, roi_png = png16.encode(image), png16.encode(done.roi_image)
     except QuarantineError as exc:
-        row.update(reason=str(exc), patient_id=_fallback_patient(item, row["sha256"]))
+        row.update(reason=str(exc), patient_id=_fallback_patient(item, row["sha256"]),
+                   format=decoded.format if decoded is not None else "")
         return row
     except MemoryError:
         # Under the workers' address-space cap (_init_worker) or a ulimit: this file needs more memory than any

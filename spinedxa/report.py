@@ -11,7 +11,8 @@ Claims follow from intervals. Every model is compared, on the same out-of-fold p
 
 * a paired bootstrap of the ROC-AUC difference that resamples *patients* (both models see the same resample; repeat
   scans of a patient are not independent), with a percentile-bootstrap p-value, Holm-adjusted across the
-  comparisons of each family (vs baseline, vs cnn21). "A beats B" is written only where that interval excludes 0;
+  comparisons of each family (vs baseline, vs cnn21). "A beats B" is written only where that interval excludes 0
+  and the Holm-adjusted p-value is below 0.05;
 * DeLong's test (fast midrank algorithm of Sun & Xu 2014) for comparability with the literature, and the exact
   McNemar test of the thresholded predictions; both treat scans as independent, which repeat scans are not (said
   beside them).
@@ -215,6 +216,10 @@ def paired_predictions(a: ModelResult, b: ModelResult, predictions_dir: Path) ->
     )
 
 
+#: Family-wise error rate of each comparison family (vs baseline, vs cnn21), Holm-adjusted.
+ALPHA = 0.05
+
+
 @dataclass(frozen=True)
 class Comparison:
     """Paired tests of ``model`` against ``other`` on the same out-of-fold predictions (ΔAUC = model - other)."""
@@ -231,18 +236,25 @@ class Comparison:
 
     @property
     def verdict(self) -> str:
-        """What the paired patient-bootstrap interval allows us to say, in words."""
+        """What the paired patient-bootstrap interval allows us to say, in words.
+
+        "beats" needs the interval to exclude 0 *and* the Holm-adjusted bootstrap p-value of the family to stay
+        below :data:`ALPHA`: an interval that excludes 0 on its own, among several comparisons, is reported as such
+        but claims nothing.
+        """
         low, high = self.bootstrap.interval.low, self.bootstrap.interval.high
         if low is None or high is None:
             return "cannot tell (the interval is undefined)"
-        if low > 0:
-            return f"{self.model} beats {self.other}"
-        if high < 0:
-            return f"{self.other} beats {self.model}"
-        return "not shown to differ (the interval includes 0)"
+        if not self.excludes_zero:
+            return "not shown to differ (the interval includes 0)"
+        if self.bootstrap_p_holm is not None and self.bootstrap_p_holm >= ALPHA:
+            return (f"not shown to differ after Holm adjustment (the interval excludes 0, adjusted p "
+                    f"{fmt_p(self.bootstrap_p_holm)})")
+        return f"{self.model} beats {self.other}" if low > 0 else f"{self.other} beats {self.model}"
 
     @property
     def excludes_zero(self) -> bool:
+        """The paired interval excludes 0 (unadjusted; :attr:`verdict` also asks the Holm-adjusted p-value)."""
         low, high = self.bootstrap.interval.low, self.bootstrap.interval.high
         return low is not None and high is not None and (low > 0 or high < 0)
 

@@ -169,18 +169,33 @@ def test_numbers_come_from_the_inputs(rendered: dict) -> None:
 
 
 def test_claims_follow_from_the_paired_interval(rendered: dict) -> None:
-    """A verdict "beats" appears exactly where the paired patient-bootstrap interval excludes 0."""
+    """A verdict "beats" appears exactly where the paired patient-bootstrap interval excludes 0 and the family's
+    Holm-adjusted p-value is below 0.05."""
     root, md = rendered["root"], rendered["md"]
     params = rendered["params"]
     results = report.load_results([*params.train.models, "baseline"], _inputs(root))
     family = report.comparison_family(results, "baseline", root / "reports/predictions", n_resamples=50, seed=0)
     for c in family:
         low, high = c.bootstrap.interval.low, c.bootstrap.interval.high
-        expected = ("beats" if (low > 0 or high < 0) else "not shown to differ")
-        assert expected in c.verdict, (c.model, low, high)
+        wins = (low > 0 or high < 0) and c.bootstrap_p_holm < report.ALPHA
+        expected = "beats" if wins else "not shown to differ"
+        assert expected in c.verdict, (c.model, low, high, c.bootstrap_p_holm)
         assert f"{c.model} vs baseline: ΔAUC" in md and c.verdict in md
     pure_noise = next(c for c in family if c.model == "vgg16")
     assert "baseline beats vgg16" == pure_noise.verdict  # SIGNAL: vgg16 is noise, the baseline is not
+
+
+def test_an_interval_excluding_zero_claims_nothing_when_holm_disagrees(rendered: dict) -> None:
+    """Among several comparisons, an unadjusted interval that excludes 0 is not a win unless Holm's p agrees."""
+    import dataclasses
+
+    root, params = rendered["root"], rendered["params"]
+    results = report.load_results([*params.train.models, "baseline"], _inputs(root))
+    family = report.comparison_family(results, "baseline", root / "reports/predictions", n_resamples=50, seed=0)
+    c = next(c for c in family if c.excludes_zero)
+    assert "beats" in dataclasses.replace(c, bootstrap_p_holm=0.01).verdict
+    held = dataclasses.replace(c, bootstrap_p_holm=0.2).verdict
+    assert "beats" not in held and "after Holm adjustment" in held and "0.200" in held
 
 
 def test_html_is_self_contained(rendered: dict) -> None:

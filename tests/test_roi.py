@@ -200,6 +200,7 @@ def test_ingest_quarantines_no_roi_with_a_reason_and_writes_the_roi(tmp_path: Pa
         row = rows.loc[f"osteoporosis/{name}.png"]
         assert row["status"] == "quarantined" and row["reason"].startswith(f"no_roi: {detail}"), row["reason"]
         assert row["image"] == row["roi"] == ""
+        assert row["format"] == "png"  # decoded before the ROI failed: the row still says what the file was
     assert sorted(p.name for p in (out / "roi").iterdir()) == [f"{spine['sha256'][:16]}.png"]
     summary = json.loads(summary_path.read_text())
     assert summary["per_reason"] == {"no_roi": 2} and summary["n_accepted"] == 1

@@ -43,7 +43,6 @@ from train_factory import (
     Killed,
     assert_same_weights,
     kill_at_call,
-    load_weights,
     make_dataset,
     make_params,
     model_bytes,

@@ -110,7 +110,7 @@ def _inception_unwrap(output: Tensor | InceptionOutputs) -> tuple[Tensor, Tensor
 def _build_cnn21(num_classes: int, weights: str | None, batch_norm: bool) -> nn.Module:
     _no_variant("cnn21", batch_norm)
     if weights is not None:
-        raise ValueError(f"cnn21: no ImageNet weights exist for this model (trained from scratch); use weights=None")
+        raise ValueError("cnn21: no ImageNet weights exist for this model (trained from scratch); use weights=None")
     return CNN21(num_classes=num_classes)
 
 
