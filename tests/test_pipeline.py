@@ -168,6 +168,7 @@ def test_audit_verifies_every_fold_and_finds_no_leak(pipeline, changed):
     assert json.loads(leakage.stdout)["ok"] is True
 
 
+@pytest.mark.slow  # one more training of the tiny DAG (~1 min); the profile overlay it runs is tested in test_cli.py
 def test_exp_run_with_set_param_is_listed(pipeline, changed):
     repo = pipeline["repo"]
     run(["dvc", "exp", "run", "-n", "cnn21-lr2e-3", "-S", "train.cnn21.lr=0.002"], repo)
