@@ -109,3 +109,18 @@ def test_closure_follows_imports_inside_functions(tmp_path: Path) -> None:
     script = tmp_path / "x.py"
     script.write_text("def f():\n    from spinedxa.contracts import png16\n    return png16\n", encoding="utf-8")
     assert closure(script) == {"spinedxa/contracts/png16.py", "spinedxa/files.py"}
+
+
+def test_numpy_pin_admits_no_release_without_the_apis_the_code_uses() -> None:
+    """The code calls ``np.bitwise_count`` and the tests ``np.trapezoid`` (numpy >= 2.0): pyproject must not allow
+    a numpy 1.x that would install and then fail at run time."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]["dependencies"]
+    numpy = next(Requirement(d) for d in deps if Requirement(d).name == "numpy")
+    assert not numpy.specifier.contains("1.26.4"), numpy
+    assert numpy.specifier.contains("2.0.0"), numpy
+    uses = [p for p in (REPO / "spinedxa").rglob("*.py") if "bitwise_count" in p.read_text(encoding="utf-8")]
+    assert uses, "np.bitwise_count no longer used: the pin may be relaxed"
