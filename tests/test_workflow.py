@@ -583,10 +583,18 @@ def test_parallel_trainings_log_every_run_to_an_mlflow_server(tmp_path: Path) ->
         client = MlflowClient(uri)
         experiment = client.get_experiment_by_name("spinedxa")
         runs = client.search_runs([experiment.experiment_id])
-        assert sorted(r.info.run_name for r in runs) == sorted(MODEL_NAMES)
+        # One parent run per model, one nested run per fold under it (folds from the copy's params: tiny profile).
+        folds = load_params(repo / "params.yaml").split.folds
+        parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+        nested = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+        assert sorted(r.info.run_name for r in parents) == sorted(MODEL_NAMES)
+        assert sorted(r.info.run_name for r in nested) == sorted(f"{m}/fold{k}" for m in MODEL_NAMES
+                                                                 for k in range(folds))
+        by_id = {r.info.run_id: r.info.run_name for r in parents}
+        assert all(by_id[r.data.tags["mlflow.parentRunId"]] == r.info.run_name.split("/")[0] for r in nested)
         assert {r.info.status for r in runs} == {"FINISHED"}
         assert {json.loads((repo / "models" / m / "meta.json").read_text())["mlflow_run_id"] for m in MODEL_NAMES} \
-            == {r.info.run_id for r in runs}
+            == {r.info.run_id for r in parents}
     finally:
         os.killpg(server.pid, 15)
         server.wait(timeout=30)
