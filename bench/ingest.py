@@ -120,21 +120,20 @@ def ingest_run(source: Path, out: Path, workers: int) -> dict[str, float]:
 
     cmd = [sys.executable, __file__, "--child", str(source), str(out), str(workers)]
     cpu_before = _children_cpu()
-    err = tempfile.TemporaryFile("w+")  # the child's log: shown if it fails, never interleaved with its JSON
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True,
-                            env={**os.environ, "SPINEDXA_DEID_KEY": "bench-key-not-secret"})
-    root, peak = psutil.Process(proc.pid), 0
-    while proc.poll() is None:
-        try:
-            tree = [root, *root.children(recursive=True)]
-            peak = max(peak, sum(p.memory_info().rss for p in tree if p.is_running()))
-        except psutil.NoSuchProcess:
-            pass  # a worker exited between listing and reading: the next sample sees the new tree
-        time.sleep(SAMPLE_S)
-    out_text = proc.stdout.read() if proc.stdout else ""
-    err.seek(0)
-    log_tail = err.read()[-2000:]
-    err.close()
+    with tempfile.TemporaryFile("w+") as err:  # the child's log: shown if it fails, never mixed into its JSON
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True,
+                                env={**os.environ, "SPINEDXA_DEID_KEY": "bench-key-not-secret"})
+        root, peak = psutil.Process(proc.pid), 0
+        while proc.poll() is None:
+            try:
+                tree = [root, *root.children(recursive=True)]
+                peak = max(peak, sum(p.memory_info().rss for p in tree if p.is_running()))
+            except psutil.NoSuchProcess:
+                pass  # a worker exited between listing and reading: the next sample sees the new tree
+            time.sleep(SAMPLE_S)
+        out_text = proc.stdout.read() if proc.stdout else ""
+        err.seek(0)
+        log_tail = err.read()[-2000:]
     if proc.returncode != 0:
         raise RuntimeError(f"ingest child failed with exit status {proc.returncode}: {out_text}\n{log_tail}")
     result = json.loads(out_text.strip().splitlines()[-1])
@@ -172,14 +171,13 @@ def peak_rss_mib() -> dict[str, float]:
             "maxrss_worker_mib": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1)}
 
 
-ALL_LYING = "all_lying"  # every hostile fixture at once, but the one whose size is true
-CONSISTENT = "deflate_7000x7000_consistent"
+ALL_LYING = "all_lying"  # every hostile fixture at once, but the one whose size is true (dicom_factory.CONSISTENT)
 
 
 def hostile(workers: int, out: Path) -> int:
     """Peak memory of ingest on each hostile fixture alone, then on all of them together (see the module docstring)."""
     sys.path.insert(0, str(REPO / "tests"))  # the fixtures are the tests' own (tests/dicom_factory.py)
-    from dicom_factory import HOSTILE
+    from dicom_factory import CONSISTENT, HOSTILE
 
     from spinedxa.files import write_json_atomic
 
@@ -235,11 +233,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.make_hostile:
         sys.path.insert(0, str(REPO / "tests"))
-        from dicom_factory import hostile_corpus
+        from dicom_factory import CONSISTENT, HOSTILE, hostile_corpus
 
         name = args.make_hostile[1]
-        from dicom_factory import HOSTILE
-
         names = [n for n in HOSTILE if n != CONSISTENT] if name == ALL_LYING else [name]
         print(json.dumps(hostile_corpus(Path(args.make_hostile[0]), names)))
         return 0

@@ -226,12 +226,15 @@ def _jpeg_file_claiming(path: Path, side: int) -> Path:
     return path
 
 
+#: The one hostile fixture whose size is true: a 96 kB deflated 7000 x 7000 image that max_pixels admits.
+CONSISTENT = "deflate_7000x7000_consistent"
+
 # name -> (writer, expected status or reason code at the default params: max_pixels 50 M)
 HOSTILE: dict[str, tuple] = {
     "deflate_1gb_1x1": (lambda p: write_deflate_bomb(p, 2**30), "corrupt"),
     "deflate_1gb_claims_7000x7000": (lambda p: write_deflate_bomb(p, 2**30, rows=7000, cols=7000), "too_large"),
     "deflate_100mb_1x1": (lambda p: write_deflate_bomb(p, 100 * 2**20), "corrupt"),
-    "deflate_7000x7000_consistent": (lambda p: write_deflate_bomb(p, 7000 * 7000 * 2 + 4096, rows=7000, cols=7000),
+    CONSISTENT: (lambda p: write_deflate_bomb(p, 7000 * 7000 * 2 + 4096, rows=7000, cols=7000),
                                      "accepted"),
     "j2k_siz_12000_rows_64": (lambda p: j2k_lying_size(p), "too_large"),
     "jpeg_sof_12000_rows_64": (lambda p: jpeg_lying_size(p), "too_large"),

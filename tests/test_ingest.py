@@ -24,7 +24,7 @@ import pytest
 from PIL import Image
 from pydicom.uid import RLELossless
 
-from dicom_factory import gradient, hostile_corpus, write_deflate_bomb, write_dicom
+from dicom_factory import CONSISTENT, gradient, hostile_corpus, write_deflate_bomb, write_dicom
 from spinedxa import deid, ingest
 from spinedxa.config import IngestConfig, load_params
 from spinedxa.contracts import png16
@@ -653,10 +653,9 @@ print(json.dumps({"parent_imported_kib": imported, "parent_kib": hwm(), "worker_
 """
 
 
-#: The one consistent image of the hostile corpus: within max_pixels, but decoding it and screening it for burned-in
+#: The one consistent image of the hostile corpus (dicom_factory.CONSISTENT): within max_pixels, but decoding it and screening it for burned-in
 #: text (detected at 2048 px) needs more than :data:`SMALL_CAP_MB` of address space (the detector alone peaks at
 #: ~1 GB RSS there, measured), so under that cap it is quarantined too_large and the stage goes on.
-CONSISTENT = "deflate_7000x7000_consistent"
 SMALL_CAP_MB = 1024
 
 

@@ -168,13 +168,17 @@ def test_numbers_come_from_the_inputs(rendered: dict) -> None:
     assert f"**{len(n)} scans of {n['patient_id'].nunique()} patients**" in md
 
 
+def _vs_baseline(rendered: dict) -> list[report.Comparison]:
+    """Every model of the rendered fixture against the baseline, as the report compares them."""
+    root, params = rendered["root"], rendered["params"]
+    results = report.load_results([*params.train.models, "baseline"], _inputs(root))
+    return report.comparison_family(results, "baseline", root / "reports/predictions", n_resamples=50, seed=0)
+
+
 def test_claims_follow_from_the_paired_interval(rendered: dict) -> None:
     """A verdict "beats" appears exactly where the paired patient-bootstrap interval excludes 0 and the family's
     Holm-adjusted p-value is below 0.05."""
-    root, md = rendered["root"], rendered["md"]
-    params = rendered["params"]
-    results = report.load_results([*params.train.models, "baseline"], _inputs(root))
-    family = report.comparison_family(results, "baseline", root / "reports/predictions", n_resamples=50, seed=0)
+    md, family = rendered["md"], _vs_baseline(rendered)
     for c in family:
         low, high = c.bootstrap.interval.low, c.bootstrap.interval.high
         wins = (low > 0 or high < 0) and c.bootstrap_p_holm < report.ALPHA
@@ -189,10 +193,7 @@ def test_an_interval_excluding_zero_claims_nothing_when_holm_disagrees(rendered:
     """Among several comparisons, an unadjusted interval that excludes 0 is not a win unless Holm's p agrees."""
     import dataclasses
 
-    root, params = rendered["root"], rendered["params"]
-    results = report.load_results([*params.train.models, "baseline"], _inputs(root))
-    family = report.comparison_family(results, "baseline", root / "reports/predictions", n_resamples=50, seed=0)
-    c = next(c for c in family if c.excludes_zero)
+    c = next(c for c in _vs_baseline(rendered) if c.excludes_zero)
     assert "beats" in dataclasses.replace(c, bootstrap_p_holm=0.01).verdict
     held = dataclasses.replace(c, bootstrap_p_holm=0.2).verdict
     assert "beats" not in held and "after Holm adjustment" in held and "0.200" in held

@@ -554,7 +554,7 @@ def _free_port() -> int:
 def test_parallel_trainings_log_every_run_to_an_mlflow_server(tmp_path: Path) -> None:
     """Snakemake runs the DAG up to the five trainings, in parallel, against a real `mlflow server`: all five runs
     arrive complete, and `dvc commit` then records Snakemake's outputs as DVC's own."""
-    from mlflow.tracking import MlflowClient
+    from spinedxa import tracking
 
     repo = make_repo_copy(tmp_path / "repo")
     port = _free_port()
@@ -580,21 +580,19 @@ def test_parallel_trainings_log_every_run_to_an_mlflow_server(tmp_path: Path) ->
         targets = [f"train_{m}" for m in MODEL_NAMES]
         snakemake(["--profile", "workflow/profiles/local", "--cores", str(len(targets)), *targets], repo,
                   env={"MLFLOW_TRACKING_URI": uri})
-        client = MlflowClient(uri)
-        experiment = client.get_experiment_by_name("spinedxa")
-        runs = client.search_runs([experiment.experiment_id])
+        runs = tracking.find_runs("spinedxa", uri=uri)
         # One parent run per model, one nested run per fold under it (folds from the copy's params: tiny profile).
         folds = load_params(repo / "params.yaml").split.folds
-        parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-        nested = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
-        assert sorted(r.info.run_name for r in parents) == sorted(MODEL_NAMES)
-        assert sorted(r.info.run_name for r in nested) == sorted(f"{m}/fold{k}" for m in MODEL_NAMES
-                                                                 for k in range(folds))
-        by_id = {r.info.run_id: r.info.run_name for r in parents}
-        assert all(by_id[r.data.tags["mlflow.parentRunId"]] == r.info.run_name.split("/")[0] for r in nested)
-        assert {r.info.status for r in runs} == {"FINISHED"}
+        parents = [r for r in runs if r["parent_run_id"] is None]
+        nested = [r for r in runs if r["parent_run_id"] is not None]
+        assert sorted(r["run_name"] for r in parents) == sorted(MODEL_NAMES)
+        assert sorted(r["run_name"] for r in nested) == sorted(f"{m}/fold{k}" for m in MODEL_NAMES
+                                                               for k in range(folds))
+        by_id = {r["run_id"]: r["run_name"] for r in parents}
+        assert all(by_id[r["parent_run_id"]] == r["run_name"].split("/")[0] for r in nested)
+        assert {r["status"] for r in runs} == {"FINISHED"}
         assert {json.loads((repo / "models" / m / "meta.json").read_text())["mlflow_run_id"] for m in MODEL_NAMES} \
-            == {r.info.run_id for r in parents}
+            == {r["run_id"] for r in parents}
     finally:
         os.killpg(server.pid, 15)
         server.wait(timeout=30)
