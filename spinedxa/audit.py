@@ -57,7 +57,9 @@ META = "meta.json"
 WEIGHTS = "model.pt"
 METRIC_KEYS = ("accuracy", "precision", "recall", "specificity", "f1", "roc_auc", "n_test")
 _MANIFEST_COLUMNS = ("source", "sha256", "patient_id", "image", "phash")
-_METRICS_COLUMNS = ("model", "mlflow_run_id", "model_sha256")
+_METRICS_COLUMNS = ("model", "mlflow_run_id", "model_sha256")  # of the provenance file beside the metrics
+#: Where evaluate and baseline write which runs and models produced their metrics (not a DVC metric).
+PROVENANCE_DIR = "reports/provenance"
 _PARENT_META = ("model", "mlflow_run_id", "data_digests")
 _FOLD_META = ("model", "fold", "mlflow_run_id", "model_sha256", "data_digests", "params")
 
@@ -317,7 +319,12 @@ def audit_lineage(
     if found is None:
         raise AuditError(f"{rel}: not an output of any stage in {root / 'dvc.yaml'}")
     stage = found[0]
-    metrics = _read_json(root / rel, _METRICS_COLUMNS)
+    # The metrics file holds numbers; who produced them is in the provenance file the same stage writes beside it.
+    provenance_file = next((o.path for o in stage.outs if o.path.startswith(PROVENANCE_DIR + "/")), None)
+    if provenance_file is None:
+        raise AuditError(f"{rel}: stage {stage.name} writes no provenance file under {PROVENANCE_DIR}/ "
+                         "(dvc.yaml); the chain cannot be followed")
+    metrics = {**_read_json(root / rel, ()), **_read_json(root / provenance_file, _METRICS_COLUMNS)}
     model = str(metrics["model"])
     lineage_stages = dag.upstream(stages, stage.name)
     params = load_params(root / params_file)

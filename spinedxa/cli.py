@@ -91,11 +91,11 @@ def _predict(args: argparse.Namespace) -> int:
         if row.status != "ok":
             print(f"error: {row.file}: {row.error}", file=sys.stderr)
     if args.csv:
-        predict.write_csv(args.csv, rows)
+        predict.write_csv(args.csv, rows, ensemble.classes)
         n_ok = sum(r.status == "ok" for r in rows)
         print(f"{args.csv}: {n_ok} of {len(rows)} file(s) predicted")
     else:
-        sys.stdout.write(predict.to_csv(rows))
+        sys.stdout.write(predict.to_csv(rows, ensemble.classes))
     return EXIT_OK if any(r.status == "ok" for r in rows) else EXIT_FAILED
 
 

@@ -45,8 +45,9 @@ from spinedxa import checkpoint, tracking
 from spinedxa.augment import build_transform, flip_only
 from spinedxa.config import ConfigError, ModelTrainConfig, Params
 from spinedxa.contracts import jsonfile, splits as splits_contract, table
-from spinedxa.calibration import Platt, fit_platt
-from spinedxa.data import DXADataset, input_shape, part_items, stack_images, training_items
+from spinedxa import calibration as calibration_policy
+from spinedxa.calibration import Calibration
+from spinedxa.data import DXADataset, model_input_shape, part_items, stack_images, training_items
 from spinedxa.files import atomic_dir, sha256_file
 from spinedxa.loop import CURVE_COLUMNS, Batches, FitPlan, Session, fit
 from spinedxa.models import get_model, get_spec, predict_proba, variant
@@ -98,7 +99,7 @@ class FoldResult:
     n_train: int
     n_val: int
     resumed_from: int
-    calibration: Platt
+    calibration: Calibration
 
 
 @dataclass(frozen=True)
@@ -117,7 +118,7 @@ def check_config(params: Params, name: str, world_size: int = 1) -> None:
         ConfigError: the message names the key.
     """
     cfg, spec = params.train.model(name), get_spec(name)
-    height, width = input_shape(cfg.image_size)
+    height, width = model_input_shape(cfg.image_size, params.ingest.roi)
     if min(height, width) < spec.min_size:
         raise ConfigError(f"train.{name}.image_size: {cfg.image_size} gives inputs of {height} x {width} px, below "
                           f"{name}'s minimum of {spec.min_size} px per side; allowed: >= {spec.min_size * 2}")
@@ -164,7 +165,7 @@ def prepare(params: Params, name: str, cfg: ModelTrainConfig, items: tuple[Seque
                          "> 0")
     train, seed = params.train, params.train.seed
     _seed(seed)  # before anything random (the model's initial weights): every fold and rank alike
-    shape = input_shape(cfg.image_size)
+    shape = model_input_shape(cfg.image_size, params.ingest.roi)
     augment = params.augment if cfg.augment == "full" else flip_only(params.augment)
     transform = build_transform(augment) if params.augment.online else None
     train_ds, val_ds = DXADataset(train_items, shape, transform=transform), DXADataset(val_items, shape)
@@ -266,21 +267,21 @@ def train_fold(job: FoldJob, on_epoch_end: Callable[[int], None] | None = None) 
     return _result(job, fold_dir / DONE, result, rt, resumed_from=resumed_from)
 
 
-def _calibrate(job: FoldJob, state: Mapping[str, torch.Tensor], val_items: Sequence[Any]) -> Platt:
-    """Platt scaling of the kept model, fitted on the fold's validation part (:mod:`spinedxa.calibration`), on the
-    fp32 predictions evaluate and predict will make."""
+def _calibrate(job: FoldJob, state: Mapping[str, torch.Tensor], val_items: Sequence[Any]) -> Calibration:
+    """The task's calibration of the kept model (Platt for two classes, temperature for more), fitted on the fold's
+    validation part (:mod:`spinedxa.calibration`), on the fp32 predictions evaluate and predict will make."""
     cfg = job.params.train.model(job.model)
     model = get_model(job.model, len(job.params.data.classes), batch_norm=cfg.batch_norm)
     model.load_state_dict(state)
-    prob = predict_proba(model, job.model, stack_images(val_items, input_shape(cfg.image_size)),
-                         tta=job.params.train.tta)
-    return fit_platt(prob, [it.label for it in val_items], seed=job.params.train.seed)
+    shape = model_input_shape(cfg.image_size, job.params.ingest.roi)
+    prob = predict_proba(model, job.model, stack_images(val_items, shape), tta=job.params.train.tta)
+    return calibration_policy.fit(prob, [it.label for it in val_items], seed=job.params.train.seed)
 
 
 def _result(job: FoldJob, done: Path, state: Mapping[str, Any], rt: Runtime, *, resumed_from: int) -> FoldResult:
     return FoldResult(job.fold, done, list(state["history"]), int(state["best_epoch"]),
                       jsonfile.finite_or_none(state["best_value"]), rt.record(), int(state["n_train"]),
-                      int(state["n_val"]), resumed_from, Platt.from_record(state["calibration"]))
+                      int(state["n_val"]), resumed_from, Calibration.from_record(state["calibration"]))
 
 
 # ------------------------------------------------------------------------------------------- the stage
@@ -411,7 +412,8 @@ def _log_fold(params: Params, name: str, paths: TrainPaths, experiment: str, par
         export = get_model(name, len(params.data.classes), batch_norm=cfg.batch_norm)
         export.load_state_dict(torch.load(result.done, map_location="cpu", weights_only=True)["best_state"])
         export.eval()
-        tracking.log_model(export, np.zeros((1, 1, *input_shape(cfg.image_size)), dtype=np.float32))
+        shape = model_input_shape(cfg.image_size, params.ingest.roi)
+        tracking.log_model(export, np.zeros((1, 1, *shape), dtype=np.float32))
         tracking.log_epoch({"best_epoch": result.best_epoch, "epochs_run": len(result.history)}, len(result.history))
     jsonfile.write(marker, {"run_id": rid})
 
@@ -430,7 +432,8 @@ def _write_outputs(params: Params, name: str, paths: TrainPaths, results: Sequen
             logged = r.done.parent / LOGGED
             meta = {
                 "model": name, "variant": variant(name, cfg.batch_norm), "batch_norm": cfg.batch_norm,
-                "fold": r.fold, "image_size": cfg.image_size, "input_shape": list(input_shape(cfg.image_size)),
+                "fold": r.fold, "image_size": cfg.image_size,
+                "input_shape": list(model_input_shape(cfg.image_size, params.ingest.roi)),
                 "classes": list(params.data.classes),
                 "mlflow_run_id": jsonfile.read(logged)["run_id"] if logged.is_file() else None,
                 "mlflow_tracking_uri": tracking.redact_uri(tracking.tracking_uri()),

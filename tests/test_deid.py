@@ -19,6 +19,7 @@ from dicom_factory import FAKE_PHI, gradient, make_dataset, write_dicom
 from spinedxa import deid
 from spinedxa.config import IngestConfig
 from spinedxa.ingest import run_ingest
+from spinedxa.task import Task
 
 PSEUDONYM = re.compile(r"^P[0-9a-f]{12}$")
 
@@ -153,7 +154,7 @@ def test_no_phi_leaves_ingest(tmp_path: Path, caplog: pytest.LogCaptureFixture,
     source = phi_source(tmp_path / "source")
     out, summary = tmp_path / "ingested", tmp_path / "reports" / "ingest.json"
     caplog.set_level(logging.DEBUG)
-    result = run_ingest(source, out, summary, classes=("normal", "osteoporosis"),
+    result = run_ingest(source, out, summary, task=Task(("normal", "osteoporosis")),
                         settings=IngestConfig(max_side=32, max_pixels=10**6, multiframe="first", roi="whole"))
     assert result["n_accepted"] == 5
 
@@ -216,7 +217,7 @@ def test_header_values_holding_phi_reach_no_output(tmp_path: Path, caplog: pytes
     write_dicom(source / "normal" / "ok.dcm", gradient()[::-1].copy(), phi={})
     out, summary = tmp_path / "ingested", tmp_path / "ingest.json"
     caplog.set_level(logging.DEBUG)
-    run_ingest(source, out, summary, classes=("normal", "osteoporosis"), progress=False,
+    run_ingest(source, out, summary, task=Task(("normal", "osteoporosis")), progress=False,
                settings=IngestConfig(max_side=32, max_pixels=10**6, roi="whole"))
     manifest = (out / "manifest.csv").read_text()
     row = next(line for line in manifest.splitlines() if line.startswith("normal/x.dcm,"))

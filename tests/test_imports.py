@@ -22,7 +22,7 @@ PACKAGE = "spinedxa"
 #: Package data (not imported, read at run time) -> the stages whose code reads it.
 DATA_DEPS = {
     "spinedxa/templates": {"report"},
-    "spinedxa/templates/web": {"validate"},
+    "spinedxa/templates/web": {"validate", "external"},
 }
 
 

@@ -227,7 +227,7 @@ def _ingest_roi(path: Path, params, tmp_path: Path) -> tuple[dict, np.ndarray | 
     (source / "normal").mkdir(parents=True)
     shutil.copy(path, source / "normal" / path.name)
     out = tmp_path / "ingested"
-    ingest.run_ingest(source, out, tmp_path / "ingest.json", classes=params.data.classes, settings=params.ingest,
+    ingest.run_ingest(source, out, tmp_path / "ingest.json", task=params.data.task, settings=params.ingest,
                       progress=False)
     (row,) = pd.read_csv(out / "manifest.csv", dtype=str, keep_default_na=False).to_dict("records")
     return row, (read_image(out / row["roi"]) if row["status"] == "accepted" else None)

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torchvision.models.inception import InceptionAux, InceptionOutputs
 
+from spinedxa.calibration import Calibration
 from spinedxa.config import MODEL_NAMES
 from spinedxa.models.cnn21 import CNN21
 from spinedxa.models.cnn21 import MIN_SIZE as CNN21_MIN_SIZE
@@ -44,6 +45,7 @@ __all__ = [
     "load_trained",
     "variant",
     "predict_proba",
+    "score",
     "weights_file",
 ]
 
@@ -348,7 +350,7 @@ def predict_proba(
     model: nn.Module, name: str, images: Tensor, *, batch_size: int = 32, device: str | torch.device = "cpu",
     tta: str = "none",
 ) -> np.ndarray:
-    """Probability of class 1 (osteoporosis) for each image, by softmax over the logits.
+    """Class probabilities of each image, by softmax over the logits (``N x K``; column ``k`` is class ``k``).
 
     The model is run in eval mode (its previous mode is restored afterwards) without gradients. ``tta="hflip"``
     averages the probabilities of each image and its left-right mirror: a mirrored AP spine scan is a plausible scan
@@ -363,7 +365,7 @@ def predict_proba(
         tta: one of :data:`TTA_OPTIONS`.
 
     Returns:
-        float64 array of shape ``(N,)``.
+        float64 array of shape ``(N, K)`` (rows sum to 1).
 
     Raises:
         ValueError: bad shape, batch size or ``tta``.
@@ -383,10 +385,23 @@ def predict_proba(
         for start in range(0, images.shape[0], batch_size):
             batch = images[start : start + batch_size].to(device, dtype=torch.float32)
             views = [batch, torch.flip(batch, dims=[3])] if tta == "hflip" else [batch]
-            p = sum(torch.softmax(spec.unwrap(model(v))[0].float(), dim=1)[:, 1] for v in views) / len(views)
+            p = sum(torch.softmax(spec.unwrap(model(v))[0].float(), dim=1) for v in views) / len(views)
             probs.append(p.cpu())
     finally:
         model.train(was_training)
     if not probs:
-        return np.zeros(0, dtype=np.float64)
+        return np.zeros((0, _num_classes(model)), dtype=np.float64)
     return torch.cat(probs).double().numpy()
+
+
+def score(model: nn.Module, name: str, images: Tensor, calibration: "Calibration", *, tta: str = "none",
+          device: str | torch.device = "cpu", batch_size: int = 32) -> np.ndarray:
+    """A fold model's calibrated class probabilities (``N x K``) with its test-time augmentation: the one scoring
+    path of evaluate (held-out part and external cohort) and ``spinedxa predict``."""
+    return calibration.apply(predict_proba(model, name, images, batch_size=batch_size, device=device, tta=tta))
+
+
+def _num_classes(model: nn.Module) -> int:
+    """The number of outputs of a model's last linear layer (its classes)."""
+    linear = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    return int(linear[-1].out_features) if linear else 2
