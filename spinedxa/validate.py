@@ -18,6 +18,7 @@ Usage::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -215,7 +216,7 @@ def find_phi(manifest: pd.DataFrame) -> pd.DataFrame:
     """
     kinds = pd.DataFrame("", index=manifest.index, columns=manifest.columns, dtype=object)
     for col in manifest.columns:
-        values = manifest[col].astype(str)
+        values = manifest[col].astype(object).where(manifest[col].notna(), "").astype(str)
         scan = values != ""
         if col in KNOWN_FORMATS:
             scan &= ~values.str.fullmatch(KNOWN_FORMATS[col].pattern)
@@ -690,7 +691,7 @@ def summarize(stats: Mapping[str, Any], results: Sequence[CheckResult], docs_dir
 
 def validate_manifest(
     manifest_path: str | Path, params: Params, docs_dir: str | Path, summary_path: str | Path,
-    validated_dir: str | Path,
+    validated_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """Validate the ingest manifest; write the Data Docs, the JSON summary and ``validated_dir`` (the confirmed
     near-duplicate pairs for the split, and the verdict tied to this very manifest); then fail on blocking findings.
@@ -708,11 +709,12 @@ def validate_manifest(
     results = run_checks(annotated.table, define_checks(params.data.classes, params.validate), docs_dir)
     summary = summarize(annotated.stats, results, docs_dir)
     write_json_atomic(summary_path, summary)
-    with atomic_dir(validated_dir) as tmp:
-        near_duplicates_contract.write(tmp / near_duplicates_contract.FILE_NAME, annotated.near_duplicates)
-        write_json_atomic(tmp / VERDICT_FILE, {"success": summary["success"],
-                                               "blocking_failures": summary["blocking_failures"],
-                                               "manifest_sha256": sha256_file(manifest_path)})
+    with contextlib.nullcontext(None) if validated_dir is None else atomic_dir(validated_dir) as tmp:
+        if tmp is not None:
+            near_duplicates_contract.write(tmp / near_duplicates_contract.FILE_NAME, annotated.near_duplicates)
+            write_json_atomic(tmp / VERDICT_FILE, {"success": summary["success"],
+                                                   "blocking_failures": summary["blocking_failures"],
+                                                   "manifest_sha256": sha256_file(manifest_path)})
     for r in results:
         if not r.success and r.severity == "warning":
             log.warning("%s: %s", manifest_path, r.message())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import hmac
 import logging
@@ -170,8 +171,8 @@ def test_no_phi_leaves_ingest(tmp_path: Path, caplog: pytest.LogCaptureFixture,
     for png in out.glob("images/*.png"):
         with Image.open(png) as img:
             assert img.mode == "I;16" and not getattr(img, "text", {}), f"{png} carries text chunks"
-    manifest = (out / "manifest.csv").read_text()
-    patients = {line.split(",")[5] for line in manifest.splitlines()[1:]}
+    with (out / "manifest.csv").open(newline="") as fh:
+        patients = {row["patient_id"] for row in csv.DictReader(fh)}
     assert all(PSEUDONYM.match(p) for p in patients)
     # the four DICOMs share one PatientID -> one pseudonym; the PNG has its own (from labels.csv)
     assert len(patients) == 2 and deid.patient_pseudonym(LABEL_PATIENT) in patients

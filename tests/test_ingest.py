@@ -36,7 +36,7 @@ CLASSES = ("normal", "osteoporosis")
 REPO = Path(__file__).resolve().parents[1]
 
 
-ROI_HEIGHT = 32  # the smallest allowed ROI image: 32 x 16
+ROI_HEIGHT = 32  # the smallest allowed ROI image: 32 x 32 under ingest.roi: whole (32 x 16 when located)
 
 
 def settings(max_side: int = 24, multiframe: str = "first", **kwargs) -> IngestConfig:
@@ -109,10 +109,10 @@ def test_folder_source_manifest_contract(tmp_path: Path, workers: int) -> None:
             assert int(row["max"]) == pixels.max() and abs(float(row["mean"]) - pixels.mean()) < 0.01
             assert re.fullmatch(r"[0-9a-f]{16}", row["phash"])
             assert row["label"] == row["source"].split("/")[0]
-            # ingest.roi: whole: the ROI is the whole image padded to 2:1, resized to roi_height x roi_height / 2.
+            # ingest.roi: whole: the ROI is the whole image letterboxed into a square, resized to roi_height.
             assert row["roi"] == f"roi/{row['sha256'][:16]}.png" and row["roi_method"] == "whole"
-            assert png16.read(out / row["roi"]).shape == (ROI_HEIGHT, ROI_HEIGHT // 2)
-            assert int(row["roi_height"]) == 2 * int(row["roi_width"]) >= int(row["height"])
+            assert png16.read(out / row["roi"]).shape == (ROI_HEIGHT, ROI_HEIGHT)
+            assert int(row["roi_height"]) == int(row["roi_width"]) == max(int(row["height"]), int(row["width"]))
             assert row["redacted"] == "False"
         else:
             assert row["status"] == "quarantined" and row["reason"].split(":")[0] == want
@@ -419,7 +419,8 @@ def _file_links(tmp_path: Path, source: Path) -> dict[str, str]:
     (source / "normal" / "gone.dcm").symlink_to(tmp_path / "nowhere.dcm")
     (source / "normal" / "cycle1.dcm").symlink_to("cycle2.dcm")
     (source / "normal" / "cycle2.dcm").symlink_to("cycle1.dcm")
-    return {"normal/a.dcm": "accepted", "normal/inside.dcm": "accepted", "normal/outside.dcm": "symlink_outside_source",
+    # inside.dcm reads a.dcm: an exact copy of a kept scan (the duplicate rule keeps the source that sorts first).
+    return {"normal/a.dcm": "accepted", "normal/inside.dcm": "duplicate", "normal/outside.dcm": "symlink_outside_source",
             "normal/etc.dcm": "symlink_outside_source", "normal/gone.dcm": "symlink_dangling",
             "normal/cycle1.dcm": "symlink_dangling", "normal/cycle2.dcm": "symlink_dangling"}
 
