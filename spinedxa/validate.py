@@ -118,8 +118,9 @@ WHAT_TO_CHANGE: dict[str, str] = {
     "height_in_range": "move the too small / too large images out of data.source, or change validate.min_side / "
                        "validate.max_side",
     "not_blank": "move the blank images out of data.source, or lower validate.min_std",
-    "quarantine_rate": "see per_reason in reports/ingest.json: fix or remove the quarantined files, map unknown "
-                       "labels with data.class_map, or raise validate.max_quarantine_rate",
+    "quarantine_rate": "see per_reason in the cohort's ingest summary (reports/ingest.json; reports/external/"
+                       "ingest.json for the external cohort): fix or remove the quarantined files, map unknown labels "
+                       "with data.class_map, or raise validate.max_quarantine_rate",
     "no_phi": "rename the files whose names carry identifiers (the offending rows are redacted in the Data Docs)",
 }
 MAX_LISTED_ROWS = 20  # offending rows named per expectation in messages and in the JSON summary
