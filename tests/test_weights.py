@@ -286,7 +286,8 @@ def _mismatched(case: str) -> tuple[dict[str, torch.Tensor], list[str]]:
     state["fc.weight"] = torch.zeros(1000, 2048)  # torchvision's 1000-class head: never a mismatch
     if case == "missing":
         del state["layer1.0.conv1.weight"], state["layer4.2.bn3.running_var"]
-        return state, ["missing from the file: layer1.0.conv1.weight", "missing from the file: layer4.2.bn3.running_var"]
+        return state, ["missing from the file: layer1.0.conv1.weight",
+                       "missing from the file: layer4.2.bn3.running_var"]
     if case == "unexpected":
         state["layer5.0.conv1.weight"] = torch.zeros(3)
         return state, ["not in the model: layer5.0.conv1.weight"]
