@@ -324,10 +324,14 @@ def test_import_refuses_another_file_under_a_recorded_name(tmp_path: Path) -> No
 # ------------------------------------------------------------------------------------------- loading
 
 
-def test_compatible_weights_load_and_the_head_is_new_for_three_classes(tmp_path: Path,
-                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("legacy", [False, True], ids=["current", "no num_batches_tracked"])
+def test_compatible_weights_load_and_the_head_is_new_for_three_classes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                        legacy: bool) -> None:
+    """``legacy``: a file saved before PyTorch 0.4.1 (some of torchvision's) has no BatchNorm counters; it fits."""
     monkeypatch.chdir(tmp_path)
     state = compact_state("resnet50")
+    if legacy:
+        state = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
     weights.import_file("resnet50", save(state, tmp_path / "lab.pt"), root=".", track=False)
     train_cfg = cfg(weights="weights/resnet50/lab.pt")
     source = weights.resolve("resnet50", train_cfg)
