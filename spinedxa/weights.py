@@ -316,8 +316,9 @@ def _backbone(model: nn.Module) -> nn.Module:
 
 
 def mismatches(expected: Mapping[str, tuple[int, ...]], state: Mapping[str, Tensor],
-               head: tuple[str, ...]) -> list[str]:
-    """Every layer where ``state`` does not fit ``expected`` (key -> shape), head layers excepted.
+               head: tuple[str, ...]) -> dict[str, list[str]]:
+    """Every layer where ``state`` does not fit ``expected`` (key -> shape), head layers excepted, by kind:
+    ``missing from the file``, ``not in the model``, ``shape differs`` (empty lists: it fits).
 
     A missing ``num_batches_tracked`` is no mismatch: it is a counter, not a weight, and files written before
     PyTorch 0.4.1 (some of torchvision's) lack it; BatchNorm's loader fills it in.
@@ -325,12 +326,13 @@ def mismatches(expected: Mapping[str, tuple[int, ...]], state: Mapping[str, Tens
     def body(keys: Any) -> set[str]:
         return {k for k in keys if not k.startswith(head)}
 
-    missing = sorted(k for k in body(expected) - set(state) if not k.endswith("num_batches_tracked"))
-    unexpected = sorted(body(state) - set(expected))
-    shapes = [f"{k} (file {tuple(state[k].shape)}, model {tuple(expected[k])})"
-              for k in sorted(body(expected) & set(state)) if tuple(state[k].shape) != tuple(expected[k])]
-    return ([f"missing from the file: {k}" for k in missing] + [f"not in the model: {k}" for k in unexpected]
-            + [f"shape differs: {s}" for s in shapes])
+    return {
+        "missing from the file": sorted(k for k in body(expected) - set(state)
+                                        if not k.endswith("num_batches_tracked")),
+        "not in the model": sorted(body(state) - set(expected)),
+        "shape differs": [f"{k} (file {tuple(state[k].shape)}, model {tuple(expected[k])})"
+                          for k in sorted(body(expected) & set(state)) if tuple(state[k].shape) != tuple(expected[k])],
+    }
 
 
 def _check(name: str, arch: str, expected: Mapping[str, tuple[int, ...]], state: Mapping[str, Tensor],
@@ -339,10 +341,12 @@ def _check(name: str, arch: str, expected: Mapping[str, tuple[int, ...]], state:
     from spinedxa.models import get_spec
 
     head = get_spec(name).head
-    found = mismatches(expected, state, head)
+    found = {kind: layers for kind, layers in mismatches(expected, state, head).items() if layers}
     if found:
-        raise WeightsMismatchError(f"{origin}: does not fit {arch} ({len(found)} mismatched layer(s); the layers "
-                                   f"built new for the task, {list(head)}, are exempt): " + "; ".join(found))
+        count = sum(len(layers) for layers in found.values())
+        raise WeightsMismatchError(f"{origin}: does not fit {arch} ({count} mismatched layer(s); the layers built "
+                                   f"new for the task, {list(head)}, are exempt): "
+                                   + "; ".join(f"{kind}: {', '.join(layers)}" for kind, layers in found.items()))
     return head
 
 
