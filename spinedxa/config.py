@@ -365,7 +365,10 @@ class ModelTrainConfig(_Section):
     lr: float = positive()
     weight_decay: float = non_negative()
     scheduler: Literal["onecycle", "cosine", "step", "plateau", "none"]
-    weights: Literal["none", "imagenet"] = "none"
+    # Where the network's initial weights come from (spinedxa.weights): none (random) | imagenet (torchvision's file
+    # of the variant that runs, brought in once by `spinedxa weights fetch <model>`) | weights/<model>/<file> (a state
+    # dict brought in by `spinedxa weights import <model> <path>`). Training never downloads.
+    weights: str = sized(noun="characters", default="none")
     label_smoothing: float = bounded(0, 1, high_open=True, default=0.0)
     batch_norm: bool = False  # VGG only: the BatchNorm variant (torchvision vgg16_bn / vgg19_bn)
     # Online augmentation for this network: full (every technique of the augment section) or flip (its horizontal

@@ -13,6 +13,10 @@ algorithms (same params, same machine: bit-identical weights); every fold checkp
 never resumes a stale checkpoint. Under ``torchrun`` (``WORLD_SIZE > 1``) every rank trains the folds one after the
 other with DDP (gloo on CPU, NCCL on CUDA); rank 0 writes every output.
 
+Initial weights (``train.<model>.weights``) come from :mod:`spinedxa.weights`: resolved and verified before any fold
+starts (a missing file stops the stage with a message naming the command that brings it in), verified again by each
+fold that loads them, and named in every fold's meta.json, MLflow params and checkpoint fingerprint.
+
 MLflow: one parent run per model (its pooled out-of-fold metrics are added by ``evaluate``) with one nested run per
 fold (params, per-epoch metrics, the fold's model with its signature, the training data as dataset inputs whose
 digests are their DVC hashes, tags for the git commit, dirty flag, DVC stage, fast path and threads). The main
@@ -41,7 +45,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
-from spinedxa import checkpoint, tracking
+from spinedxa import checkpoint, tracking, weights as pretrained
 from spinedxa.augment import build_transform, flip_only
 from spinedxa.config import ConfigError, ModelTrainConfig, Params
 from spinedxa.contracts import jsonfile, splits as splits_contract, table
@@ -73,6 +77,7 @@ class TrainPaths:
     out: Path
     curves: Path
     checkpoints: Path
+    weights: Path | None = None  # weights/<model>: the files train.<model>.weights may name (None: that default)
 
 
 @dataclass(frozen=True)
@@ -84,6 +89,7 @@ class FoldJob:
     fold: int
     paths: TrainPaths
     digests: Mapping[str, str]
+    init: pretrained.WeightsSource | None = None  # where the weights start (None: resolved from paths.weights)
 
 
 @dataclass(frozen=True)
@@ -125,7 +131,8 @@ def check_config(params: Params, name: str, world_size: int = 1) -> None:
     if cfg.batch_size % world_size:
         raise ConfigError(f"train.{name}.batch_size: {cfg.batch_size} is not divisible by the DDP world size "
                           f"{world_size}")
-    get_model(name, len(params.data.classes), batch_norm=cfg.batch_norm)  # batch_norm on a non-VGG: ValueError
+    # batch_norm on a non-VGG: ValueError
+    get_model(name, len(params.data.classes), **pretrained.architecture(name, cfg))
 
 
 # ------------------------------------------------------------------------------------------- one fold
@@ -150,11 +157,12 @@ class Prepared:
 
 
 def prepare(params: Params, name: str, cfg: ModelTrainConfig, items: tuple[Sequence[Any], Sequence[Any]],
-            rt: Runtime) -> Prepared:
+            rt: Runtime, init: pretrained.WeightsSource | None = None) -> Prepared:
     """Seeds, loaders, network, loss, optimiser, schedule and early stopping of one training of ``name``.
 
     The one set-up of every training: each fold of the train stage, and the replay ablation (which passes its own
-    ``cfg`` and items). ``items`` is ``(training items, validation items)``.
+    ``cfg`` and items). ``items`` is ``(training items, validation items)``; ``init`` where the weights start
+    (default: ``cfg.weights`` resolved in ``weights/<name>``).
 
     Raises:
         ValueError: no training or validation image, or a class missing from the training items.
@@ -181,7 +189,7 @@ def prepare(params: Params, name: str, cfg: ModelTrainConfig, items: tuple[Seque
                         # A last batch of one image gives BatchNorm no batch statistics: drop it.
                         drop_last=len(sampler) % per_process == 1)
     data = Batches(loader, DataLoader(val_ds, batch_size=cfg.batch_size, shuffle=False), sampler, generator)
-    model, bare = _network(params, name, cfg, rt)
+    model, bare = _network(params, name, cfg, rt, init or pretrained.resolve(name, cfg))
     loss_fn = criterion(train_ds.labels, len(params.data.classes), class_weighting=train.class_weighting,
                         label_smoothing=cfg.label_smoothing, device=rt.device)
     optimizer = build_optimizer(bare.parameters(), cfg, fused=rt.fast.fused_optimizer)
@@ -194,10 +202,11 @@ def prepare(params: Params, name: str, cfg: ModelTrainConfig, items: tuple[Seque
                                                  grad_clip=cfg.grad_clip))
 
 
-def _network(params: Params, name: str, cfg: ModelTrainConfig, rt: Runtime) -> tuple[nn.Module, nn.Module]:
-    """The model on the device in the fast path's memory format: (what runs the batches, the bare module)."""
-    model = get_model(name, len(params.data.classes), weights=None if cfg.weights == "none" else cfg.weights,
-                      batch_norm=cfg.batch_norm).to(rt.device)
+def _network(params: Params, name: str, cfg: ModelTrainConfig, rt: Runtime,
+             init: pretrained.WeightsSource) -> tuple[nn.Module, nn.Module]:
+    """The model, from its initial weights, on the device in the fast path's memory format: (what runs the batches,
+    the bare module)."""
+    model = pretrained.build_model(name, len(params.data.classes), cfg, init).to(rt.device)
     if rt.fast.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if not rt.dist.enabled:
@@ -221,7 +230,8 @@ def train_fold(job: FoldJob, on_epoch_end: Callable[[int], None] | None = None) 
     params, train = job.params, job.params.train
     cfg, spec = train.model(job.model), get_spec(job.model)
     rt = Runtime.setup(train.device, train.fast, train.threads)
-    fp = checkpoint.fingerprint(params, job.model, job.fold, job.digests, rt.record())
+    init = job.init or pretrained.resolve(job.model, cfg, job.paths.weights)
+    fp = checkpoint.fingerprint(params, job.model, job.fold, {**job.digests, **init.digest()}, rt.record())
     fold_dir = job.paths.checkpoints / f"fold{job.fold}"
     done = checkpoint.load(fold_dir / DONE, fp)
     if done is not None:
@@ -234,7 +244,7 @@ def train_fold(job: FoldJob, on_epoch_end: Callable[[int], None] | None = None) 
         raise ValueError(f"{job.paths.splits}: fold {job.fold} has {len(items[0])} training and {len(items[1])} "
                          "validation images; both must be > 0")
     with process_group(rt.dist, rt.device):
-        prepared = prepare(params, job.model, cfg, items, rt)
+        prepared = prepare(params, job.model, cfg, items, rt, init)
         model, data, loss_fn, session = prepared.model, prepared.data, prepared.loss_fn, prepared.session
         state = checkpoint.load(fold_dir / LAST, fp)
         if state is not None:
@@ -271,7 +281,7 @@ def _calibrate(job: FoldJob, state: Mapping[str, torch.Tensor], val_items: Seque
     """The task's calibration of the kept model (Platt for two classes, temperature for more), fitted on the fold's
     validation part (:mod:`spinedxa.calibration`), on the fp32 predictions evaluate and predict will make."""
     cfg = job.params.train.model(job.model)
-    model = get_model(job.model, len(job.params.data.classes), batch_norm=cfg.batch_norm)
+    model = get_model(job.model, len(job.params.data.classes), **pretrained.architecture(job.model, cfg))
     model.load_state_dict(state)
     shape = model_input_shape(cfg.image_size, job.params.ingest.roi)
     prob = predict_proba(model, job.model, stack_images(val_items, shape), tta=job.params.train.tta)
@@ -298,27 +308,34 @@ def train_model(params: Params, name: str, paths: TrainPaths, *, processes: int 
 
     Raises:
         ConfigError: a train param does not fit this model (the message names the key).
+        spinedxa.weights.WeightsNotFoundError: the weights file ``train.<name>.weights`` names is not in the project
+            (the message names the command that brings it in).
+        spinedxa.weights.WeightsError: that file differs from its record or does not fit the network.
         FileNotFoundError, ValueError: missing or malformed input data (the message names the file).
         RuntimeError: a training process died (e.g. killed for memory); the finished folds are kept for a rerun.
     """
     rt_env = Runtime.setup(params.train.device, params.train.fast, params.train.threads)
     check_config(params, name, rt_env.dist.world_size)
+    init = pretrained.resolve(name, params.train.model(name), paths.weights)
+    if init.pretrained:
+        pretrained.verify(init)  # before any work; each fold verifies again when it loads the file
     folds = splits_contract.folds(splits_contract.read(paths.splits))
     digests = dvc_digests([paths.splits, paths.images, paths.augmented])
-    jobs = [FoldJob(params, name, k, paths, digests) for k in folds]
+    jobs = [FoldJob(params, name, k, paths, digests, init) for k in folds]
     n = 1 if rt_env.dist.enabled or on_epoch_end is not None else (processes or params.runtime.train_processes)
     main = rt_env.dist.is_main
     experiment = tracking.experiment_name(params.runtime.mlflow_experiment)
-    run = _parent_run(params, name, paths, experiment, digests, rt_env) if main else contextlib.nullcontext(None)
+    run = (_parent_run(params, name, paths, experiment, digests, rt_env, init) if main
+           else contextlib.nullcontext(None))
     with run as parent:
         results = []
         for result in _run_folds(jobs, n, on_epoch_end):
             if main:
-                _log_fold(params, name, paths, experiment, parent, result)
+                _log_fold(params, name, paths, experiment, parent, result, init)
             results.append(result)
         results.sort(key=lambda r: r.fold)
         if main:
-            _write_outputs(params, name, paths, results, parent, digests)
+            _write_outputs(params, name, paths, results, parent, digests, init)
             shutil.rmtree(paths.checkpoints, ignore_errors=True)  # finished: a rerun must train afresh
     return TrainResult(name, results, parent)
 
@@ -358,10 +375,10 @@ def _init_worker(level: int) -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-def _mlflow_params(params: Params, name: str) -> dict[str, Any]:
+def _mlflow_params(params: Params, name: str, init: pretrained.WeightsSource) -> dict[str, Any]:
     train = params.train
     out: dict[str, Any] = {"model": name, "variant": variant(name, train.model(name).batch_norm),
-                           **dataclasses.asdict(train.model(name))}
+                           **dataclasses.asdict(train.model(name)), **init.mlflow_params()}
     out.update({f"train.{k}": getattr(train, k) for k in checkpoint.COMMON_TRAIN_KEYS})
     out.update({f"augment.{k}": v for k, v in dataclasses.asdict(params.augment).items()})
     out.update({"split.protocol": params.split.protocol, "split.folds": params.split.folds})
@@ -375,16 +392,16 @@ def _tags(name: str, runtime: Mapping[str, Any], **extra: str) -> dict[str, str]
 
 
 def _parent_run(params: Params, name: str, paths: TrainPaths, experiment: str, digests: Mapping[str, str],
-                rt: Runtime) -> contextlib.AbstractContextManager[str]:
+                rt: Runtime, init: pretrained.WeightsSource) -> contextlib.AbstractContextManager[str]:
     """The model's parent run; a resumed stage reopens the run of its earlier attempt (kept in the checkpoints)."""
     marker = paths.checkpoints / PARENT
-    key = checkpoint.fingerprint(params, name, -1, digests, rt.record())
+    key = checkpoint.fingerprint(params, name, -1, {**digests, **init.digest()}, rt.record())
     previous = jsonfile.read(marker) if marker.is_file() else {}
     run_id = previous.get("run_id") if previous.get("fingerprint") == key else None
 
     @contextlib.contextmanager
     def opened():
-        with tracking.training_run(experiment, name, params=_mlflow_params(params, name),
+        with tracking.training_run(experiment, name, params=_mlflow_params(params, name, init),
                                    tags=_tags(name, rt.record(), seed=str(params.train.seed)), run_id=run_id) as rid:
             marker.parent.mkdir(parents=True, exist_ok=True)
             jsonfile.write(marker, {"fingerprint": key, "run_id": rid})
@@ -397,19 +414,19 @@ def _parent_run(params: Params, name: str, paths: TrainPaths, experiment: str, d
 
 
 def _log_fold(params: Params, name: str, paths: TrainPaths, experiment: str, parent: str,
-              result: FoldResult) -> None:
+              result: FoldResult, init: pretrained.WeightsSource) -> None:
     """One nested run for a finished fold (skipped when a resumed stage had logged it already)."""
     marker = result.done.parent / LOGGED
     if marker.is_file() and tracking.run_exists(jsonfile.read(marker).get("run_id", "")):
         return
     cfg = params.train.model(name)
     with tracking.training_run(experiment, f"{name}/fold{result.fold}",
-                               params={**_mlflow_params(params, name), "fold": result.fold,
+                               params={**_mlflow_params(params, name, init), "fold": result.fold,
                                        "n_train_images": result.n_train, "n_val_images": result.n_val},
                                tags=_tags(name, result.runtime, fold=str(result.fold)), parent_run_id=parent) as rid:
         for row in result.history:
             tracking.log_epoch({k: v for k, v in row.items() if k not in ("epoch", "fold")}, int(row["epoch"]))
-        export = get_model(name, len(params.data.classes), batch_norm=cfg.batch_norm)
+        export = get_model(name, len(params.data.classes), **pretrained.architecture(name, cfg))
         export.load_state_dict(torch.load(result.done, map_location="cpu", weights_only=True)["best_state"])
         export.eval()
         shape = model_input_shape(cfg.image_size, params.ingest.roi)
@@ -419,9 +436,10 @@ def _log_fold(params: Params, name: str, paths: TrainPaths, experiment: str, par
 
 
 def _write_outputs(params: Params, name: str, paths: TrainPaths, results: Sequence[FoldResult], parent: str,
-                   digests: Mapping[str, str]) -> None:
+                   digests: Mapping[str, str], init: pretrained.WeightsSource) -> None:
     """``models/<name>/fold<k>/{model.pt, meta.json}`` and ``models/<name>/meta.json`` (atomically, as one
-    directory), then the training curves of every fold."""
+    directory), then the training curves of every fold. Each fold's meta.json names the weights it started from
+    (``weights``) and the builder arguments that rebuild it (``batch_norm``, ``transform_input``)."""
     cfg, prov = params.train.model(name), provenance()
     with atomic_dir(paths.out) as tmp:
         for r in results:
@@ -431,8 +449,8 @@ def _write_outputs(params: Params, name: str, paths: TrainPaths, results: Sequen
             torch.save(state, fold_out / "model.pt")
             logged = r.done.parent / LOGGED
             meta = {
-                "model": name, "variant": variant(name, cfg.batch_norm), "batch_norm": cfg.batch_norm,
-                "fold": r.fold, "image_size": cfg.image_size,
+                "model": name, "variant": variant(name, cfg.batch_norm), **pretrained.architecture(name, cfg),
+                "weights": init.record(), "fold": r.fold, "image_size": cfg.image_size,
                 "input_shape": list(model_input_shape(cfg.image_size, params.ingest.roi)),
                 "classes": list(params.data.classes),
                 "mlflow_run_id": jsonfile.read(logged)["run_id"] if logged.is_file() else None,
@@ -447,7 +465,7 @@ def _write_outputs(params: Params, name: str, paths: TrainPaths, results: Sequen
             jsonfile.write(fold_out / "meta.json", meta)
         jsonfile.write(tmp / "meta.json", {
             "model": name, "variant": variant(name, cfg.batch_norm), "protocol": params.split.protocol,
-            "folds": [r.fold for r in results], "mlflow_run_id": parent,
+            "folds": [r.fold for r in results], "weights": init.record(), "mlflow_run_id": parent,
             "mlflow_tracking_uri": tracking.redact_uri(tracking.tracking_uri()), "data_digests": dict(digests),
             **prov.record(), **results[0].runtime,
         })

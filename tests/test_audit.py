@@ -20,14 +20,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 import yaml
 from conftest import REPO, VENV_BIN, make_repo_copy, run
 from PIL import Image
 
-from spinedxa import audit, dag
+from spinedxa import audit, dag, weights
 from spinedxa.cli import main
 from spinedxa.config import ValidateConfig, load_params
 from spinedxa.files import sha256_file
+from spinedxa.models.cnn21 import CNN21
 
 DVC = str(VENV_BIN / "dvc")
 MODEL = "cnn21"
@@ -264,6 +266,54 @@ def test_metrics_file_missing_keys_is_an_error(lineage_repo: Path) -> None:
     (lineage_repo / METRICS).write_text(json.dumps({"model": MODEL}))
     with pytest.raises(audit.AuditError, match=r"cnn21.json: missing key\(s\) \['mlflow_run_id', 'model_sha256'\]"):
         audit.audit_lineage(METRICS, lineage_repo)
+
+
+def _start_from_weights(root: Path) -> weights.WeightsSource:
+    """An imported cnn21 state dict in ``weights/cnn21/`` (with its record), named in each fold's meta.json as the
+    train stage names it, then recorded in dvc.lock again."""
+    src = root.parent / "lab.pt"
+    torch.save(CNN21().state_dict(), src)
+    source = weights.import_file(MODEL, src, root=root, origin="https://example.org/lab", track=False)
+    for fold in ROLES:
+        _write_fold_meta(root, fold, weights=source.record())
+    run([DVC, "commit", "--force", "-q"], root)
+    return source
+
+
+def _flip_a_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("tamper", [None, "file", "record"])
+def test_audit_names_and_verifies_the_weights_each_fold_started_from(lineage_repo: Path, tamper: str | None,
+                                                                     capsys) -> None:
+    source = _start_from_weights(lineage_repo)
+    if tamper == "file":
+        _flip_a_byte(lineage_repo / source.path)
+    elif tamper == "record":
+        _edit_json(weights.record_path(lineage_repo / source.path), sha256="0" * 64)
+    code = main(["audit", METRICS, "--root", str(lineage_repo)])
+    out = capsys.readouterr().out
+    assert (f"weights     imported {source.path} sha256 {source.sha256} (from https://example.org/lab): every fold "
+            "started from it") in out
+    if tamper is None:
+        assert code == 0, out
+        return
+    assert code == 1, out
+    what = "file" if tamper == "file" else "record"
+    shown = source.path if tamper == "file" else f"{source.path}.json"
+    assert f"MISMATCH    {shown}: pre-trained weights sha256 (fold 0: meta.json vs {what})" in out
+
+
+def test_audit_of_models_trained_from_scratch_says_so(lineage_repo: Path) -> None:
+    for fold in ROLES:
+        _write_fold_meta(lineage_repo, fold, weights={"kind": "none", "variant": MODEL, "path": None, "sha256": None,
+                                                      "url": None})
+    run([DVC, "commit", "--force", "-q"], lineage_repo)
+    lineage = audit.audit_lineage(METRICS, lineage_repo)
+    assert lineage.ok and "weights     none (random initialisation)\n" in audit.format_lineage(lineage)
 
 
 # ---------------------------------------------------------------------------------------------------- leakage

@@ -56,14 +56,14 @@ from train_factory import (
 PATHS = paths_for("cnn21")
 #: docs/CONTRACTS.md, "train@model": the keys of models/<m>/fold<k>/meta.json and of models/<m>/meta.json.
 FOLD_META_KEYS = {
-    "model", "variant", "batch_norm", "fold", "image_size", "input_shape", "classes", "mlflow_run_id",
-    "mlflow_tracking_uri", "model_sha256", "data_digests", "params", "epochs_run", "best_epoch", "monitor",
-    "best_value", "seed", "n_train_images", "n_val_images", "git_commit", "git_dirty", "device", "fast_path",
-    "threads", "world_size",
+    "model", "variant", "batch_norm", "transform_input", "weights", "fold", "image_size", "input_shape", "classes",
+    "mlflow_run_id", "mlflow_tracking_uri", "model_sha256", "data_digests", "params", "epochs_run", "best_epoch",
+    "monitor", "best_value", "seed", "n_train_images", "n_val_images", "git_commit", "git_dirty", "device",
+    "fast_path", "threads", "world_size",
 }
 MODEL_META_KEYS = {
-    "model", "variant", "protocol", "folds", "mlflow_run_id", "mlflow_tracking_uri", "data_digests", "git_commit",
-    "git_dirty", "device", "fast_path", "threads", "world_size",
+    "model", "variant", "protocol", "folds", "weights", "mlflow_run_id", "mlflow_tracking_uri", "data_digests",
+    "git_commit", "git_dirty", "device", "fast_path", "threads", "world_size",
 }
 #: Every curve column but the wall-clock seconds: what two runs of one training must reproduce exactly.
 NUMERIC = [c for c in CURVE_COLUMNS if c != "seconds"]
@@ -149,6 +149,7 @@ def test_training_writes_contract_outputs(workdir: Path) -> None:
         meta = read_json(out / "meta.json")
         assert FOLD_META_KEYS <= meta.keys()
         assert meta["model"] == meta["variant"] == "cnn21" and meta["batch_norm"] is False and meta["fold"] == k
+        assert meta["weights"]["kind"] == "none" and meta["transform_input"] is False  # trained from scratch
         assert meta["image_size"] == 64 and meta["input_shape"] == [64, 32]
         assert meta["classes"] == ["normal", "osteoporosis"]
         assert meta["model_sha256"] == sha256_file(out / "model.pt") and meta["data_digests"] == digests
