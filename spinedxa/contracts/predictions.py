@@ -68,10 +68,24 @@ def read(path: str | Path) -> pd.DataFrame:
     return frame
 
 
+def _class_order(frame: pd.DataFrame) -> list[str]:
+    """The frame's classes in class-index order, as its ``y_true``/``label`` and ``pred``/``predicted`` pairs give
+    it (a class seen in neither keeps its column's place after the others)."""
+    index: dict[str, int] = {}
+    for number, name in (("y_true", "label"), ("pred", "predicted")):
+        if number in frame and name in frame:
+            for i, c in zip(pd.to_numeric(frame[number], errors="coerce"), frame[name]):
+                if pd.notna(i):
+                    index.setdefault(str(c), int(i))
+    found = classes_of(frame)
+    return sorted(found, key=lambda c: (index.get(c, len(found) + found.index(c)), found.index(c)))
+
+
 def write(path: str | Path, frame: pd.DataFrame) -> None:
-    """Write a predictions file sorted by source, probabilities at :data:`DECIMALS` decimals."""
+    """Write a predictions file sorted by source, class columns in class order, probabilities at :data:`DECIMALS`
+    decimals (the same bytes whatever the frame's row and column order)."""
     out = frame.sort_values("source", kind="stable").copy()
-    columns = [*BASE_COLUMNS, *class_columns(classes_of(out))]
+    columns = [*BASE_COLUMNS, *class_columns(_class_order(out))]
     for column in ["prob", *class_columns(classes_of(out))]:
         out[column] = out[column].map(lambda v: f"{float(v):.{DECIMALS}f}")
     table.write(path, out, columns)
