@@ -380,7 +380,7 @@ def test_load_trained_inception_round_trip(tmp_path: Path, built: dict[str, nn.M
     _save_trained(tmp_path / "inc", "inception_v3", built["inception_v3"])
     loaded, _ = load_trained(tmp_path / "inc")
     probs = predict_proba(loaded, "inception_v3", torch.rand(3, 1, *TEST_SHAPE["inception_v3"]))
-    assert probs.shape == (3,)
+    assert probs.shape == (3, 2)  # one column per class
 
 
 @pytest.mark.parametrize(
@@ -421,11 +421,14 @@ def test_predict_proba_batches_agree_and_mode_is_restored() -> None:
     images = torch.rand(7, 1, 64, 64)
     one = predict_proba(model, "cnn21", images, batch_size=1)
     many = predict_proba(model, "cnn21", images, batch_size=32)
-    assert one.shape == (7,) and one.dtype == np.float64
+    assert one.shape == (7, 2) and one.dtype == np.float64
     assert ((one >= 0) & (one <= 1)).all()
+    np.testing.assert_allclose(one.sum(axis=1), 1.0, rtol=1e-6)
     np.testing.assert_allclose(one, many, rtol=1e-5, atol=1e-7)  # eval mode: batch norm uses running stats
     assert model.training
-    assert predict_proba(model, "cnn21", torch.zeros(0, 1, 64, 64)).shape == (0,)
+    assert predict_proba(model, "cnn21", torch.zeros(0, 1, 64, 64)).shape == (0, 2)
+    three = predict_proba(get_model("cnn21", 3), "cnn21", images)
+    assert three.shape == (7, 3) and np.allclose(three.sum(axis=1), 1.0)
 
 
 @pytest.mark.parametrize(
