@@ -345,7 +345,7 @@ def audit_lineage(
             params={}, split_file=split_file, manifest=manifest, data_source=params.data.source,
         )
     else:
-        lineage = _model_lineage(root, rel, stage, train, metrics, params, locked, check_mlflow)
+        lineage = _model_lineage(root, rel, stage, train, metrics, params, locked, check_mlflow, provenance_file)
     checks = lineage.checks
     # every stage on the way, as DVC recorded it in dvc.lock, against the workspace: deps, outputs, params
     checks.extend(_lock_checks(root, lineage_stages, params_file))
@@ -362,8 +362,9 @@ def audit_lineage(
 
 
 def _model_lineage(root: Path, rel: str, stage: dag.Stage, train: dag.Stage, metrics: dict[str, Any], params: Any,
-                   locked: Mapping[str, str], check_mlflow: bool) -> Lineage:
-    """The chain metric -> parent run -> each fold's model, data digests, params and commit (checks added)."""
+                   locked: Mapping[str, str], check_mlflow: bool, provenance_file: str) -> Lineage:
+    """The chain metric -> provenance -> parent run -> each fold's model, data digests, params and commit (checks
+    added; the run id and fold hashes are read from ``provenance_file``, the metrics file's provenance)."""
     model = str(metrics["model"])
     model_dir = next((o.path for o in train.outs if o.is_dir), None)
     if model_dir is None:
@@ -372,7 +373,7 @@ def _model_lineage(root: Path, rel: str, stage: dag.Stage, train: dag.Stage, met
     parent = _read_json(root / parent_path, _PARENT_META)
     shas = metrics["model_sha256"]
     if not isinstance(shas, Mapping):
-        raise AuditError(f"{rel}: model_sha256 must be an object fold -> sha256 (one model per fold), got "
+        raise AuditError(f"{provenance_file}: model_sha256 must be an object fold -> sha256 (one model per fold), got "
                          f"{type(shas).__name__}; rerun evaluate@{model}")
     dirs = fold_model_dirs(root / model_dir)
     if not dirs:
@@ -406,7 +407,7 @@ def _model_lineage(root: Path, rel: str, stage: dag.Stage, train: dag.Stage, met
         fold_params = dict(meta["params"])
         checks += [
             Check(f"model sha256 (fold {fold}: meta.json vs file)", model_file, meta["model_sha256"], actual),
-            Check(f"model sha256 (fold {fold}: metrics vs file)", model_file, shas.get(str(fold)), actual),
+            Check(f"model sha256 (fold {fold}: provenance vs file)", model_file, shas.get(str(fold)), actual),
             Check(f"params {block} (fold {fold}: meta.json vs dvc.lock)", meta_path, meta["params"],
                   _with_defaults(dag.lookup(train.locked_params, block))),
             Check(f"git commit (fold {fold} vs {parent_path})", meta_path, commit, folds[-1].git_commit),
@@ -424,8 +425,10 @@ def _model_lineage(root: Path, rel: str, stage: dag.Stage, train: dag.Stage, met
         split_file=split_file, manifest=manifest, data_source=params.data.source, folds=folds,
     )
     lineage.checks = [
-        Check("MLflow run id (metrics vs meta.json)", rel, parent["mlflow_run_id"], metrics["mlflow_run_id"]),
-        Check(f"folds (metrics model_sha256 vs {parent_path})", rel, list(dirs), sorted(int(k) for k in shas)),
+        Check("MLflow run id (provenance vs meta.json)", provenance_file, parent["mlflow_run_id"],
+              metrics["mlflow_run_id"]),
+        Check(f"folds (provenance model_sha256 vs {parent_path})", provenance_file, list(dirs),
+              sorted(int(k) for k in shas)),
         *(Check("training data digest (meta.json vs dvc.lock)", path, digest, locked.get(path))
           for path, digest in sorted(digests.items())),
         Check("git commit (meta.json vs git)", ".git", commit, commit if _commit_exists(root, commit) else None),
