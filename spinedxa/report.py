@@ -785,15 +785,17 @@ def _environment() -> jinja2.Environment:
 def cohort_words(params: Params) -> dict[str, str]:
     """The words the report uses for the cohort and the task, from params (never a literal true of one cohort only).
 
-    ``title``: e.g. "Osteoporosis vs normal: synthetic AP lumbar spine DXA cohort"; ``what``: the cohort as a noun
-    phrase; ``images``: what one image is ("lumbar spine DXA scan", "knee radiograph", or plain "image").
+    ``title``: e.g. "Osteoporosis vs normal in the synthetic AP lumbar spine DXA cohort"; ``what``: the cohort as a
+    noun phrase; ``images``: what one image is ("lumbar spine DXA image", "knee radiograph image", or "image").
     """
     data, task = params.data, params.data.task
-    kind = " vs ".join(reversed(task.classes)) if task.is_binary else " / ".join(task.classes)
+    kind = " vs ".join(reversed(task.classes)) if task.is_binary else " < ".join(task.classes)
     what = data.name or f"the cohort in {data.source}"
     image = " ".join(w for w in (data.anatomy, data.modality) if w).strip()
     images = f"{image} image" if image else "image"
-    return {"title": f"{kind[0].upper()}{kind[1:]}: {what}", "what": what, "images": images,
+    return {"title": f"{kind[0].upper()}{kind[1:]} in the {what}" if data.name else f"{kind[0].upper()}{kind[1:]} "
+                                                                                     f"in {what}",
+            "what": what, "images": images,
             "task": task.describe(), "anatomy": data.anatomy or "not stated (data.anatomy)",
             "modality": data.modality or "not stated (data.modality)"}
 
