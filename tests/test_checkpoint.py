@@ -35,7 +35,7 @@ def _base() -> str:
         lambda p: dict(params=make_params(seed=1)),
         lambda p: dict(params=make_params(monitor="val_loss")),
         lambda p: dict(params=_with(p, "augment", {"rotation_deg": 1.0})),
-        lambda p: dict(params=_with(p, "data", {"classes": ["healthy", "osteoporosis"], "class_map": {}})),
+        lambda p: dict(params=_with(p, "data", {"classes": ["healthy", "osteoporosis"], "class_map": {"osteopenia": "healthy"}})),
         lambda p: dict(params=_with(p, "ingest", {"roi": "whole"})),
         lambda p: dict(model="resnet50"),
         lambda p: dict(fold=1),
