@@ -11,7 +11,8 @@ One policy, one place (STYLE.md 15). Every stage asks this module instead of tes
   ``labels.csv``), most often the WHO's three categories. A label found in the data is, in this order: one of the
   classes (kept as is); a key of the map, mapped onto a class or ``drop`` (the file keeps its manifest row with
   status ``dropped``; it is not a quarantine); anything else is ``unknown`` (quarantined ``unknown_label``, as
-  before). ``{osteopenia: osteoporosis}`` gives "low BMD vs normal"; ``{osteopenia: drop}`` leaves the osteopenic
+  before). An entry mapping a class onto itself changes nothing (a profile that adds a class overrides the default
+  map's entry for it that way: ``profiles/who3.yaml``). ``{osteopenia: osteoporosis}`` gives "low BMD vs normal"; ``{osteopenia: drop}`` leaves the osteopenic
   scans out; ``{osteopenia: normal}`` (the default) gives the paper's "osteoporosis vs not".
 * **The positive class** is the last, most severe class: ``osteoporosis`` in the binary and WHO tasks. Curves and
   thresholded binary figures (ROC, precision-recall, calibration plots) are drawn for it against the rest.
@@ -175,7 +176,7 @@ def check(classes: Sequence[str], class_map: Mapping[str, str]) -> None:
     for key, value in class_map.items():
         if not key.strip():
             raise TaskError("data.class_map: an empty label cannot be mapped; allowed: the labels found in the data")
-        if key in classes:
+        if key in classes and value != key:
             raise TaskError(f"data.class_map.{key}: {key!r} is one of data.classes, so it is never mapped; remove "
                             "the entry (or the class)")
         if value not in allowed:
