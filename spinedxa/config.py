@@ -398,6 +398,9 @@ class TrainConfig(_Section):
     vgg16: ModelTrainConfig
     vgg19: ModelTrainConfig
     inception_v3: ModelTrainConfig
+    # Trainings per fold with different seeds (seed, seed + 1000, ...): the first is the result; the others measure
+    # how much the seed alone moves each model's figures (the report's *Training variance*). 1 = one training.
+    repeats: int = count(default=1)
 
     def _check(self) -> None:
         unknown = [m for m in self.models if m not in MODEL_NAMES]

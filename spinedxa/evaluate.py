@@ -25,6 +25,7 @@ counted in the metrics record (``gradcam_degenerate``), never drawn as if it wer
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass
@@ -244,6 +245,7 @@ def evaluate_model(params: Params, name: str, paths: EvaluatePaths) -> dict[str,
     if external is not None:
         record.update(metrics.external_record(external, classes, threshold=cfg.threshold,
                                               n_resamples=cfg.bootstrap, seed=cfg.seed))
+    record.update(seed_spread(params, name, paths, table, shape, device, predictions, external))
     flagged = _write_gradcam(gradcam_pool, name, cfg.gradcam_images, classes, paths.gradcam)
     record["gradcam_degenerate"] = flagged
     metrics.write_evaluation(predictions, record, metrics_path=paths.metrics, predictions_path=paths.predictions,
@@ -261,6 +263,60 @@ def evaluate_model(params: Params, name: str, paths: EvaluatePaths) -> dict[str,
         jsonfile.write(paths.provenance, provenance)
     _log({**record, **provenance}, fold_records, fold_runs, paths)
     return record
+
+
+#: Sub-directory of models/<m>/ holding seed repeat r of fold k (train.repeats; spinedxa.train.repeat_dir).
+REPEAT_DIR = "repeat{r}/fold{k}"
+
+
+def seed_spread(params: Params, name: str, paths: EvaluatePaths, table: pd.DataFrame, shape: tuple[int, int],
+                device: torch.device | str, first: pd.DataFrame, first_external: pd.DataFrame | None
+                ) -> dict[str, float | int]:
+    """How much the training seed alone moves the results (``train.repeats`` > 1): the pooled out-of-fold ROC-AUC
+    (macro for the ordinal task) of every seed repeat, and of the external cohort's fold ensemble, with their SD and
+    range. The first training (``seed_0``) is the result the report shows; nothing here chooses anything.
+
+    Returns:
+        ``{}`` for one training; else ``repeats``, ``seed_roc_auc_<r>``, ``seed_roc_auc_sd``, ``seed_roc_auc_range``
+        (and ``seed_external_roc_auc_*`` with an external cohort).
+    """
+    parent = Path(paths.model_dir) / "meta.json"
+    repeats = int(jsonfile.read(parent).get("repeats", 1)) if parent.is_file() else 1
+    if repeats < 2:
+        return {}
+    classes, threshold = params.data.classes, params.evaluate.threshold
+    aucs = [metrics.point_metrics(first["y_true"], metrics.task_prob(first), threshold, classes)["roc_auc"]]
+    external_aucs = []
+    if first_external is not None:
+        external_aucs.append(metrics.point_metrics(first_external["y_true"], metrics.task_prob(first_external),
+                                                   threshold, classes)["roc_auc"])
+    for r in range(1, repeats):
+        parts, members = [], []
+        for fold in splits_contract.folds(table):
+            model_dir = Path(paths.model_dir) / REPEAT_DIR.format(r=r, k=fold)
+            model, meta = load_trained(model_dir)
+            check_model_dir(model_dir, meta, name, params.train.model(name).image_size, classes)
+            calibration, tta = Calibration.from_record(meta.get("calibration")), meta.get("tta", "none")
+            items = part_items(paths.splits, paths.images, fold, "test", classes, table=table)
+            prob = score(model, name, stack_images(items, shape), calibration, tta, device)
+            parts.append(metrics.predictions_frame([it.source for it in items], [it.patient_id for it in items],
+                                                   np.array([it.label for it in items]), prob, classes=classes,
+                                                   threshold=threshold, folds=[fold] * len(items)))
+            members.append((model, calibration, tta))
+        pooled = pd.concat(parts, ignore_index=True)
+        aucs.append(metrics.point_metrics(pooled["y_true"], metrics.task_prob(pooled), threshold, classes)["roc_auc"])
+        if first_external is not None:
+            ext = score_external(members, name, params, dataclasses.replace(paths, external_predictions=None), shape,
+                                 device)
+            external_aucs.append(metrics.point_metrics(ext["y_true"], metrics.task_prob(ext), threshold,
+                                                       classes)["roc_auc"])
+    out: dict[str, float | int] = {"repeats": repeats}
+    for prefix, values in (("seed_roc_auc", aucs), ("seed_external_roc_auc", external_aucs)):
+        if not values:
+            continue
+        out.update({f"{prefix}_{r}": v for r, v in enumerate(values)})
+        out.update({f"{prefix}_sd": float(np.std(values, ddof=1)), f"{prefix}_range": float(np.ptp(values))})
+    return out
 
 
 def score(model: nn.Module, name: str, images: torch.Tensor, calibration: Calibration, tta: str,

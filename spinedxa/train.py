@@ -65,6 +65,22 @@ LAST = "last.pt"  # a fold's checkpoint after its latest epoch
 DONE = "done.pt"  # a finished fold: best weights and history, under the fold's fingerprint
 LOGGED = "mlflow.json"  # the MLflow run a finished fold was logged to
 PARENT = "mlflow_parent.json"  # the model's parent run (reused when the stage resumes)
+#: Repeat r of a fold trains with seed train.seed + r * REPEAT_SEED_STRIDE (far from every other seed in params).
+REPEAT_SEED_STRIDE = 1000
+
+
+def repeat_dir(fold: int, repeat: int = 0) -> str:
+    """Where repeat ``repeat`` of fold ``fold`` lives under models/<m>/ (and the checkpoints): ``fold<k>`` for the
+    first training (the result), ``repeat<r>/fold<k>`` for the seed repeats (``train.repeats``)."""
+    return f"fold{fold}" if repeat == 0 else f"repeat{repeat}/fold{fold}"
+
+
+def repeat_params(params: Params, repeat: int) -> Params:
+    """``params`` with the seed of repeat ``repeat`` (``train.seed + repeat * REPEAT_SEED_STRIDE``)."""
+    if repeat == 0:
+        return params
+    train = dataclasses.replace(params.train, seed=params.train.seed + repeat * REPEAT_SEED_STRIDE)
+    return dataclasses.replace(params, train=train)
 
 
 @dataclass(frozen=True)
@@ -90,6 +106,7 @@ class FoldJob:
     paths: TrainPaths
     digests: Mapping[str, str]
     init: pretrained.WeightsSource | None = None  # where the weights start (None: resolved from paths.weights)
+    repeat: int = 0  # the seed repeat (train.repeats); params already carry its seed (repeat_params)
 
 
 @dataclass(frozen=True)
@@ -106,6 +123,7 @@ class FoldResult:
     n_val: int
     resumed_from: int
     calibration: Calibration
+    repeat: int = 0
 
 
 @dataclass(frozen=True)
@@ -232,7 +250,7 @@ def train_fold(job: FoldJob, on_epoch_end: Callable[[int], None] | None = None) 
     rt = Runtime.setup(train.device, train.fast, train.threads)
     init = job.init or pretrained.resolve(job.model, cfg, job.paths.weights)
     fp = checkpoint.fingerprint(params, job.model, job.fold, {**job.digests, **init.digest()}, rt.record())
-    fold_dir = job.paths.checkpoints / f"fold{job.fold}"
+    fold_dir = job.paths.checkpoints / repeat_dir(job.fold, job.repeat)
     done = checkpoint.load(fold_dir / DONE, fp)
     if done is not None:
         log.info("%s fold %d: already trained (%s)", job.model, job.fold, fold_dir / DONE)
@@ -291,7 +309,7 @@ def _calibrate(job: FoldJob, state: Mapping[str, torch.Tensor], val_items: Seque
 def _result(job: FoldJob, done: Path, state: Mapping[str, Any], rt: Runtime, *, resumed_from: int) -> FoldResult:
     return FoldResult(job.fold, done, list(state["history"]), int(state["best_epoch"]),
                       jsonfile.finite_or_none(state["best_value"]), rt.record(), int(state["n_train"]),
-                      int(state["n_val"]), resumed_from, Calibration.from_record(state["calibration"]))
+                      int(state["n_val"]), resumed_from, Calibration.from_record(state["calibration"]), job.repeat)
 
 
 # ------------------------------------------------------------------------------------------- the stage
@@ -321,7 +339,8 @@ def train_model(params: Params, name: str, paths: TrainPaths, *, processes: int 
         pretrained.verify(init)  # before any work; each fold verifies again when it loads the file
     folds = splits_contract.folds(splits_contract.read(paths.splits))
     digests = dvc_digests([paths.splits, paths.images, paths.augmented])
-    jobs = [FoldJob(params, name, k, paths, digests, init) for k in folds]
+    jobs = [FoldJob(repeat_params(params, r), name, k, paths, digests, init, r)
+            for r in range(params.train.repeats) for k in folds]
     n = 1 if rt_env.dist.enabled or on_epoch_end is not None else (processes or params.runtime.train_processes)
     main = rt_env.dist.is_main
     experiment = tracking.experiment_name(params.runtime.mlflow_experiment)
@@ -333,7 +352,7 @@ def train_model(params: Params, name: str, paths: TrainPaths, *, processes: int 
             if main:
                 _log_fold(params, name, paths, experiment, parent, result, init)
             results.append(result)
-        results.sort(key=lambda r: r.fold)
+        results.sort(key=lambda r: (r.repeat, r.fold))
         if main:
             _write_outputs(params, name, paths, results, parent, digests, init)
             shutil.rmtree(paths.checkpoints, ignore_errors=True)  # finished: a rerun must train afresh
@@ -420,10 +439,13 @@ def _log_fold(params: Params, name: str, paths: TrainPaths, experiment: str, par
     if marker.is_file() and tracking.run_exists(jsonfile.read(marker).get("run_id", "")):
         return
     cfg = params.train.model(name)
-    with tracking.training_run(experiment, f"{name}/fold{result.fold}",
-                               params={**_mlflow_params(params, name, init), "fold": result.fold,
+    seeded = repeat_params(params, result.repeat)
+    repeat = {"repeat": str(result.repeat)} if result.repeat else {}
+    with tracking.training_run(experiment, f"{name}/{repeat_dir(result.fold, result.repeat)}",
+                               params={**_mlflow_params(seeded, name, init), "fold": result.fold,
                                        "n_train_images": result.n_train, "n_val_images": result.n_val},
-                               tags=_tags(name, result.runtime, fold=str(result.fold)), parent_run_id=parent) as rid:
+                               tags=_tags(name, result.runtime, fold=str(result.fold), seed=str(seeded.train.seed),
+                                          **repeat), parent_run_id=parent) as rid:
         for row in result.history:
             tracking.log_epoch({k: v for k, v in row.items() if k not in ("epoch", "fold")}, int(row["epoch"]))
         export = get_model(name, len(params.data.classes), **pretrained.architecture(name, cfg))
@@ -439,12 +461,13 @@ def _write_outputs(params: Params, name: str, paths: TrainPaths, results: Sequen
                    digests: Mapping[str, str], init: pretrained.WeightsSource) -> None:
     """``models/<name>/fold<k>/{model.pt, meta.json}`` and ``models/<name>/meta.json`` (atomically, as one
     directory), then the training curves of every fold. Each fold's meta.json names the weights it started from
-    (``weights``) and the builder arguments that rebuild it (``batch_norm``, ``transform_input``)."""
+    (``weights``) and the builder arguments that rebuild it (``batch_norm``, ``transform_input``). Seed repeats
+    (``train.repeats``) go to ``models/<name>/repeat<r>/fold<k>/``; the curves are the first training's."""
     cfg, prov = params.train.model(name), provenance()
     with atomic_dir(paths.out) as tmp:
         for r in results:
-            fold_out = tmp / f"fold{r.fold}"
-            fold_out.mkdir()
+            fold_out = tmp / repeat_dir(r.fold, r.repeat)
+            fold_out.mkdir(parents=True)
             state = torch.load(r.done, map_location="cpu", weights_only=True)["best_state"]
             torch.save(state, fold_out / "model.pt")
             logged = r.done.parent / LOGGED
@@ -457,17 +480,21 @@ def _write_outputs(params: Params, name: str, paths: TrainPaths, results: Sequen
                 "mlflow_tracking_uri": tracking.redact_uri(tracking.tracking_uri()),
                 "model_sha256": sha256_file(fold_out / "model.pt"), "data_digests": dict(digests),
                 "params": dataclasses.asdict(cfg), "epochs_run": len(r.history), "best_epoch": r.best_epoch,
-                "monitor": params.train.monitor, "best_value": r.best_value, "seed": params.train.seed,
+                "monitor": params.train.monitor, "best_value": r.best_value,
+                "seed": repeat_params(params, r.repeat).train.seed, "repeat": r.repeat,
                 "n_train_images": r.n_train, "n_val_images": r.n_val, "calibration": r.calibration.record(),
                 "tta": params.train.tta,
                 **prov.record(), **r.runtime,
             }
             jsonfile.write(fold_out / "meta.json", meta)
+        first = [r for r in results if r.repeat == 0]
         jsonfile.write(tmp / "meta.json", {
             "model": name, "variant": variant(name, cfg.batch_norm), "protocol": params.split.protocol,
-            "folds": [r.fold for r in results], "weights": init.record(), "mlflow_run_id": parent,
+            "folds": [r.fold for r in first], "repeats": params.train.repeats,
+            "repeat_seeds": [repeat_params(params, k).train.seed for k in range(params.train.repeats)],
+            "weights": init.record(), "mlflow_run_id": parent,
             "mlflow_tracking_uri": tracking.redact_uri(tracking.tracking_uri()), "data_digests": dict(digests),
             **prov.record(), **results[0].runtime,
         })
-    rows = [row for r in results for row in r.history]
+    rows = [row for r in results if r.repeat == 0 for row in r.history]
     table.write(paths.curves, pd.DataFrame(rows, columns=list(CURVE_COLUMNS)), CURVE_COLUMNS)

@@ -407,3 +407,30 @@ def test_a_disabled_external_cohort_is_not_scored(project: Path) -> None:
     save_fold_models(project / "models/cnn21", "cnn21", params.train.cnn21.image_size, [0, 1, 2])
     record = evaluate.evaluate_model(params, "cnn21", _paths(project))
     assert not any(k.startswith("external_") for k in record) and not (project / "x.csv").exists()
+
+
+def test_seed_repeats_are_scored_and_their_spread_recorded(project: Path) -> None:
+    """train.repeats > 1: each seed repeat's pooled out-of-fold (and external) ROC-AUC, their SD and range."""
+    from sklearn.metrics import roc_auc_score
+
+    params = load_params(project / "params.yaml")
+    size = params.train.cnn21.image_size
+    save_fold_models(project / "models/cnn21", "cnn21", size, [0, 1, 2])
+    for k in (0, 1, 2):
+        save_untrained(project / f"models/cnn21/repeat1/fold{k}", "cnn21", size, None, seed=100 + k)
+    meta = json.loads((project / "models/cnn21/meta.json").read_text())
+    write_json_atomic(project / "models/cnn21/meta.json", {**meta, "repeats": 2})
+    record = evaluate.evaluate_model(params, "cnn21", _paths(project))
+    assert record["repeats"] == 2 and record["seed_roc_auc_0"] == record["roc_auc"]
+    # Repeat 1 by hand: each fold's repeat model on that fold's test part, pooled.
+    shape, y, p = input_shape(size), [], []
+    for k in (0, 1, 2):
+        model, _ = load_trained(project / f"models/cnn21/repeat1/fold{k}")
+        items = part_items(project / "data/split/splits.csv", project / "data/ingested", k, "test", CLASSES)
+        p += list(predict_proba(model, "cnn21", stack_images(items, shape))[:, 1])
+        y += [it.label for it in items]
+    assert record["seed_roc_auc_1"] == pytest.approx(roc_auc_score(y, p), abs=1e-9)
+    values = [record["seed_roc_auc_0"], record["seed_roc_auc_1"]]
+    assert record["seed_roc_auc_sd"] == pytest.approx(np.std(values, ddof=1))
+    assert record["seed_roc_auc_range"] == pytest.approx(max(values) - min(values))
+    assert {"seed_external_roc_auc_0", "seed_external_roc_auc_1", "seed_external_roc_auc_sd"} <= set(record)
