@@ -264,8 +264,8 @@ def run_baseline(params: Params, paths: BaselinePaths) -> tuple[dict[str, object
 def _score_external(params: Params, paths: BaselinePaths, fitted: Sequence[FittedBaseline]) -> pd.DataFrame | None:
     """The fold ensemble (mean calibrated probability of the fold models) on the external cohort; None without one."""
     if paths.external is None or not external_cohort.is_enabled(paths.external):
-        if paths.external_predictions is not None:
-            Path(paths.external_predictions).unlink(missing_ok=True)
+        if paths.external_predictions is not None:  # a DVC output: present, with no row
+            predictions_contract.write_empty(paths.external_predictions, params.data.classes)
         return None
     rows = external_cohort.accepted_scans(paths.external)
     task = params.data.task

@@ -25,7 +25,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from spinedxa.contracts import augmented as augmented_contract, png16, splits as splits_contract
-from spinedxa.contracts.manifest import ROI_ASPECT, roi_aspect
+from spinedxa.contracts.manifest import input_shape, model_input_shape  # geometry: one owner, re-exported here
 
 read_image = png16.read
 
@@ -49,15 +49,8 @@ class ImageItem:
     fold: int = 0
 
 
-def input_shape(image_size: int, aspect: float = ROI_ASPECT) -> tuple[int, int]:
-    """``(height, width)`` of a model input of ``image_size`` rows: the ROI's shape (``aspect : 1``; 2:1 for the
-    located L1-L4 column, square for whole images: :func:`spinedxa.contracts.manifest.roi_aspect`)."""
-    return image_size, max(1, int(round(image_size / aspect)))
-
-
-def model_input_shape(image_size: int, roi_mode: str) -> tuple[int, int]:
-    """The input shape of a model trained with ``image_size`` on ROIs made with ``ingest.roi`` = ``roi_mode``."""
-    return input_shape(image_size, roi_aspect(roi_mode))
+__all__ = ["ImageItem", "DXADataset", "fit", "input_shape", "model_input_shape", "part_items", "read_image",
+           "stack_images", "training_items"]
 
 
 def fit(img: np.ndarray, shape: tuple[int, int]) -> np.ndarray:

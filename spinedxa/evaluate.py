@@ -330,8 +330,8 @@ def score_external(fold_models: Sequence[tuple[nn.Module, Calibration, str]], na
     """The fold ensemble's predictions on the external cohort (None without one): the mean of the fold models'
     calibrated class probabilities; written to ``paths.external_predictions``."""
     if paths.external is None or not external_cohort.is_enabled(paths.external):
-        if paths.external_predictions is not None:
-            Path(paths.external_predictions).unlink(missing_ok=True)
+        if paths.external_predictions is not None:  # a DVC output: present, with no row
+            predictions_contract.write_empty(paths.external_predictions, params.data.classes)
         return None
     rows = external_cohort.accepted_scans(paths.external)
     items = [ImageItem(Path(paths.external) / r.roi, params.data.task.index(r.label), r.source, r.patient_id)

@@ -38,8 +38,7 @@ from statsmodels.stats.multitest import multipletests
 from spinedxa import metrics
 from spinedxa.config import Params
 from spinedxa.contracts import jsonfile, manifest as manifest_contract, splits as splits_contract, table
-from spinedxa.contracts.manifest import roi_aspect
-from spinedxa.data import model_input_shape
+from spinedxa.contracts.manifest import model_input_shape, roi_aspect
 from spinedxa.errors import UserError
 from spinedxa.files import write_text_atomic
 from spinedxa.provenance import provenance

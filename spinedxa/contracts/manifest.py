@@ -26,6 +26,17 @@ ROI_ASPECT = 2
 ROI_ASPECTS: dict[str, int] = {"locate": ROI_ASPECT, "whole": 1}
 
 
+def input_shape(image_size: int, aspect: float = ROI_ASPECT) -> tuple[int, int]:
+    """``(height, width)`` of a model input of ``image_size`` rows: the ROI's shape (``aspect : 1``; 2:1 for the
+    located L1-L4 column, square for whole images: :func:`roi_aspect`)."""
+    return image_size, max(1, int(round(image_size / aspect)))
+
+
+def model_input_shape(image_size: int, roi_mode: str) -> tuple[int, int]:
+    """The input shape of a model trained with ``image_size`` on ROIs made with ``ingest.roi`` = ``roi_mode``."""
+    return input_shape(image_size, roi_aspect(roi_mode))
+
+
 def roi_aspect(mode: str) -> int:
     """Height / width of the ROI images (and the model inputs) for ``ingest.roi`` = ``mode``.
 

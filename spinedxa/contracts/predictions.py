@@ -81,6 +81,12 @@ def _class_order(frame: pd.DataFrame) -> list[str]:
     return sorted(found, key=lambda c: (index.get(c, len(found) + found.index(c)), found.index(c)))
 
 
+def write_empty(path: str | Path, classes: Sequence[str]) -> None:
+    """A predictions file with the columns of ``classes`` and no row (a DVC output with nothing to score, e.g. no
+    external cohort)."""
+    write(path, pd.DataFrame(columns=[*BASE_COLUMNS, *class_columns(classes)]))
+
+
 def write(path: str | Path, frame: pd.DataFrame) -> None:
     """Write a predictions file sorted by source, class columns in class order, probabilities at :data:`DECIMALS`
     decimals (the same bytes whatever the frame's row and column order)."""
