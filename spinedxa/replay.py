@@ -250,14 +250,15 @@ def control_split(scans: pd.DataFrame, index: pd.DataFrame, test_fraction: float
     ``roi``, relative to ``data/ingested``). No copy of a held-out scan is listed, so the control never reads one.
 
     Raises:
-        ValueError: too few patients of a class for the shares (the message names them).
+        spinedxa.split.SplitError: too few patients of a class for the shares (the message names them).
     """
     cfg = SplitConfig(protocol="holdout", seed=seed, folds=1, val=val_fraction, test=test_fraction)
     try:
         scans_split = assign(scans[list(splits_contract.COLUMNS[:-2])], cfg, classes)
     except SplitError as exc:
-        raise ValueError(f"replay (matched control): the patients cannot be split {1 - test_fraction:g}/"
-                         f"{test_fraction:g} (replay.test_fraction) and {val_fraction:g} for validation: {exc}") from None
+        raise SplitError(f"replay (matched control): the patients cannot be split {1 - test_fraction:g}/"
+                         f"{test_fraction:g} (replay.test_fraction) and {val_fraction:g} for validation: "
+                         f"{exc}") from None
     role = index["parent_sha256"].map(dict(zip(scans_split["sha256"], scans_split["split"])))
     used = index[role.isin(["train", "val"])]
     copies = _copy_rows(used).assign(split=role[used.index].to_numpy())

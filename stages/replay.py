@@ -22,9 +22,11 @@ import sys
 from pathlib import Path
 
 from spinedxa.config import load_params
+from spinedxa.errors import stage_main
 from spinedxa.replay import ReplayPaths, run_replay
 
 
+@stage_main("replay")
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", type=Path, required=True)
@@ -50,4 +52,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

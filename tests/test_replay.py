@@ -25,27 +25,30 @@ from spinedxa.contracts import splits as splits_contract
 CLASSES = ("normal", "osteoporosis")
 
 
-def write_ingested(root: Path, n_patients: int = 20, *, followup_every: int = 3, seed: int = 0) -> Path:
+def write_ingested(root: Path, n_patients: int = 20, *, followup_every: int = 3, seed: int = 0,
+                   classes: tuple[str, ...] = CLASSES) -> Path:
     """A tiny ``data/ingested``: ROI PNGs (64 x 32) and a manifest with accepted rows, one quarantined row, and a
-    follow-up scan for every ``followup_every``-th patient. Osteoporosis ROIs have a darker, noisier column. 20
-    patients (10 per class) are the fewest the control's patient split takes at 0.2 test and 0.15 validation."""
+    follow-up scan for every ``followup_every``-th patient. Patient ``p`` has class ``p % len(classes)``; more severe
+    classes have a darker, noisier column. 20 patients (10 per class of two) are the fewest the control's patient
+    split takes at 0.2 test and 0.15 validation."""
     rng = np.random.default_rng(seed)
     ingested = root / "ingested"
     (ingested / manifest_contract.ROI_DIR).mkdir(parents=True)
     rows = []
     for p in range(n_patients):
-        label = p % 2
+        label = p % len(classes)
+        severity = label / (len(classes) - 1)
         for visit in range(2 if p % followup_every == 0 else 1):
-            source = f"{CLASSES[label]}/scan_{p:03d}_{visit}.dcm"
+            source = f"{classes[label]}/scan_{p:03d}_{visit}.dcm"
             sha = hashlib.sha256(source.encode()).hexdigest()
             img = np.clip(0.15 + rng.normal(0, 0.02, (64, 32)), 0, 1)
-            img[:, 10:22] = np.clip((0.75 - 0.25 * label) + rng.normal(0, 0.03 + 0.05 * label, (64, 12)), 0, 1)
+            img[:, 10:22] = np.clip((0.75 - 0.25 * severity) + rng.normal(0, 0.03 + 0.05 * severity, (64, 12)), 0, 1)
             roi = f"{manifest_contract.ROI_DIR}/{sha[:16]}.png"
             png16.write(ingested / roi, img)
-            rows.append(_manifest_row(source=source, sha256=sha, status="accepted", label=CLASSES[label],
+            rows.append(_manifest_row(source=source, sha256=sha, status="accepted", label=classes[label],
                                       patient_id=f"P{p:012x}", image=roi, roi=roi))
-    rows.append(_manifest_row(source="normal/broken.dcm", sha256=hashlib.sha256(b"x").hexdigest(),
-                              status="quarantined", reason="corrupt: truncated", label="normal"))
+    rows.append(_manifest_row(source=f"{classes[0]}/broken.dcm", sha256=hashlib.sha256(b"x").hexdigest(),
+                              status="quarantined", reason="corrupt: truncated", label=classes[0]))
     manifest_contract.write(ingested / manifest_contract.FILE_NAME, pd.DataFrame(rows))
     return ingested
 
@@ -55,13 +58,15 @@ def _manifest_row(**values: str) -> dict[str, str]:
     return {column: "" for column in manifest_contract.COLUMNS} | values
 
 
-def tiny_params(**replay_values: object) -> Params:
-    """The repo's params with a small cnn21 (64 px, batch 8, one thread), 50 bootstrap resamples and ``replay``
-    overrides."""
+def tiny_params(classes: tuple[str, ...] = CLASSES, **replay_values: object) -> Params:
+    """The repo's params with a small cnn21 (64 px, batch 8, one thread), 50 bootstrap resamples, the task's
+    ``classes`` and ``replay`` overrides."""
     p = load_params(REPO / "params.yaml")
     cnn21 = dataclasses.replace(p.train.cnn21, image_size=64, batch_size=8)
+    data = p.data if classes == CLASSES else dataclasses.replace(p.data, classes=classes, class_map={})
     return dataclasses.replace(
-        p, train=dataclasses.replace(p.train, cnn21=cnn21, threads=1, device="cpu"),
+        p, data=data,
+        train=dataclasses.replace(p.train, cnn21=cnn21, threads=1, device="cpu"),
         evaluate=dataclasses.replace(p.evaluate, bootstrap=50),
         replay=dataclasses.replace(p.replay, **replay_values),
     )
@@ -205,12 +210,12 @@ def test_score_gives_patient_and_image_level_intervals() -> None:
     prob = 1 / (1 + np.exp(-logit))
     sources = np.array([f"s{i}" for i in range(len(y))])
     patients = np.repeat([f"P{i}" for i in range(12)], 4)
-    record = replay.score(y, prob, patients, sources, threshold=0.5, n_resamples=200, seed=0)
+    record = replay.score(y, prob, patients, sources, classes=CLASSES, threshold=0.5, n_resamples=200, seed=0)
     assert record["n_test_patients"] == 12 and record["bootstrap_unit"] == "patient"
     width = {k: record[f"{p}roc_auc_ci_high"] - record[f"{p}roc_auc_ci_low"] for k, p in
              (("patient", ""), ("image", replay.IMAGE_BOOTSTRAP))}
     assert width["image"] < width["patient"]  # treating correlated copies as independent narrows the interval
-    same = replay.score(y, prob, sources, sources, threshold=0.5, n_resamples=200, seed=0)
+    same = replay.score(y, prob, sources, sources, classes=CLASSES, threshold=0.5, n_resamples=200, seed=0)
     assert same["accuracy_ci_low"] == same["image_bootstrap_accuracy_ci_low"]  # one unit per image: identical
 
 
@@ -361,6 +366,16 @@ def test_stage_command_of_dvc_yaml_writes_the_stub_when_disabled(tmp_path: Path,
     assert (tmp_path / "data/replay" / augmented_contract.FILE_NAME).is_file()
 
 
+def test_stage_says_plainly_when_the_cohort_is_too_small_for_the_control(tmp_path: Path, capsys,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    write_ingested(tmp_path / "data", n_patients=8)
+    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    monkeypatch.chdir(tmp_path)
+    assert stage_main("replay")(dvc_argv("replay")) == 1  # a user error: one message, no traceback
+    err = capsys.readouterr().err
+    assert "matched control" in err and "replay.test_fraction" in err and "Traceback" not in err
+
+
 def test_replay_end_to_end_runs_leaky_and_control_alike(ingested: Path, tmp_path: Path, mlflow_store: str,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "replay-test")
@@ -424,3 +439,24 @@ def test_replay_end_to_end_runs_leaky_and_control_alike(ingested: Path, tmp_path
     assert not any(k.startswith("test_") for k in run["metrics"])
     assert run["params"]["epochs"] == "1" and run["params"]["replay.copies"] == "3"
     assert run["params"]["train.tta"] == params.train.tta
+
+
+def test_replay_follows_the_task_classes(tmp_path: Path, mlflow_store: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Three ordered (WHO) classes: both runs, the matched comparison and every table follow data.classes."""
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "replay-who")
+    who = ("normal", "osteopenia", "osteoporosis")
+    ingested = write_ingested(tmp_path, n_patients=30, classes=who)
+    paths = replay.ReplayPaths(ingested, tmp_path / "data" / "replay", tmp_path / "reports" / "replay")
+    records = replay.run_replay(tiny_params(classes=who, enabled=True, copies=2, epochs=1), paths)
+    leaky, control, c = records.leaky, records.control, replay_contract
+    for record in (leaky, leaky[c.MATCHED], control, control[c.INFLATION]):
+        assert set(metrics.metric_keys(who)) <= set(record), sorted(set(metrics.metric_keys(who)) - set(record))
+    for key in replay.SHARED_SETTINGS:
+        assert leaky[key] == control[key], key
+    assert leaky["calibration"]["method"].startswith(("temperature", "identity"))
+    held_out = splits_contract.read(paths.reports / c.CONTROL_SPLIT).query("split == 'test'")
+    assert set(held_out["label"]) == set(who)  # stratified by the three classes
+    for name in (c.LEAKY_MATCHED_PREDICTIONS, c.CONTROL_PREDICTIONS):
+        frame = predictions_contract.read(paths.reports / name)
+        assert predictions_contract.classes_of(frame) == list(who)
+        assert sorted(frame["source"]) == sorted(held_out["source"])

@@ -169,7 +169,7 @@ def write_fake_outputs(root: Path, n_patients: int = 30, bootstrap: int = 50, fo
     return params_path
 
 
-def write_fake_replay(directory: Path, *, inflation_ci: tuple[float, float] = (0.03, 0.15)) -> None:
+def write_fake_replay(directory: Path, *, inflation_ci: tuple[float | None, float | None] = (0.03, 0.15)) -> None:
     """The replay's two records (spinedxa/contracts/replay.py): the leaky run on its test copies and on the matched
     scans, the matched control on the same scans, and the ROC-AUC inflation with the paired interval ``inflation_ci``.
     """
@@ -336,6 +336,35 @@ def test_replay_words_follow_the_paired_interval(tmp_path: Path, interval: tuple
     write_fake_replay(tmp_path / "reports/replay", inflation_ci=interval)
     markdown, _ = report.render(report.build_context(params, _inputs(tmp_path)))
     assert words in markdown
+
+
+@pytest.mark.parametrize("interval, verdict", [
+    ((-0.02, 0.2), "not shown"), ((0.0, 0.2), "not shown"), ((0.01, 0.2), "inflates"), ((-0.2, -0.01), "lowers"),
+    ((None, None), "not shown"),
+], ids=["includes_0", "touches_0", "above_0", "below_0", "undefined"])
+def test_load_replay_reads_both_runs_and_judges_the_inflation_by_its_interval(tmp_path: Path, interval,
+                                                                              verdict: str) -> None:
+    write_fake_replay(tmp_path, inflation_ci=interval)
+    loaded = report.load_replay(tmp_path)
+    assert loaded.enabled and loaded.verdict == verdict
+    assert loaded.leaky["n_test_images"] == 120 and loaded.matched["roc_auc"] == 0.97
+    assert loaded.control["roc_auc"] == 0.88 and loaded.inflation["roc_auc"] == pytest.approx(0.09)
+
+
+def test_load_replay_disabled_missing_and_mismatched(tmp_path: Path) -> None:
+    assert report.load_replay(tmp_path) is None  # no replay stage
+    (tmp_path / "leaky_replay_metrics.json").write_text(json.dumps({"enabled": False}))
+    assert report.load_replay(tmp_path) == report.Replay(False, {"enabled": False})
+    write_fake_replay(tmp_path)
+    path = tmp_path / "matched_control_metrics.json"
+    record = json.loads(path.read_text())
+    record["n_test"] = 36  # the control scored other scans than the leaky run
+    path.write_text(json.dumps(record))
+    with pytest.raises(report.ReportInputError, match="scored on different scans"):
+        report.load_replay(tmp_path)
+    path.unlink()
+    with pytest.raises(report.ReportInputError, match=r"matched_control_metrics\.json: missing.*rerun the replay"):
+        report.load_replay(tmp_path)
 
 
 def test_replay_without_its_matched_control_is_refused(tmp_path: Path) -> None:
