@@ -522,8 +522,9 @@ def load_replay(replay_dir: Path) -> Replay | None:
     if not control_path.is_file():
         raise ReportInputError(f"{control_path}: missing beside {leaky_path.name}; rerun the replay stage "
                                "(dvc repro replay), which writes the leaky run and its matched control together")
-    leaky = _record(leaky_path, _replay_keys(c.MATCHED, "n_images", "n_test_images", "n_test_scans",
-                                             "n_test_patients", "test_scans_in_train_share", "epochs", "tta"))
+    leaky = _record(leaky_path, _replay_keys(c.MATCHED, "model", "n_images", "n_test_images", "n_test_scans",
+                                             "n_test_patients", "test_scans_in_train_share", "epochs", "tta",
+                                             "val_fraction"))
     control = _record(control_path, _replay_keys(c.INFLATION, "n_test", "n_test_patients"))
     matched, inflation = leaky[c.MATCHED], control[c.INFLATION]
     for what, record, required in ((f"{leaky_path}: {c.MATCHED}", matched, _replay_keys("scans_in_train_share")),

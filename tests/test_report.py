@@ -182,7 +182,7 @@ def write_fake_replay(directory: Path, *, inflation_ci: tuple[float | None, floa
     leaky_copies = {"accuracy": 0.97, "f1": 0.975, "precision": 0.99, "recall": 0.96, "roc_auc": 0.995}
     leaky_matched = {"accuracy": 0.94, "f1": 0.95, "precision": 0.96, "recall": 0.94, "roc_auc": 0.97}
     control = {"accuracy": 0.84, "f1": 0.87, "precision": 0.9, "recall": 0.85, "roc_auc": 0.88}
-    leaky = {"enabled": True, "leaky_ablation": True, "protocol": "leaky_replay", "n_images": 600,
+    leaky = {"enabled": True, "leaky_ablation": True, "protocol": "leaky_replay", "model": "cnn21", "n_images": 600,
              "n_test_images": 120, "n_test_scans": 80, "n_test_patients": 70, "test_scans_in_train_share": 1.0,
              "epochs": 15, "tta": "hflip", "val_fraction": 0.15,
              **metrics_of(leaky_copies),
