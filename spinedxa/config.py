@@ -444,9 +444,10 @@ class ReplayConfig(_Section):
 
     enabled: bool
     copies: int = count()  # augmented copies per scan made BEFORE the split (210 = 6 x 35 suggests 6)
-    test_fraction: float = bounded(0, 1, low_open=True, high_open=True)  # images (not patients) for testing
+    # Held out for testing: images by the leaky run, patients by its matched control.
+    test_fraction: float = bounded(0, 1, low_open=True, high_open=True)
     seed: int = non_negative()
-    epochs: int = count()  # cnn21's recipe otherwise; capped so the ablation costs about two minutes of CPU
+    epochs: int = count()  # both runs (leaky and control); cnn21's recipe otherwise, capped for the CPU budget
 
 
 @dataclass(frozen=True)

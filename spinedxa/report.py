@@ -37,7 +37,8 @@ from statsmodels.stats.multitest import multipletests
 
 from spinedxa import metrics
 from spinedxa.config import Params
-from spinedxa.contracts import jsonfile, manifest as manifest_contract, splits as splits_contract, table
+from spinedxa.contracts import jsonfile, manifest as manifest_contract, replay as replay_contract
+from spinedxa.contracts import splits as splits_contract, table
 from spinedxa.contracts.manifest import model_input_shape, roi_aspect
 from spinedxa.errors import UserError
 from spinedxa.files import write_text_atomic
@@ -104,8 +105,6 @@ def metric_label(key: str, task: Task) -> str:
     return METRIC_LABELS.get(key, key)
 #: The four figures Naeem et al. 2025 report for their 21-layer CNN (params report.paper_*).
 PAPER_KEYS = ("accuracy", "precision", "recall", "f1")
-#: The replay ablation's metrics file inside its output directory (stage `replay`).
-REPLAY_METRICS = "leaky_replay_metrics.json"
 
 
 class ReportInputError(UserError, ValueError):
@@ -475,23 +474,70 @@ def reconstruct_paper_confusion(
 
 @dataclass(frozen=True)
 class Replay:
-    """The replayed leaky protocol (stage ``replay``) beside the paper and the honest out-of-fold cnn21."""
+    """The replay ablation (stage ``replay``): the leaky run against its matched control, beside the paper.
+
+    Attributes:
+        enabled: ``replay.enabled`` when the stage ran.
+        leaky: the leaky run's record (augment, then split): its metrics on its own random test set of copies, the
+            paper-like figure.
+        matched: the leaky run's metrics on the matched scans (the control's held-out original scans).
+        control: the matched control's record (split by patient, then augment): its metrics on the same scans.
+        inflation: leaky minus control on the matched scans, per metric, with the paired patient-bootstrap interval.
+        verdict: what the ROC-AUC inflation's interval shows: ``"inflates"`` (above 0), ``"lowers"`` (below 0) or
+            ``"not shown"`` (it includes 0, or is undefined); empty when disabled.
+    """
 
     enabled: bool
-    record: Mapping[str, Any]
+    leaky: Mapping[str, Any]
+    matched: Mapping[str, Any] = field(default_factory=dict)
+    control: Mapping[str, Any] = field(default_factory=dict)
+    inflation: Mapping[str, Any] = field(default_factory=dict)
+    verdict: str = ""
+
+
+#: Metrics the replay's records must hold, each with its interval: those of every task (metrics.metric_keys); the
+#: template shows the paper's four beside them where the task has them.
+REPLAY_KEYS = ("accuracy", "f1", "roc_auc")
+
+
+def _replay_keys(*extra: str) -> list[str]:
+    return [f"{k}{s}" for k in REPLAY_KEYS for s in ("", "_ci_low", "_ci_high")] + list(extra)
 
 
 def load_replay(replay_dir: Path) -> Replay | None:
-    """The replay ablation's metrics, or None when its file is absent (a pipeline without the replay stage)."""
-    path = replay_dir / REPLAY_METRICS
-    if not path.is_file():
+    """The replay ablation's two records, or None when the leaky one is absent (a pipeline without the replay stage).
+
+    Raises:
+        ReportInputError: a record lacks keys, or the leaky record exists without its matched control (outputs of
+            an older replay stage: rerun it).
+    """
+    c = replay_contract
+    leaky_path, control_path = replay_dir / c.LEAKY_METRICS, replay_dir / c.CONTROL_METRICS
+    if not leaky_path.is_file():
         return None
-    record = _record(path, ("enabled",))
-    if record["enabled"]:
-        missing = [k for k in (*PAPER_KEYS, "roc_auc") for s in ("", "_ci_low", "_ci_high") if f"{k}{s}" not in record]
+    leaky = _record(leaky_path, ("enabled",))
+    if not leaky["enabled"]:
+        return Replay(False, leaky)
+    if not control_path.is_file():
+        raise ReportInputError(f"{control_path}: missing beside {leaky_path.name}; rerun the replay stage "
+                               "(dvc repro replay), which writes the leaky run and its matched control together")
+    leaky = _record(leaky_path, _replay_keys(c.MATCHED, "model", "n_images", "n_test_images", "n_test_scans",
+                                             "n_test_patients", "test_scans_in_train_share", "epochs", "tta",
+                                             "val_fraction"))
+    control = _record(control_path, _replay_keys(c.INFLATION, "n_test", "n_test_patients"))
+    matched, inflation = leaky[c.MATCHED], control[c.INFLATION]
+    for what, record, required in ((f"{leaky_path}: {c.MATCHED}", matched, _replay_keys("scans_in_train_share")),
+                                   (f"{control_path}: {c.INFLATION}", inflation, _replay_keys("n_scans", "n_patients"))):
+        missing = [k for k in required if k not in record]
         if missing:
-            raise ReportInputError(f"{path}: missing key(s) {missing}")
-    return Replay(bool(record["enabled"]), record)
+            raise ReportInputError(f"{what}: missing key(s) {missing}")
+    if matched.get("n_test") != inflation["n_scans"] or control["n_test"] != inflation["n_scans"]:
+        raise ReportInputError(f"{replay_dir}: the leaky run and the control were scored on different scans "
+                               f"({matched.get('n_test')} and {control['n_test']}); rerun the replay stage")
+    low, high = inflation["roc_auc_ci_low"], inflation["roc_auc_ci_high"]
+    verdict = ("not shown" if low is None or high is None or low <= 0.0 <= high
+               else "inflates" if low > 0.0 else "lowers")
+    return Replay(True, leaky, matched, control, inflation, verdict)
 
 
 # --------------------------------------------------------------------------------------------------- data, lineage

@@ -295,15 +295,26 @@ def train_fold(job: FoldJob, on_epoch_end: Callable[[int], None] | None = None) 
     return _result(job, fold_dir / DONE, result, rt, resumed_from=resumed_from)
 
 
+def calibrate(params: Params, name: str, model: nn.Module, val_items: Sequence[Any], *,
+              device: str | torch.device = "cpu") -> Calibration:
+    """The task's calibration of a kept model (Platt for two classes, temperature for more), fitted on its own
+    validation part (:mod:`spinedxa.calibration`), on the fp32 predictions with ``train.tta`` that evaluate and
+    predict will make.
+
+    The one calibration of every training: each fold of the train stage, and both runs of the replay ablation.
+    """
+    cfg = params.train.model(name)
+    shape = model_input_shape(cfg.image_size, params.ingest.roi)
+    prob = predict_proba(model, name, stack_images(val_items, shape), device=device, tta=params.train.tta)
+    return calibration_policy.fit(prob, [it.label for it in val_items], seed=params.train.seed)
+
+
 def _calibrate(job: FoldJob, state: Mapping[str, torch.Tensor], val_items: Sequence[Any]) -> Calibration:
-    """The task's calibration of the kept model (Platt for two classes, temperature for more), fitted on the fold's
-    validation part (:mod:`spinedxa.calibration`), on the fp32 predictions evaluate and predict will make."""
+    """:func:`calibrate` of the fold's kept weights (on the CPU, in a fresh network)."""
     cfg = job.params.train.model(job.model)
     model = get_model(job.model, len(job.params.data.classes), **pretrained.architecture(job.model, cfg))
     model.load_state_dict(state)
-    shape = model_input_shape(cfg.image_size, job.params.ingest.roi)
-    prob = predict_proba(model, job.model, stack_images(val_items, shape), tta=job.params.train.tta)
-    return calibration_policy.fit(prob, [it.label for it in val_items], seed=job.params.train.seed)
+    return calibrate(job.params, job.model, model, val_items)
 
 
 def _result(job: FoldJob, done: Path, state: Mapping[str, Any], rt: Runtime, *, resumed_from: int) -> FoldResult:

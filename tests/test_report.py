@@ -165,14 +165,40 @@ def write_fake_outputs(root: Path, n_patients: int = 30, bootstrap: int = 50, fo
                                  plots_dir=reports / f"plots/{name}")
         (reports / "provenance").mkdir(exist_ok=True)
         (reports / f"provenance/{name}.json").write_text(json.dumps(provenance))
-    replay = {"enabled": True, "leaky_ablation": True, "n_images": 600, "n_test_images": 120, "n_test_scans": 80,
-              "n_test_patients": 70, "test_scans_in_train_share": 1.0}
-    for key, value in (("accuracy", 0.97), ("f1", 0.975), ("precision", 0.99), ("recall", 0.96), ("roc_auc", 0.995)):
-        replay.update({key: value, f"{key}_ci_low": value - 0.02, f"{key}_ci_high": min(1.0, value + 0.01),
-                       f"image_bootstrap_{key}_ci_low": value - 0.01, f"image_bootstrap_{key}_ci_high": value})
-    (reports / "replay").mkdir()
-    (reports / "replay/leaky_replay_metrics.json").write_text(json.dumps(replay))
+    write_fake_replay(reports / "replay")
     return params_path
+
+
+def write_fake_replay(directory: Path, *, inflation_ci: tuple[float | None, float | None] = (0.03, 0.15)) -> None:
+    """The replay's two records (spinedxa/contracts/replay.py): the leaky run on its test copies and on the matched
+    scans, the matched control on the same scans, and the ROC-AUC inflation with the paired interval ``inflation_ci``.
+    """
+    def metrics_of(values: dict[str, float], **extra: float) -> dict:
+        out: dict = dict(extra)
+        for key, value in values.items():
+            out.update({key: value, f"{key}_ci_low": value - 0.05, f"{key}_ci_high": min(1.0, value + 0.03)})
+        return out
+
+    leaky_copies = {"accuracy": 0.97, "f1": 0.975, "precision": 0.99, "recall": 0.96, "roc_auc": 0.995}
+    leaky_matched = {"accuracy": 0.94, "f1": 0.95, "precision": 0.96, "recall": 0.94, "roc_auc": 0.97}
+    control = {"accuracy": 0.84, "f1": 0.87, "precision": 0.9, "recall": 0.85, "roc_auc": 0.88}
+    leaky = {"enabled": True, "leaky_ablation": True, "protocol": "leaky_replay", "model": "cnn21", "n_images": 600,
+             "n_test_images": 120, "n_test_scans": 80, "n_test_patients": 70, "test_scans_in_train_share": 1.0,
+             "epochs": 15, "tta": "hflip", "val_fraction": 0.15,
+             **metrics_of(leaky_copies),
+             "matched": metrics_of(leaky_matched, n_test=37, scans_in_train_share=1.0)}
+    for key, value in leaky_copies.items():
+        leaky.update({f"image_bootstrap_{key}_ci_low": value - 0.01, f"image_bootstrap_{key}_ci_high": value})
+    inflation = {"n_scans": 37, "n_patients": 31, "bootstrap_resamples": 1000}
+    for key in leaky_matched:
+        d = leaky_matched[key] - control[key]
+        inflation.update({key: d, f"{key}_ci_low": d - 0.05, f"{key}_ci_high": d + 0.05})
+    inflation.update(roc_auc_ci_low=inflation_ci[0], roc_auc_ci_high=inflation_ci[1])
+    record = {"enabled": True, "leaky_ablation": True, "protocol": "matched_control", "n_test_patients": 31,
+              **metrics_of(control, n_test=37), "inflation": inflation}
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "leaky_replay_metrics.json").write_text(json.dumps(leaky))
+    (directory / "matched_control_metrics.json").write_text(json.dumps(record))
 
 
 @pytest.fixture(scope="module")
@@ -279,17 +305,73 @@ def test_protocol_targets_patient_level_and_curves(rendered: dict) -> None:
     assert "Training and validation loss" in md  # the curves of every model and fold
 
 
-def test_paper_section_sets_the_replay_beside_the_paper_and_the_honest_figures(rendered: dict) -> None:
+def test_paper_section_sets_the_leaky_replay_against_its_matched_control(rendered: dict) -> None:
     md = rendered["md"]
     assert "TP 104, FN 5, FP 1, TN 100" in md and "210 = 6 × 35" in md
     assert "This is a hypothesis from arithmetic, not a finding" in md
     header = next(line for line in md.splitlines() if line.startswith("| Metric | Naeem et al. 2025 (reported) |"))
-    assert "replayed here (leaky)" in header and "Honest out-of-fold cnn21" in header
+    for column in ("Leaky, its 120 test copies", "Leaky, 37 matched scans", "Control, same scans",
+                   "Inflation: leaky − control [paired 95 % CI]"):
+        assert column in header, column
     for key in ("Accuracy", "F1", "Precision (PPV)", "Recall (sensitivity)", "ROC-AUC"):
         row = next(line for line in md.splitlines() if line.startswith(f"| {key} | ") and "[" in line
-                   and line.count("|") == 5)
-        assert row.count("[") == 2, row  # the replay's and the honest interval
-    assert "it does not show" in md.lower() or "What it does not show" in md
+                   and line.count("|") == 7)
+        assert row.count("[") == 4, row  # the leaky run twice, the control, the paired inflation
+    auc_row = next(line for line in md.splitlines() if line.startswith("| ROC-AUC | ") and line.count("|") == 7)
+    assert auc_row.rstrip().endswith("| +0.090 [+0.030, +0.150] |")
+    # Words follow the numbers: the paired interval excludes 0 here.
+    assert "an inflation of +0.090 [+0.030, +0.150] whose paired interval excludes 0" in md
+    assert "not shown" not in md.split("The evidence:")[1].split("This pipeline rules")[0]
+    assert "For reference only, the pipeline's honest cnn21" in md and "What it does not show" in md
+
+
+@pytest.mark.parametrize("interval, words", [
+    ((-0.02, 0.2), "its paired interval includes 0, so an inflation of ROC-AUC by augmenting before splitting is "
+                   "not shown on these 37 scans"),
+    ((0.01, 0.2), "whose paired interval excludes 0."),
+    ((-0.2, -0.01), "on this cohort the leak does not inflate ROC-AUC"),
+], ids=["includes_0", "above_0", "below_0"])
+def test_replay_words_follow_the_paired_interval(tmp_path: Path, interval: tuple[float, float], words: str) -> None:
+    params = load_params(write_fake_outputs(tmp_path, bootstrap=10))
+    write_fake_replay(tmp_path / "reports/replay", inflation_ci=interval)
+    markdown, _ = report.render(report.build_context(params, _inputs(tmp_path)))
+    assert words in markdown
+
+
+@pytest.mark.parametrize("interval, verdict", [
+    ((-0.02, 0.2), "not shown"), ((0.0, 0.2), "not shown"), ((0.01, 0.2), "inflates"), ((-0.2, -0.01), "lowers"),
+    ((None, None), "not shown"),
+], ids=["includes_0", "touches_0", "above_0", "below_0", "undefined"])
+def test_load_replay_reads_both_runs_and_judges_the_inflation_by_its_interval(tmp_path: Path, interval,
+                                                                              verdict: str) -> None:
+    write_fake_replay(tmp_path, inflation_ci=interval)
+    loaded = report.load_replay(tmp_path)
+    assert loaded.enabled and loaded.verdict == verdict
+    assert loaded.leaky["n_test_images"] == 120 and loaded.matched["roc_auc"] == 0.97
+    assert loaded.control["roc_auc"] == 0.88 and loaded.inflation["roc_auc"] == pytest.approx(0.09)
+
+
+def test_load_replay_disabled_missing_and_mismatched(tmp_path: Path) -> None:
+    assert report.load_replay(tmp_path) is None  # no replay stage
+    (tmp_path / "leaky_replay_metrics.json").write_text(json.dumps({"enabled": False}))
+    assert report.load_replay(tmp_path) == report.Replay(False, {"enabled": False})
+    write_fake_replay(tmp_path)
+    path = tmp_path / "matched_control_metrics.json"
+    record = json.loads(path.read_text())
+    record["n_test"] = 36  # the control scored other scans than the leaky run
+    path.write_text(json.dumps(record))
+    with pytest.raises(report.ReportInputError, match="scored on different scans"):
+        report.load_replay(tmp_path)
+    path.unlink()
+    with pytest.raises(report.ReportInputError, match=r"matched_control_metrics\.json: missing.*rerun the replay"):
+        report.load_replay(tmp_path)
+
+
+def test_replay_without_its_matched_control_is_refused(tmp_path: Path) -> None:
+    params = load_params(write_fake_outputs(tmp_path, bootstrap=10))
+    (tmp_path / "reports/replay/matched_control_metrics.json").unlink()
+    with pytest.raises(report.ReportInputError, match=r"matched_control_metrics\.json: missing.*rerun the replay"):
+        report.build_context(params, _inputs(tmp_path))
 
 
 def test_data_summary_lineage_and_burned_in_text(rendered: dict) -> None:
