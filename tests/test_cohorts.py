@@ -104,19 +104,20 @@ def test_a_real_cohort_runs_end_to_end_as_it_comes(real: Path) -> None:
     assert status["chest PA/tile_01.png"] == status["lower leg AP/tile_99.png"] == "label_conflict"
     assert (status[[s for s in status.index if s.startswith("c-spine/")]] == "dropped").all()
     accepted = manifest[manifest["status"] == "accepted"]
-    assert len(accepted) == 22 and set(accepted["label"]) == {"chest", "lower_leg"}
+    # 12 + 12 tiles and 2 copies: the two conflicting copies quarantined, one exact copy a duplicate -> 23 scans.
+    assert len(accepted) == 23 and set(accepted["label"]) == {"chest", "lower_leg"}
     assert set(accepted["label_found"]) == {"chest PA", "lower leg AP"}
     assert (accepted["roi_height"] == accepted["roi_width"]).all()  # whole images, square
     ingest = json.loads((real / "reports/ingest.json").read_text())
     assert (ingest["n_dropped"], ingest["n_duplicates"], ingest["n_label_conflicts"]) == (3, 1, 2)
-    assert ingest["patient_from"]["file"] == 22  # PNG tiles name no patient: each is its own, and it is said
+    assert ingest["patient_from"]["file"] == 23  # PNG tiles name no patient: each is its own, and it is said
     record = json.loads((real / "reports/metrics/cnn21.json").read_text())
-    assert record["n_test"] == 22 and record["roc_auc"] is not None
+    assert record["n_test"] == 23 and record["roc_auc"] is not None
     md = (real / "reports/comparison.md").read_text()
     assert md.startswith("# Lower_leg vs chest in the real CR radiograph tiles (pydicom-data, MIT)")
     assert "anatomy: chest and lower leg; modality: CR radiograph" in md
     assert "DXA" not in md.split("## Data", 1)[0]  # never called DXA
-    assert "**22 accepted scans of 22 patients**" in md and "each of those is its own patient" in md
+    assert "**23 accepted scans of 23 patients**" in md and "each of those is its own patient" in md
     assert "No external cohort was scored" in md
 
 

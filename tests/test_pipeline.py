@@ -46,7 +46,19 @@ def pipeline(tmp_path_factory) -> dict:
     ran = repro(repo)
     run(["git", "add", "-A"], repo)
     run(["git", "commit", "-qm", "first run"], repo)
-    return {"repo": repo, "first": ran, "params": load_params(repo / "params.yaml")}
+    commit = run(["git", "rev-parse", "HEAD"], repo).stdout.strip()
+    return {"repo": repo, "first": ran, "params": load_params(repo / "params.yaml"), "commit": commit}
+
+
+@pytest.fixture(scope="module")
+def second_clone(pipeline, tmp_path_factory) -> Path:
+    """A fresh clone of the first run's commit, reproduced from nothing with another de-identification key (its
+    pseudonyms all differ), on this machine."""
+    clone = tmp_path_factory.mktemp("clone") / "repo"
+    run(["git", "clone", "-q", str(pipeline["repo"]), str(clone)], clone.parent)
+    run(["git", "checkout", "-q", pipeline["commit"]], clone)
+    run(["dvc", "repro"], clone, env={"MLFLOW_TRACKING_URI": "", "SPINEDXA_DEID_KEY": "another-clone-another-key"})
+    return clone
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +80,7 @@ def changed(pipeline, rerun) -> set[str]:
 
 def test_first_repro_runs_every_stage(pipeline):
     repo, params = pipeline["repo"], pipeline["params"]
-    expected = {"synthesize", "ingest", "validate", "split", "augment", "baseline", "replay", "report"}
+    expected = {"synthesize", "ingest", "validate", "external", "split", "augment", "baseline", "replay", "report"}
     expected |= {f"train@{m}" for m in params.train.models} | {f"evaluate@{m}" for m in params.train.models}
     assert pipeline["first"] == expected
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
@@ -176,3 +188,24 @@ def test_exp_run_with_set_param_is_listed(pipeline, changed):
     names = json.dumps(show)
     assert "cnn21-lr2e-3" in names
     assert "0.002" in names
+
+
+def test_a_second_clone_with_another_key_gives_byte_identical_metrics(pipeline, second_clone):
+    """Issue 17: an identical re-run (same CPU kind, another clone, another de-identification key) leaves every DVC
+    metrics file byte-identical and `dvc metrics diff` empty; only the keyed pseudonyms differ."""
+    repo = pipeline["repo"]
+    lock = yaml.safe_load((second_clone / "dvc.lock").read_text())
+    metric_files = sorted({o["path"] for st in yaml.safe_load((second_clone / "dvc.yaml").read_text())["stages"].values()
+                           for o in [next(iter(m)) if isinstance(m, dict) else m for m in st.get("metrics", [])]})
+    metric_files = [p.replace("${item.model}", m) for p in metric_files
+                    for m in (pipeline["params"].train.models if "${item.model}" in p else [None])]
+    assert len(metric_files) >= 12 and lock
+    committed = {p: run(["git", "show", f"{pipeline['commit']}:{p}"], repo).stdout for p in metric_files}
+    for path in metric_files:
+        assert (second_clone / path).read_text() == committed[path], path
+    assert run(["dvc", "metrics", "diff", "--json"], second_clone).stdout.strip() in ("{}", "")
+    # The pseudonyms are keyed by design (README): they differ, and so does nothing else in the predictions.
+    ours = pd.read_csv(repo / "reports/predictions/cnn21.csv")
+    theirs = pd.read_csv(second_clone / "reports/predictions/cnn21.csv")
+    assert set(ours["patient_id"]).isdisjoint(theirs["patient_id"])
+    pd.testing.assert_frame_equal(ours.drop(columns="patient_id"), theirs.drop(columns="patient_id"))
