@@ -10,7 +10,7 @@ export GIT_PYTHON_REFRESH := quiet
 export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR := false
 PYTEST_ARGS ?=
 
-.PHONY: install repro repro-timed test test-all bench bench-noop snakemake dvc-commit plots plots-diff vendor mlflow-server clean-venv
+.PHONY: install repro repro-timed repro-budget test test-all bench bench-noop snakemake dvc-commit plots plots-diff vendor mlflow-server clean-venv
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -29,6 +29,12 @@ repro: install
 # The same, timed stage by stage (reports/bench/repro.json: the pipeline budget, with the CPU it ran on).
 repro-timed: install
 	$(BIN)/python bench/repro_timing.py
+
+# Both budget runs from nothing, in fresh clones of HEAD: this CPU's own fast path, then an emulated AVX2-only CPU
+# (oneDNN/ATen limited to AVX2: the fp32 path). Per stage, CPU and flags in reports/bench/repro.json.
+repro-budget: install
+	$(BIN)/python bench/repro_timing.py --clone $(CURDIR)/.bench/native
+	$(BIN)/python bench/repro_timing.py --clone $(CURDIR)/.bench/avx2 --avx2
 
 test: install
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
