@@ -190,6 +190,7 @@ def test_exp_run_with_set_param_is_listed(pipeline, changed):
     assert "0.002" in names
 
 
+@pytest.mark.slow  # a second whole DAG run (~5 min on 2 cores)
 def test_a_second_clone_with_another_key_gives_byte_identical_metrics(pipeline, second_clone):
     """Issue 17: an identical re-run (same CPU kind, another clone, another de-identification key) leaves every DVC
     metrics file byte-identical and `dvc metrics diff` empty; only the keyed pseudonyms differ."""
