@@ -10,7 +10,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=lib.sh
 . "$here/lib.sh"
 
-[ -n "${1:-}" ] || die "usage: $(basename "$0") STATE_DIR"
+check_state_path "${1:-}"
 [ -d "$1/pids" ] || { echo "nothing to stop in $1"; exit 0; }
 STATE=$(cd "$1" && pwd -P)
 GRACE=${DOWN_GRACE:-20}

@@ -9,8 +9,16 @@ cannot() { echo "$(basename "$0"): cannot run here: $*" >&2; exit 2; }
 
 PYTHON=${PYTHON:-python3}
 
-state_dir() {  # state_dir DIR: absolute path of an existing or new state directory
+check_state_path() { # check_state_path DIR: refuse no argument and system directories
   [ -n "${1:-}" ] || die "usage: $(basename "$0") STATE_DIR"
+  case "$(realpath -m "$1")" in
+    / | /bin | /sbin | /lib* | /usr | /usr/* | /etc | /etc/* | /var | /proc* | /sys* | /dev* | /boot* | /root)
+      die "$1: not a state directory (give a directory of its own, e.g. one from mktemp -d)" ;;
+  esac
+}
+
+state_dir() {  # state_dir DIR: absolute path of an existing or new state directory
+  check_state_path "${1:-}"
   mkdir -p "$1/pids" "$1/log"
   (cd "$1" && pwd -P)
 }

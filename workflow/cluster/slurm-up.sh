@@ -68,10 +68,21 @@ sed -e "s|@STATE@|$STATE|g" -e "s|@NODE@|$node|g" -e "s|@CTLD_PORT@|$ctld_port|g
   "$here/slurm.conf.in" >"$STATE/slurm.conf"
 grep -q '@[A-Z_]*@' "$STATE/slurm.conf" && die "unfilled fields left in $STATE/slurm.conf"
 export SLURM_CONF="$STATE/slurm.conf"
+# The client commands, bound to this cluster's config. SLURM_CONF alone is not enough: inside each job,
+# snakemake-executor-plugin-slurm-jobstep (0.6) drops every SLURM_* variable but the job's identity before its nested
+# `srun`, SLURM_CONF included, and srun without it looks for /etc/slurm/slurm.conf (a real site's place, which we do
+# not write). Jobs inherit PATH (sbatch --export=ALL), so their srun is this one too.
+mkdir -p "$STATE/bin"
+for tool in srun sbatch squeue sinfo scontrol scancel sacct; do
+  real=$(command -v "$tool") || die "no $tool on PATH after installing ${PACKAGES[*]}"
+  printf '#!/bin/sh\n# %s of the Slurm cluster in %s (written by slurm-up.sh)\nSLURM_CONF=%s exec %s "$@"\n' \
+    "$tool" "$STATE" "$SLURM_CONF" "$real" >"$STATE/bin/$tool"
+  chmod 0755 "$STATE/bin/$tool"
+done
 cat >"$STATE/slurm.env" <<EOF
 # Source this to talk to the cluster brought up in $STATE (sbatch, squeue, sinfo, scontrol, snakemake --executor slurm).
 export SLURM_CONF=$STATE/slurm.conf
-export PATH="\$PATH:/usr/sbin:/sbin"
+export PATH="$STATE/bin:\$PATH:/usr/sbin:/sbin"
 EOF
 
 munged --key-file="$STATE/munge/munge.key" --socket="$STATE/munge/munge.socket" \
