@@ -15,6 +15,7 @@ the end of `make cluster-test`.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import secrets
@@ -235,19 +236,35 @@ def test_dvc_commit_after_slurm_leaves_status_clean(slurm_run: dict) -> None:
     assert set(lock) == {s.name for s in dag.load_stages(repo)}
 
 
+#: Relative tolerance for floats in the metrics: the models are byte-identical, but Snakemake runs every job with
+#: OMP_NUM_THREADS=<rule threads> (1 for evaluate) where `dvc repro` leaves torch all cores, and a different thread
+#: count changes the order of the inference's floating-point sums: probabilities, hence Brier scores, differ in the
+#: ninth significant digit (measured: 1.1e-8 relative, ResNet-50). Counts, ranks (ROC-AUC) and hashes are exact.
+FLOAT_RTOL = 1e-6
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(3600)
 def test_slurm_metrics_equal_the_local_run(slurm_run: dict, local_run: dict) -> None:
-    """Same params, same CPU, same commands (Snakemake runs DVC's): every number of every DVC metrics file is
-    identical (tolerance 0), and so are the fold models' sha256 (the weights are byte for byte the same)."""
+    """Same params, same CPU, same commands (Snakemake runs DVC's): every DVC metrics file has the same keys, the
+    same integers and the same fold-model sha256 (byte-identical weights), and floats within FLOAT_RTOL."""
     slurm, local = slurm_run["repo"], local_run["repo"]
     files = metric_files(local)
     assert files and files == metric_files(slurm)
+    worst = 0.0
     for path in files:
         a, b = json.loads((slurm / path).read_text()), json.loads((local / path).read_text())
-        assert numbers(a) == numbers(b), path
+        na, nb = numbers(a), numbers(b)
+        assert na.keys() == nb.keys(), (path, sorted(na.keys() ^ nb.keys()))
+        for key, x in na.items():
+            y = nb[key]
+            if isinstance(x, int) and isinstance(y, int):
+                assert x == y, (path, key, x, y)
+            else:
+                assert math.isclose(x, y, rel_tol=FLOAT_RTOL, abs_tol=1e-12), (path, key, x, y)
+                worst = max(worst, abs(x - y) / max(abs(x), abs(y), 1e-300))
         assert a.get("model_sha256") == b.get("model_sha256"), path
-    SUMMARY["metrics_compared"] = {"files": files, "tolerance": 0}
+    SUMMARY["metrics_compared"] = {"files": files, "float_rtol": FLOAT_RTOL, "max_relative_difference": worst}
 
 
 @pytest.mark.slow
