@@ -10,7 +10,7 @@ export GIT_PYTHON_REFRESH := quiet
 export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR := false
 PYTEST_ARGS ?=
 
-.PHONY: install repro repro-timed test test-all cluster-test bench snakemake dvc-commit plots plots-diff vendor mlflow-server clean-venv
+.PHONY: install repro repro-timed test test-all cluster-test bench bench-noop snakemake dvc-commit plots plots-diff vendor mlflow-server clean-venv
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -46,6 +46,11 @@ bench: install
 	$(BIN)/python bench/ingest.py
 	$(BIN)/python bench/burnedin.py
 	$(BIN)/python bench/train_throughput.py
+
+# No-op `dvc repro` here against a trivial DVC project of as many stages (reports/bench/noop.json). Needs a fully
+# reproduced tree (`make repro` first); it refuses otherwise.
+bench-noop: install
+	$(BIN)/python bench/noop.py
 
 # Run the DAG with Snakemake (parallel), then record its outputs in dvc.lock.
 CORES ?= 2

@@ -154,7 +154,7 @@ def child(source: Path, out: Path, workers: int) -> None:
     settings = dataclasses.replace(params.ingest, roi="whole")
     startup = resource.getrusage(resource.RUSAGE_SELF)  # interpreter start-up and imports, before any file
     start = time.perf_counter()
-    summary = run_ingest(source, out, out.parent / "ingest.json", classes=params.data.classes, settings=settings,
+    summary = run_ingest(source, out, out.parent / "ingest.json", task=params.data.task, settings=settings,
                          workers=workers, progress=False)
     seconds = time.perf_counter() - start
     print(json.dumps({"seconds": round(seconds, 3), "files_per_s": round(summary["n_files"] / seconds, 1),

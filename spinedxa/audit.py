@@ -7,6 +7,8 @@ params and the git commit (and whether the tree was dirty). Every hash is verifi
 - the metrics file and every DVC output on the way against the md5 DVC recorded in ``dvc.lock``;
 - each fold's ``models/<m>/fold<k>/model.pt`` against ``model_sha256`` in that fold's ``meta.json`` and against
   ``model_sha256[k]`` in the metrics file; the folds of the metrics, of ``models/<m>/meta.json`` and of the split;
+- the pre-trained weights each fold started from (``weights`` in its ``meta.json``: kind, file, sha256): the file's
+  sha256 and its committed record (``weights/<m>/<file>.json``, :mod:`spinedxa.weights`) against meta.json;
 - the data digests each fold's training recorded in its ``meta.json`` against ``dvc.lock``;
 - every raw file's sha256 (splits -> manifest -> the file under ``data.source``);
 - the params each fold was trained with against ``dvc.lock`` (and ``dvc.lock`` against ``params.yaml``); the git
@@ -39,7 +41,7 @@ from typing import Any, Iterable, Mapping
 
 import pandas as pd
 
-from spinedxa import dag
+from spinedxa import dag, weights as pretrained
 from spinedxa.config import ModelTrainConfig, ValidateConfig, load_params
 from spinedxa.contracts import (
     augmented as augmented_contract,
@@ -57,7 +59,9 @@ META = "meta.json"
 WEIGHTS = "model.pt"
 METRIC_KEYS = ("accuracy", "precision", "recall", "specificity", "f1", "roc_auc", "n_test")
 _MANIFEST_COLUMNS = ("source", "sha256", "patient_id", "image", "phash")
-_METRICS_COLUMNS = ("model", "mlflow_run_id", "model_sha256")
+_METRICS_COLUMNS = ("model", "mlflow_run_id", "model_sha256")  # of the provenance file beside the metrics
+#: Where evaluate and baseline write which runs and models produced their metrics (not a DVC metric).
+PROVENANCE_DIR = "reports/provenance"
 _PARENT_META = ("model", "mlflow_run_id", "data_digests")
 _FOLD_META = ("model", "fold", "mlflow_run_id", "model_sha256", "data_digests", "params")
 
@@ -90,6 +94,7 @@ class FoldLineage:
     mlflow_run_id: str | None
     git_commit: str
     git_dirty: bool | None
+    weights: dict[str, Any] | None = None  # meta.json's ``weights``: what the fold started from (None: not recorded)
 
 
 @dataclass
@@ -317,7 +322,12 @@ def audit_lineage(
     if found is None:
         raise AuditError(f"{rel}: not an output of any stage in {root / 'dvc.yaml'}")
     stage = found[0]
-    metrics = _read_json(root / rel, _METRICS_COLUMNS)
+    # The metrics file holds numbers; who produced them is in the provenance file the same stage writes beside it.
+    provenance_file = next((o.path for o in stage.outs if o.path.startswith(PROVENANCE_DIR + "/")), None)
+    if provenance_file is None:
+        raise AuditError(f"{rel}: stage {stage.name} writes no provenance file under {PROVENANCE_DIR}/ "
+                         "(dvc.yaml); the chain cannot be followed")
+    metrics = {**_read_json(root / rel, ()), **_read_json(root / provenance_file, _METRICS_COLUMNS)}
     model = str(metrics["model"])
     lineage_stages = dag.upstream(stages, stage.name)
     params = load_params(root / params_file)
@@ -335,7 +345,7 @@ def audit_lineage(
             params={}, split_file=split_file, manifest=manifest, data_source=params.data.source,
         )
     else:
-        lineage = _model_lineage(root, rel, stage, train, metrics, params, locked, check_mlflow)
+        lineage = _model_lineage(root, rel, stage, train, metrics, params, locked, check_mlflow, provenance_file)
     checks = lineage.checks
     # every stage on the way, as DVC recorded it in dvc.lock, against the workspace: deps, outputs, params
     checks.extend(_lock_checks(root, lineage_stages, params_file))
@@ -352,8 +362,9 @@ def audit_lineage(
 
 
 def _model_lineage(root: Path, rel: str, stage: dag.Stage, train: dag.Stage, metrics: dict[str, Any], params: Any,
-                   locked: Mapping[str, str], check_mlflow: bool) -> Lineage:
-    """The chain metric -> parent run -> each fold's model, data digests, params and commit (checks added)."""
+                   locked: Mapping[str, str], check_mlflow: bool, provenance_file: str) -> Lineage:
+    """The chain metric -> provenance -> parent run -> each fold's model, data digests, params and commit (checks
+    added; the run id and fold hashes are read from ``provenance_file``, the metrics file's provenance)."""
     model = str(metrics["model"])
     model_dir = next((o.path for o in train.outs if o.is_dir), None)
     if model_dir is None:
@@ -362,7 +373,7 @@ def _model_lineage(root: Path, rel: str, stage: dag.Stage, train: dag.Stage, met
     parent = _read_json(root / parent_path, _PARENT_META)
     shas = metrics["model_sha256"]
     if not isinstance(shas, Mapping):
-        raise AuditError(f"{rel}: model_sha256 must be an object fold -> sha256 (one model per fold), got "
+        raise AuditError(f"{provenance_file}: model_sha256 must be an object fold -> sha256 (one model per fold), got "
                          f"{type(shas).__name__}; rerun evaluate@{model}")
     dirs = fold_model_dirs(root / model_dir)
     if not dirs:
@@ -375,6 +386,7 @@ def _model_lineage(root: Path, rel: str, stage: dag.Stage, train: dag.Stage, met
     checks: list[Check] = []
     folds: list[FoldLineage] = []
     fold_params: dict[str, Any] = {}
+    hashed: dict[str, str | None] = {}  # weights file -> sha256 (every fold usually starts from the same file)
     block = f"train.{model}"
     for fold, directory in dirs.items():
         fold_rel = directory.relative_to(root).as_posix()
@@ -384,12 +396,18 @@ def _model_lineage(root: Path, rel: str, stage: dag.Stage, train: dag.Stage, met
             raise AuditError(f"{meta_path}: data_digests must be an object, got {meta['data_digests']!r}")
         model_file = f"{fold_rel}/{WEIGHTS}"
         actual = sha256_file(directory / WEIGHTS) if (directory / WEIGHTS).is_file() else None
+        init = meta.get("weights")
+        if init is not None and not isinstance(init, Mapping):
+            raise AuditError(f"{meta_path}: weights must be an object (kind, path, sha256), got {init!r}")
         folds.append(FoldLineage(fold, model_file, meta["model_sha256"], meta["mlflow_run_id"],
-                                 str(meta.get("git_commit") or UNKNOWN), meta.get("git_dirty")))
+                                 str(meta.get("git_commit") or UNKNOWN), meta.get("git_dirty"),
+                                 None if init is None else dict(init)))
+        if init is not None and init.get("path"):
+            checks += _weights_checks(root, fold, init, hashed)
         fold_params = dict(meta["params"])
         checks += [
             Check(f"model sha256 (fold {fold}: meta.json vs file)", model_file, meta["model_sha256"], actual),
-            Check(f"model sha256 (fold {fold}: metrics vs file)", model_file, shas.get(str(fold)), actual),
+            Check(f"model sha256 (fold {fold}: provenance vs file)", model_file, shas.get(str(fold)), actual),
             Check(f"params {block} (fold {fold}: meta.json vs dvc.lock)", meta_path, meta["params"],
                   _with_defaults(dag.lookup(train.locked_params, block))),
             Check(f"git commit (fold {fold} vs {parent_path})", meta_path, commit, folds[-1].git_commit),
@@ -407,8 +425,10 @@ def _model_lineage(root: Path, rel: str, stage: dag.Stage, train: dag.Stage, met
         split_file=split_file, manifest=manifest, data_source=params.data.source, folds=folds,
     )
     lineage.checks = [
-        Check("MLflow run id (metrics vs meta.json)", rel, parent["mlflow_run_id"], metrics["mlflow_run_id"]),
-        Check(f"folds (metrics model_sha256 vs {parent_path})", rel, list(dirs), sorted(int(k) for k in shas)),
+        Check("MLflow run id (provenance vs meta.json)", provenance_file, parent["mlflow_run_id"],
+              metrics["mlflow_run_id"]),
+        Check(f"folds (provenance model_sha256 vs {parent_path})", provenance_file, list(dirs),
+              sorted(int(k) for k in shas)),
         *(Check("training data digest (meta.json vs dvc.lock)", path, digest, locked.get(path))
           for path, digest in sorted(digests.items())),
         Check("git commit (meta.json vs git)", ".git", commit, commit if _commit_exists(root, commit) else None),
@@ -420,6 +440,37 @@ def _model_lineage(root: Path, rel: str, stage: dag.Stage, train: dag.Stage, met
         lineage.checks += [Check(f"MLflow run exists ({what})", uri or "MLFLOW_TRACKING_URI", run_id,
                                  _mlflow_run(root, uri, run_id)) for what, run_id in runs]
     return lineage
+
+
+def _weights_checks(root: Path, fold: int, init: Mapping[str, Any], hashed: dict[str, str | None]) -> list[Check]:
+    """The pre-trained weights file a fold started from against its meta.json: the file's sha256, and the sha256 of
+    the committed record the weights module wrote when the file entered the project."""
+    path = str(init["path"])
+    if path not in hashed:
+        hashed[path] = sha256_file(root / path) if (root / path).is_file() else None
+    record_file = pretrained.record_path(path).as_posix()
+    try:
+        recorded = pretrained.read_record(root / path).get("sha256")
+    except (FileNotFoundError, pretrained.WeightsError):
+        recorded = None
+    return [Check(f"pre-trained weights sha256 (fold {fold}: meta.json vs file)", path, init.get("sha256"),
+                  hashed[path]),
+            Check(f"pre-trained weights sha256 (fold {fold}: meta.json vs record)", record_file, init.get("sha256"),
+                  recorded)]
+
+
+def _describe_weights(folds: list[FoldLineage]) -> list[str]:
+    """The ``weights`` lines of the chain: one when every fold started from the same weights, else one per fold."""
+    def text(init: dict[str, Any] | None) -> str:
+        if init is None:
+            return "not recorded (a model trained before meta.json named its initial weights)"
+        return pretrained.WeightsSource.from_record(init).describe()
+
+    described = [text(f.weights) for f in folds]
+    if len(set(described)) == 1:
+        return [f"weights     {described[0]}" + (": every fold started from it" if folds[0].weights and
+                                                  folds[0].weights.get("path") else "")]
+    return [f"weights     fold {f.fold}: {d}" for f, d in zip(folds, described)]
 
 
 def _with_defaults(block: Any) -> dict[str, Any] | None:
@@ -524,6 +575,7 @@ def format_lineage(lineage: Lineage) -> str:
                   f"model       {lineage.model_dir}: {len(lineage.folds)} fold model(s)"]
         for f in lineage.folds:
             lines.append(f"  fold {f.fold}    {f.model_file}  sha256 {f.model_sha256}  run {f.mlflow_run_id}")
+        lines += _describe_weights(lineage.folds)
         lines.append(f"params      train.{lineage.model}: {params}")
     lines += [
         f"provenance  {lineage.provenance}",

@@ -13,11 +13,14 @@ features are:
 * mean local standard deviation in 5 x 5 windows (fine trabecular variation).
 
 The model is a scikit-learn pipeline (standardisation, then L2 logistic regression with balanced class weights, the
-counterpart of the CNNs' inverse-frequency loss weighting). Its regularisation strength C is chosen on the
-validation part of each fold by log-loss (a proper score that stays defined when a tiny validation part holds one
-class); the model is fitted on the fold's training part only, exactly what the CNNs train on. Each fold's model scores
-that fold's held-out scans, and the pooled out-of-fold predictions get the same metrics, intervals and output files
-as every CNN (:mod:`spinedxa.metrics`).
+counterpart of the CNNs' inverse-frequency loss weighting; multinomial for three or more classes). Its regularisation
+strength C is chosen on the validation part of each fold by log-loss (a proper score that stays defined when a tiny
+validation part holds one class); the model is fitted on the fold's training part only, exactly what the CNNs train
+on. Like every CNN's, each fold's probabilities are then calibrated on that fold's validation part with the task's
+calibration (:mod:`spinedxa.calibration`: Platt for two classes, temperature for more), so the pooled comparison is
+like for like. Each fold's model scores that fold's held-out scans, the fold ensemble (mean calibrated probability)
+scores the external cohort, and the predictions get the same metrics, intervals and output files as every CNN
+(:mod:`spinedxa.metrics`).
 """
 
 from __future__ import annotations
@@ -37,9 +40,10 @@ from sklearn.metrics import log_loss
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from spinedxa import metrics
+from spinedxa import calibration as calibration_policy, external as external_cohort, metrics
+from spinedxa.calibration import Calibration
 from spinedxa.config import Params
-from spinedxa.contracts import jsonfile, splits as splits_contract
+from spinedxa.contracts import jsonfile, predictions as predictions_contract, splits as splits_contract
 from spinedxa.provenance import provenance
 from spinedxa.contracts.splits import ROLES
 from spinedxa.data import ImageItem, part_items, read_image
@@ -149,15 +153,22 @@ class FittedBaseline:
     val_log_loss: dict[float, float] | None
     fold: int = 0
     test_metrics: dict[str, float] | None = None
+    calibration: Calibration = Calibration()
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """Calibrated class probabilities (``N x K``) of feature rows ``x``."""
+        return self.calibration.apply(self.model.predict_proba(x))
 
 
 def fit_baseline(
-    x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray, *, seed: int
+    x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray, *, seed: int,
+    n_classes: int | None = None,
 ) -> FittedBaseline:
-    """Fit on the training part for every C of :data:`C_GRID`; keep the one with the lowest validation log-loss.
+    """Fit on the training part for every C of :data:`C_GRID`; keep the one with the lowest validation log-loss,
+    then calibrate it on the validation part (as every CNN fold is calibrated).
 
-    The model is fitted on exactly the images the CNNs train on in this fold (the validation part only chooses C,
-    as it only chooses the CNNs' best epoch), so the comparison is like for like.
+    The model is fitted on exactly the images the CNNs train on in this fold (the validation part only chooses C
+    and the calibration, as it only chooses the CNNs' best epoch and theirs), so the comparison is like for like.
 
     Raises:
         ValueError: the training part does not hold both classes.
@@ -165,12 +176,24 @@ def fit_baseline(
     if len(np.unique(y_train)) < 2:
         raise ValueError(f"baseline: the training part holds only class {np.unique(y_train).tolist()}; need both")
     if len(y_val) == 0:
-        log.warning("baseline: no validation images; fitting C = 1.0 on the training part alone")
+        log.warning("baseline: no validation images; fitting C = 1.0 on the training part alone, uncalibrated")
         return FittedBaseline(_pipeline(seed).fit(x_train, y_train), 1.0, None)
     fits = {c: _pipeline(seed, c).fit(x_train, y_train) for c in C_GRID}
-    losses = {float(c): float(log_loss(y_val, m.predict_proba(x_val)[:, 1], labels=[0, 1])) for c, m in fits.items()}
+    labels = list(range(n_classes)) if n_classes else sorted(set(y_train))
+    losses = {float(c): float(log_loss(y_val, _full(m, x_val, labels), labels=labels)) for c, m in fits.items()}
     best = min(C_GRID, key=lambda c: (losses[float(c)], c))  # ties: the stronger regularisation (smaller C)
-    return FittedBaseline(fits[best], float(best), losses)
+    chosen = fits[best]
+    return FittedBaseline(chosen, float(best), losses,
+                          calibration=calibration_policy.fit(_full(chosen, x_val, labels), y_val, seed=seed))
+
+
+def _full(model: Pipeline, x: np.ndarray, labels: Sequence[int]) -> np.ndarray:
+    """``predict_proba`` with a column for every class in ``labels`` (a class absent from training gets 0)."""
+    prob = model.predict_proba(x)
+    out = np.zeros((len(x), len(labels)))
+    for j, c in enumerate(model.classes_):
+        out[:, list(labels).index(int(c))] = prob[:, j]
+    return out
 
 
 @dataclass(frozen=True)
@@ -182,6 +205,9 @@ class BaselinePaths:
     metrics: Path
     predictions: Path
     plots: Path
+    external: Path | None = None  # data/external
+    external_predictions: Path | None = None  # reports/predictions/external/baseline.csv
+    provenance: Path | None = None  # reports/provenance/baseline.json
 
 
 def run_baseline(params: Params, paths: BaselinePaths) -> tuple[dict[str, object], list[FittedBaseline]]:
@@ -209,21 +235,50 @@ def run_baseline(params: Params, paths: BaselinePaths) -> tuple[dict[str, object
         if not items["test"]:
             raise ValueError(f"{paths.splits}: fold {fold} has no test images")
         y = {r: np.array([it.label for it in its], dtype=int) for r, its in items.items()}
-        model = fit_baseline(matrix(items["train"]), y["train"], matrix(items["val"]), y["val"], seed=cfg.seed)
-        prob = model.model.predict_proba(matrix(items["test"]))[:, 1]
-        fitted.append(dataclasses.replace(model, fold=fold,
-                                          test_metrics=metrics.point_metrics(y["test"], prob, cfg.threshold)))
-        parts.append(metrics.predictions_frame(
+        model = fit_baseline(matrix(items["train"]), y["train"], matrix(items["val"]), y["val"], seed=cfg.seed,
+                             n_classes=len(classes))
+        prob = model.predict(matrix(items["test"]))
+        frame = metrics.predictions_frame(
             [it.source for it in items["test"]], [it.patient_id for it in items["test"]], y["test"], prob,
-            classes=classes, threshold=cfg.threshold, folds=[fold] * len(prob)))
+            classes=classes, threshold=cfg.threshold, folds=[fold] * len(prob))
+        fitted.append(dataclasses.replace(model, fold=fold, test_metrics=metrics.point_metrics(
+            y["test"], metrics.task_prob(frame), cfg.threshold, classes)))
+        parts.append(frame)
     predictions = pd.concat(parts, ignore_index=True).sort_values("source", kind="stable").reset_index(drop=True)
     record = metrics.out_of_fold_record(predictions, classes, protocol=params.split.protocol,
                                         threshold=cfg.threshold, n_resamples=cfg.bootstrap, seed=cfg.seed)
-    record.update(model="baseline", mlflow_run_id=None, model_sha256=None, baseline_c=[m.c for m in fitted],
-                  **provenance().record())
+    record.update(baseline_c=[m.c for m in fitted])
+    external = _score_external(params, paths, fitted)
+    if external is not None:
+        record.update(metrics.external_record(external, classes, threshold=cfg.threshold,
+                                              n_resamples=cfg.bootstrap, seed=cfg.seed))
     metrics.write_evaluation(predictions, record, metrics_path=paths.metrics, predictions_path=paths.predictions,
                              plots_dir=paths.plots)
+    if paths.provenance is not None:
+        jsonfile.write(paths.provenance, {"model": "baseline", "variant": "logistic_regression", "mlflow_run_id": None,
+                                          "model_sha256": None, "calibration": [m.calibration.record() for m in fitted],
+                                          **provenance().record()})
     return record, fitted
+
+
+def _score_external(params: Params, paths: BaselinePaths, fitted: Sequence[FittedBaseline]) -> pd.DataFrame | None:
+    """The fold ensemble (mean calibrated probability of the fold models) on the external cohort; None without one."""
+    if paths.external is None or not external_cohort.is_enabled(paths.external):
+        if paths.external_predictions is not None:  # a DVC output: present, with no row
+            predictions_contract.write_empty(paths.external_predictions, params.data.classes)
+        return None
+    rows = external_cohort.accepted_scans(paths.external)
+    task = params.data.task
+    items = [ImageItem(Path(paths.external) / r.roi, task.index(r.label), r.source, r.patient_id)
+             for r in rows.itertuples(index=False)]
+    x = feature_matrix(items)
+    prob = np.mean([m.predict(x) for m in fitted], axis=0)
+    frame = metrics.predictions_frame([it.source for it in items], [it.patient_id for it in items],
+                                      np.array([it.label for it in items], dtype=int), prob,
+                                      classes=params.data.classes, threshold=params.evaluate.threshold)
+    if paths.external_predictions is not None:
+        predictions_contract.write(paths.external_predictions, frame)
+    return frame
 
 
 def log_baseline(params: Params, paths: BaselinePaths, record: dict[str, object],
@@ -248,7 +303,9 @@ def log_baseline(params: Params, paths: BaselinePaths, record: dict[str, object]
                                        tags={**tags, "fold": str(fit.fold)}, parent_run_id=parent):
                 tracking.log_epoch({**fold_metrics, **losses}, 0)
     artifacts = [paths.metrics, paths.predictions, *sorted(Path(paths.plots).glob("*.csv"))]
+    artifacts += [p for p in (paths.external_predictions,) if p is not None and Path(p).is_file()]
     tracking.log_metrics_to_run(parent, numbers, artifacts=artifacts)
-    # The metrics file names its MLflow run, as every CNN's does (the audit follows it).
-    jsonfile.write(paths.metrics, {**jsonfile.read(paths.metrics), "mlflow_run_id": parent})
+    # The provenance file names its MLflow run, as every CNN's does (the audit follows it).
+    if paths.provenance is not None:
+        jsonfile.write(paths.provenance, {**jsonfile.read(paths.provenance), "mlflow_run_id": parent})
     return parent

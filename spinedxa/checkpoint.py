@@ -39,6 +39,7 @@ def fingerprint(params: Params, model: str, fold: int, digests: Mapping[str, str
         "train": {key: getattr(train, key) for key in COMMON_TRAIN_KEYS},
         "augment": dataclasses.asdict(params.augment),
         "classes": list(params.data.classes),
+        "roi": params.ingest.roi,  # the ROIs' aspect, hence the input shape
         "data": dict(sorted(digests.items())),
         "runtime": dict(sorted(runtime.items())),
     }

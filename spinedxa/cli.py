@@ -9,9 +9,15 @@
     spinedxa predict --model models/resnet50 scan.dcm scans/ [--csv out.csv] [--gradcam-dir DIR]
                                                     the mean of the fold models' probabilities (a fold directory,
                                                     models/resnet50/fold0, predicts alone)
+    spinedxa weights fetch resnet50 [vgg16 ...] [--batch-norm] [--url URL]
+                                                    torchvision's ImageNet weights into weights/<model>/, once:
+                                                    checked against the published sha256 prefix, recorded, dvc add-ed
+    spinedxa weights import resnet50 FILE [--name NAME] [--origin URL] [--batch-norm]
+                                                    a local state dict (RadImageNet, a lab's own), the same way
 
-Exit codes: 0 success; 1 the audit found a mismatch or a leak, or predict could use none of the files; 2 the command
-could not run (bad arguments, a missing or malformed input, invalid params), with a message naming the file.
+Exit codes: 0 success; 1 the audit found a mismatch or a leak, predict could use none of the files, or weights were
+refused (download failed, hash, size or layers do not match: nothing kept); 2 the command could not run (bad
+arguments, a missing or malformed input, invalid params), with a message naming the file.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Sequence
 
 from spinedxa.config import ConfigError, apply_profile, load_params, profile_overrides
@@ -91,12 +97,36 @@ def _predict(args: argparse.Namespace) -> int:
         if row.status != "ok":
             print(f"error: {row.file}: {row.error}", file=sys.stderr)
     if args.csv:
-        predict.write_csv(args.csv, rows)
+        predict.write_csv(args.csv, rows, ensemble.classes)
         n_ok = sum(r.status == "ok" for r in rows)
         print(f"{args.csv}: {n_ok} of {len(rows)} file(s) predicted")
     else:
-        sys.stdout.write(predict.to_csv(rows))
+        sys.stdout.write(predict.to_csv(rows, ensemble.classes))
     return EXIT_OK if any(r.status == "ok" for r in rows) else EXIT_FAILED
+
+
+def _weights(args: argparse.Namespace) -> int:
+    from spinedxa import weights
+
+    if args.action == "fetch" and args.url and len(args.models) > 1:
+        raise ValueError(f"--url names one file; fetch {args.models} one at a time")
+    try:
+        if args.action == "fetch":
+            sources = [weights.fetch(m, batch_norm=args.batch_norm, root=args.root, url=args.url) for m in args.models]
+            value = "imagenet"
+        else:
+            sources = [weights.import_file(args.models[0], args.file, batch_norm=args.batch_norm, root=args.root,
+                                           name=args.name, origin=args.origin)]
+            value = sources[0].path
+    except weights.WeightsError as exc:
+        print(f"spinedxa weights {args.action}: refused: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    for source in sources:
+        rel = PurePosixPath(source.path)
+        print(f"{source.path}: {source.variant}, sha256 {source.sha256}; recorded in {rel.name}.json, tracked by DVC "
+              f"({rel.name}.dvc)\n  commit: git add {rel.parent}/{rel.name}.json {rel.parent}/{rel.name}.dvc "
+              f"{rel.parent}/.gitignore; then `dvc push`\n  use: train.{source.model}.weights: {value}")
+    return EXIT_OK
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -141,6 +171,23 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--params", default="params.yaml", help="params file (ingest settings, threshold)")
     r.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     r.set_defaults(func=_predict)
+
+    w = sub.add_parser("weights", help="bring pre-trained weights into the project once (verified, recorded, DVC)")
+    wsub = w.add_subparsers(dest="action", required=True)
+    f = wsub.add_parser("fetch", help="download torchvision's ImageNet weights of the models into weights/<model>/")
+    f.add_argument("models", nargs="+", metavar="MODEL", help="resnet50, vgg16, vgg19, inception_v3")
+    f.add_argument("--url", help="download from here instead (a mirror, or file:// of a local copy); the published "
+                   "file name and sha256 prefix still decide")
+    i = wsub.add_parser("import", help="bring a local state dict (RadImageNet, a lab's own) into weights/<model>/")
+    i.add_argument("models", nargs=1, metavar="MODEL", help="the model it initialises")
+    i.add_argument("file", type=Path, help="the state dict (torch.save of a state dict; weights only)")
+    i.add_argument("--name", help="its file name in weights/<model>/ (default: its own)")
+    i.add_argument("--origin", help="where it came from (a URL, a citation): recorded as its url")
+    for parser_ in (f, i):
+        parser_.add_argument("--batch-norm", action="store_true",
+                             help="VGG's BatchNorm variant (train.<model>.batch_norm: true)")
+        parser_.add_argument("--root", default=".", help="project root (holds .dvc/; default: the working directory)")
+    w.set_defaults(func=_weights)
     return parser
 
 

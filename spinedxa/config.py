@@ -28,10 +28,13 @@ from typing import Any, ClassVar, Literal, Mapping
 
 import yaml
 
+from spinedxa import task as task_policy
+from spinedxa.errors import UserError
+
 MODEL_NAMES: tuple[str, ...] = ("cnn21", "resnet50", "vgg16", "vgg19", "inception_v3")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A key in params.yaml is unknown, missing, duplicated, or has a value of the wrong type or out of range."""
 
 
@@ -165,12 +168,69 @@ class _Section:
 
 @dataclass(frozen=True)
 class DataConfig(_Section):
+    """``data``: the cohort, the task's classes and the map from the labels found onto them (:mod:`spinedxa.task`)."""
+
     KEY: ClassVar[str] = "data"
 
     source: str = sized(noun="characters")
-    # A binary task: the negative class, then the positive one.
-    classes: tuple[str, ...] = sized(2, 2, unique=True, noun="classes (negative, positive)",
+    # Ordered classes: two are the paper's binary task (negative, positive); three or more an ordinal task, least to
+    # most severe (the WHO's normal, osteopenia, osteoporosis).
+    classes: tuple[str, ...] = sized(2, 8, unique=True, noun="classes (least to most severe)",
                                      default=("normal", "osteoporosis"))
+    # Labels found in the data (folder names, labels.csv) -> a class or "drop"; unknown labels are quarantined.
+    class_map: dict[str, str] = field(default_factory=dict)
+    # Words for the report and figures (spinedxa.report): what the cohort is. "" = say nothing about it.
+    name: str = ""
+    anatomy: str = ""
+    modality: str = ""
+
+    def _check(self) -> None:
+        try:
+            task_policy.check(self.classes, self.class_map)
+        except task_policy.TaskError as exc:
+            raise ConfigError(str(exc)) from None
+
+    @property
+    def task(self) -> task_policy.Task:
+        """The task these classes and this label map define (:mod:`spinedxa.task`)."""
+        return task_policy.Task(self.classes, dict(self.class_map))
+
+
+@dataclass(frozen=True)
+class ExternalConfig(_Section):
+    """``external``: a second labelled cohort (another site or scanner), scored by every model, never trained on."""
+
+    KEY: ClassVar[str] = "external"
+
+    enabled: bool = True
+    source: str = sized(noun="characters", default="data/raw/external")
+
+
+@dataclass(frozen=True)
+class ExternalCohortConfig(_Section):
+    """``synthesize.external``: the default external cohort, a second synthetic cohort from its own seed, seen through
+    a simulated second scanner (spinedxa.synthesize.Scanner). Everything not listed here is the first cohort's."""
+
+    KEY: ClassVar[str] = "synthesize.external"
+
+    seed: int = non_negative()
+    n_scans: int = count()
+    n_osteoporosis: int = non_negative()
+    pixel_spacing_mm: float = positive()
+    monochrome1_fraction: float = unit()
+    noise_scale: float = positive(default=1.0)  # quantum noise relative to the first scanner
+    psf_sigma_mm: float = positive(default=0.6)  # the scanner's blur (Gaussian SD)
+    display_gamma: tuple[float, float] = positive(default=(0.6, 1.7))  # range of the per-scan display gamma
+    display_span: tuple[float, float] = bounded(0, 0.9, low_open=True, default=(0.08, 0.8))  # gain, share of range
+
+    def _check(self) -> None:
+        if not 0 <= self.n_osteoporosis <= self.n_scans:
+            raise ConfigError(f"synthesize.external.n_osteoporosis: {self.n_osteoporosis} is out of range; "
+                              f"allowed: [0, n_scans={self.n_scans}]")
+        for name in ("display_gamma", "display_span"):
+            low, high = getattr(self, name)
+            if not low <= high:
+                raise ConfigError(f"synthesize.external.{name}: {[low, high]}; allowed: low <= high")
 
 
 @dataclass(frozen=True)
@@ -192,6 +252,8 @@ class SynthesizeConfig(_Section):
     # and share of scans drawn with benign L1-L4 level labels; both exercise ingest's burned-in text check.
     burned_in_fraction: float = unit(default=0.07)
     level_label_fraction: float = unit(default=0.15)
+    # The external cohort (external.source points at it by default); None: none is synthesized.
+    external: ExternalCohortConfig | None = None
 
     def _check(self) -> None:
         if not 0 <= self.n_osteoporosis <= self.n_scans:
@@ -303,7 +365,10 @@ class ModelTrainConfig(_Section):
     lr: float = positive()
     weight_decay: float = non_negative()
     scheduler: Literal["onecycle", "cosine", "step", "plateau", "none"]
-    weights: Literal["none", "imagenet"] = "none"
+    # Where the network's initial weights come from (spinedxa.weights): none (random) | imagenet (torchvision's file
+    # of the variant that runs, brought in once by `spinedxa weights fetch <model>`) | weights/<model>/<file> (a state
+    # dict brought in by `spinedxa weights import <model> <path>`). Training never downloads.
+    weights: str = sized(noun="characters", default="none")
     label_smoothing: float = bounded(0, 1, high_open=True, default=0.0)
     batch_norm: bool = False  # VGG only: the BatchNorm variant (torchvision vgg16_bn / vgg19_bn)
     # Online augmentation for this network: full (every technique of the augment section) or flip (its horizontal
@@ -333,6 +398,9 @@ class TrainConfig(_Section):
     vgg16: ModelTrainConfig
     vgg19: ModelTrainConfig
     inception_v3: ModelTrainConfig
+    # Trainings per fold with different seeds (seed, seed + 1000, ...): the first is the result; the others measure
+    # how much the seed alone moves each model's figures (the report's *Training variance*). 1 = one training.
+    repeats: int = count(default=1)
 
     def _check(self) -> None:
         unknown = [m for m in self.models if m not in MODEL_NAMES]
@@ -376,9 +444,10 @@ class ReplayConfig(_Section):
 
     enabled: bool
     copies: int = count()  # augmented copies per scan made BEFORE the split (210 = 6 x 35 suggests 6)
-    test_fraction: float = bounded(0, 1, low_open=True, high_open=True)  # images (not patients) for testing
+    # Held out for testing: images by the leaky run, patients by its matched control.
+    test_fraction: float = bounded(0, 1, low_open=True, high_open=True)
     seed: int = non_negative()
-    epochs: int = count()  # cnn21's recipe otherwise; capped so the ablation costs about two minutes of CPU
+    epochs: int = count()  # both runs (leaky and control); cnn21's recipe otherwise, capped for the CPU budget
 
 
 @dataclass(frozen=True)
@@ -408,6 +477,7 @@ class Params:
     evaluate: EvaluateConfig
     report: ReportConfig
     replay: ReplayConfig
+    external: ExternalConfig = field(default_factory=ExternalConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
 
@@ -476,7 +546,19 @@ def _coerce(key: str, tp: Any, value: Any) -> Any:
         if value not in allowed:
             raise ConfigError(f"{key}: {value!r} is not one of {list(allowed)}; allowed: one of {list(allowed)}")
         return value
+    if origin is dict:
+        key_type, value_type = typing.get_args(tp)
+        if value is None:
+            return {}
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
+        return {_coerce(f"{key} (a key)", key_type, k): _coerce(f"{key}.{k}", value_type, v) for k, v in value.items()}
     if origin in (typing.Union, types.UnionType):
+        members = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None and len(members) < len(typing.get_args(tp)):
+            return None
+        if len(members) == 1 and dataclasses.is_dataclass(members[0]):  # an optional section: its own messages
+            return _build(members[0], value, key)
         errors = []
         for arg in typing.get_args(tp):
             if arg is type(None) and value is None:

@@ -197,16 +197,34 @@ def producer(stages: Iterable[Stage], path: str) -> tuple[Stage, Out] | None:
     return None
 
 
+def contained(stages: Iterable[Stage], path: str, *, exclude: str = "") -> list[tuple[Stage, Out]]:
+    """The outputs of other stages that lie inside the directory ``path`` (a dep such as ``reports/metrics``, which
+    DVC links to every stage writing a file there), in dvc.yaml order; ``exclude``: a stage to leave out."""
+    return [(st, out) for st in stages if st.name != exclude for out in st.outs if _inside(out.path, path)
+            and out.path != path]
+
+
+def dep_producers(stages: Sequence[Stage], stage: Stage, dep: str) -> list[tuple[Stage, Out]]:
+    """The stages and outputs ``dep`` of ``stage`` reads: the output that is or contains it, else every output inside
+    it (a directory dep collecting several stages' files, as the report's ``reports/metrics``)."""
+    found = producer(stages, dep)
+    if found and found[0].name != stage.name:
+        return [found]
+    return contained(stages, dep, exclude=stage.name)
+
+
 def snakemake_inputs(stage: Stage, stages: Sequence[Stage]) -> list[str]:
     """The Snakemake ``input`` of ``stage``: its deps, with a path inside another stage's directory output replaced by
     that directory (DVC links ``data/ingested/manifest.csv`` to the stage that outputs ``data/ingested``; Snakemake
-    only matches whole outputs). Order is kept, duplicates are dropped."""
+    only matches whole outputs), and a directory dep that collects other stages' outputs (``reports/metrics``)
+    replaced by those outputs. Order is kept, duplicates are dropped."""
     inputs: list[str] = []
     for dep in stage.deps:
-        found = producer(stages, dep.path)
-        path = found[1].path if found and found[0].name != stage.name else dep.path
-        if path not in inputs:
-            inputs.append(path)
+        found = dep_producers(stages, stage, dep.path)
+        paths = [out.path for _, out in found] if found else [dep.path]
+        for path in paths:
+            if path not in inputs:
+                inputs.append(path)
     return inputs
 
 
@@ -217,10 +235,10 @@ def upstream(stages: Sequence[Stage], name: str) -> list[Stage]:
     while todo:
         st = todo.pop()
         for dep in st.deps:
-            found = producer(stages, dep.path)
-            if found and found[0].name not in wanted:
-                wanted.add(found[0].name)
-                todo.append(found[0])
+            for found, _ in dep_producers(stages, st, dep.path):
+                if found.name not in wanted:
+                    wanted.add(found.name)
+                    todo.append(found)
     return [s for s in stages if s.name in wanted]
 
 

@@ -25,7 +25,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from spinedxa.contracts import augmented as augmented_contract, png16, splits as splits_contract
-from spinedxa.contracts.manifest import ROI_ASPECT
+from spinedxa.contracts.manifest import input_shape, model_input_shape  # geometry: one owner, re-exported here
 
 read_image = png16.read
 
@@ -49,9 +49,8 @@ class ImageItem:
     fold: int = 0
 
 
-def input_shape(image_size: int) -> tuple[int, int]:
-    """``(height, width)`` of a model input of ``image_size`` rows: the ROI's shape (``ROI_ASPECT : 1``)."""
-    return image_size, max(1, int(round(image_size / ROI_ASPECT)))
+__all__ = ["ImageItem", "DXADataset", "fit", "input_shape", "model_input_shape", "part_items", "read_image",
+           "stack_images", "training_items"]
 
 
 def fit(img: np.ndarray, shape: tuple[int, int]) -> np.ndarray:

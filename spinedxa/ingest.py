@@ -14,8 +14,11 @@ gets one ``symlink_repeat`` row instead of an endless walk; a file symlink is re
 
 Labelling: if ``<source>/labels.csv`` exists it is the only labelling (``path,label[,patient_id]``, paths relative to
 the source, ``/``-separated); otherwise a file's top-level folder under the source is its label (``normal/``,
-``osteoporosis/``; names from ``data.classes``). A file with no label is quarantined ``no_label``; a label that is
-not a class, ``unknown_label``.
+``osteopenia/``, ``osteoporosis/``). The label found goes through the task's label policy (:mod:`spinedxa.task`):
+a class, or mapped by ``data.class_map`` onto a class or ``drop`` (status ``dropped``: read for its sha256, never
+decoded, not a quarantine). A file with no label is quarantined ``no_label``; a label neither a class nor in the
+map, ``unknown_label``. Once every file has its row, the duplicate rule (:mod:`spinedxa.duplicates`) resolves exact
+copies: one kept, the others ``duplicate``; copies under different labels all ``label_conflict``.
 
 Streaming: the directory is walked lazily and fed to a process pool in chunks with a bounded number in flight, rows
 are appended to a temporary CSV as they arrive and sorted once at the end, when only the small rows (not images) are
@@ -46,7 +49,7 @@ import resource
 import stat
 import time
 from collections import Counter, deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -59,8 +62,10 @@ from PIL import Image
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from spinedxa import burnedin, deid, roi as roi_locator
+from spinedxa import burnedin, deid, duplicates, roi as roi_locator
 from spinedxa.config import IngestConfig
+from spinedxa.errors import UserError
+from spinedxa.task import Task
 from spinedxa.contracts import manifest as manifest_contract, png16
 from spinedxa.files import atomic_dir, write_json_atomic
 from spinedxa.imaging import Decoded, QuarantineError, check_regular, decode_file, normalise
@@ -85,7 +90,7 @@ _LABELS_MAX_BYTES = 256 * 2**20
 _IN_MEMORY_MAX = 32 * 2**20
 
 
-class IngestError(RuntimeError):
+class IngestError(UserError, RuntimeError):
     """A systemic problem that stops the stage (the summary has already been written)."""
 
 
@@ -102,6 +107,8 @@ class SourceItem:
     label_problem: str = ""  # "" or a quarantine reason string ("no_label: ...", "unknown_label: ...")
     patient_hint: str = ""   # labels.csv patient_id (PHI: only ever hashed)
     walk_problem: str = ""   # "" or a reason decided by the walk (links, special files): the file is never opened
+    label_found: str = ""    # the label as found (folder name or labels.csv), before data.class_map
+    dropped: str = ""        # "" or why data.class_map drops it (status dropped: hashed, never decoded)
 
 
 @dataclass(frozen=True)
@@ -258,7 +265,7 @@ def _within(path: str, root: str) -> bool:
 
 
 def iter_sources(
-    source: Path, classes: Sequence[str], labels: dict[str, tuple[str, str]] | None
+    source: Path, task: Task, labels: dict[str, tuple[str, str]] | None
 ) -> Iterator[SourceItem]:
     """Yield a labelled :class:`SourceItem` per input file (``labels`` from :func:`read_labels`; None: folders)."""
     for found in iter_files(source):
@@ -276,22 +283,29 @@ def iter_sources(
                 yield SourceItem(rel, label_problem=f"no_label: not listed in {LABELS_FILE}")
                 continue
             label, patient = labels[rel]
-            yield _labelled(rel, label, classes, patient, where=LABELS_FILE)
+            yield _labelled(rel, label, task, patient, where=LABELS_FILE)
         else:
             top, sep, _ = rel.partition("/")
             if not sep:
                 yield SourceItem(rel, label_problem="no_label: file is not inside a class folder")
             else:
-                yield _labelled(rel, top, classes, "", where="folder")
+                yield _labelled(rel, top, task, "", where="folder")
 
 
-def _labelled(rel: str, label: str, classes: Sequence[str], patient: str, where: str) -> SourceItem:
-    if not label:
+def _labelled(rel: str, label: str, task: Task, patient: str, where: str) -> SourceItem:
+    """The item of a labelled file, after the task's label policy (:meth:`spinedxa.task.Task.resolve`)."""
+    resolved = task.resolve(label)
+    found = resolved.found
+    if resolved.outcome == "empty":
         return SourceItem(rel, label_problem=f"no_label: empty label in {where}", patient_hint=patient)
-    if label not in classes:
-        return SourceItem(rel, label_problem=f"unknown_label: {where} label {label!r} is not one of {list(classes)}",
-                          patient_hint=patient)
-    return SourceItem(rel, label=label, patient_hint=patient)
+    if resolved.outcome == "unknown":
+        return SourceItem(rel, label_problem=f"unknown_label: {where} label {found!r} is neither one of data.classes "
+                          f"{list(task.classes)} nor a key of data.class_map", patient_hint=patient,
+                          label_found=found)
+    if resolved.outcome == "drop":
+        return SourceItem(rel, patient_hint=patient, label_found=found,
+                          dropped=f"dropped: data.class_map maps the {where} label {found!r} to drop")
+    return SourceItem(rel, label=resolved.cls, patient_hint=patient, label_found=found)
 
 
 @dataclass(frozen=True)
@@ -325,11 +339,12 @@ def process_pixels(decoded: Decoded, settings: IngestConfig, extra_phi: Sequence
     if not screened.accepted:
         raise QuarantineError(burnedin.REASON, screened.detail)
     image = normalise(screened.image, settings.max_side)
+    aspect = manifest_contract.roi_aspect(settings.roi)
     try:
-        box = roi_locator.locate(image) if settings.roi == "locate" else roi_locator.whole(image)
+        box = roi_locator.locate(image) if settings.roi == "locate" else roi_locator.whole(image, aspect)
     except roi_locator.RoiNotFound as exc:  # the message describes the image only, never a header value
         raise QuarantineError("no_roi", str(exc)) from None
-    return Processed(image, box, roi_locator.extract(image, box, settings.roi_height), screened.redacted)
+    return Processed(image, box, roi_locator.extract(image, box, settings.roi_height, aspect), screened.redacted)
 
 
 def process_file(item: SourceItem, job: FileJob) -> dict[str, Any]:
@@ -339,7 +354,7 @@ def process_file(item: SourceItem, job: FileJob) -> dict[str, Any]:
     raise :class:`QuarantineError`, and nothing is written before all of them have passed.
     """
     row: dict[str, Any] = dict.fromkeys(MANIFEST_COLUMNS, "")
-    row.update(source=item.source, label=item.label, status="quarantined")
+    row.update(source=item.source, label=item.label, label_found=item.label_found, status="quarantined")
     path = job.source_dir / item.source
     unread_patient = deid.pseudonym("unreadable:" + item.source)  # nothing read: the file is its own patient
     if item.walk_problem:
@@ -354,7 +369,12 @@ def process_file(item: SourceItem, job: FileJob) -> dict[str, Any]:
         row.update(reason=str(exc), patient_id=unread_patient)
         return row
     if item.label_problem:
-        row.update(reason=item.label_problem, patient_id=_fallback_patient(item, row["sha256"]))
+        row.update(reason=item.label_problem, patient_id=_fallback_patient(item, row["sha256"]),
+                   patient_from=_fallback_from(item))
+        return row
+    if item.dropped:  # hashed (the duplicate rule compares it with the kept files), never decoded
+        row.update(status="dropped", reason=item.dropped, patient_id=_fallback_patient(item, row["sha256"]),
+                   patient_from=_fallback_from(item))
         return row
     decoded: Decoded | None = None  # once decoded, a later quarantine row still says which format it was
     try:
@@ -366,7 +386,7 @@ def process_file(item: SourceItem, job: FileJob) -> dict[str, Any]:
         png, roi_png = png16.encode(image), png16.encode(done.roi_image)
     except QuarantineError as exc:
         row.update(reason=str(exc), patient_id=_fallback_patient(item, row["sha256"]),
-                   format=decoded.format if decoded is not None else "")
+                   patient_from=_fallback_from(item), format=decoded.format if decoded is not None else "")
         return row
     except MemoryError:
         # Under the workers' address-space cap (_init_worker) or a ulimit: this file needs more memory than any
@@ -374,7 +394,8 @@ def process_file(item: SourceItem, job: FileJob) -> dict[str, Any]:
         reason = QuarantineError("too_large", f"decoding needs more memory than this process may use "
                                               f"(ingest.worker_memory_mb = {job.settings.worker_memory_mb}, or a "
                                               "ulimit)")
-        row.update(reason=str(reason), patient_id=_fallback_patient(item, row["sha256"]))
+        row.update(reason=str(reason), patient_id=_fallback_patient(item, row["sha256"]),
+                   patient_from=_fallback_from(item))
         return row
     name = f"{IMAGES_DIR}/{row['sha256'][:16]}.png"
     roi_name = f"{ROI_DIR}/{row['sha256'][:16]}.png"
@@ -384,6 +405,8 @@ def process_file(item: SourceItem, job: FileJob) -> dict[str, Any]:
     row.update(
         status="accepted",
         patient_id=decoded.patient_id or _fallback_patient(item, row["sha256"]),
+        patient_from="header" if decoded.patient_id else _fallback_from(item),
+        pixel_sha256=pixel_digest(image),
         image=name,
         roi=roi_name,
         roi_top=box.top,
@@ -415,6 +438,18 @@ def process_file(item: SourceItem, job: FileJob) -> dict[str, Any]:
 def _fallback_patient(item: SourceItem, sha256: str) -> str:
     """Pseudonym for a file whose header names no patient: its labels.csv patient_id, else the file is its own."""
     return deid.patient_pseudonym(item.patient_hint) if item.patient_hint else deid.file_pseudonym(sha256)
+
+
+def _fallback_from(item: SourceItem) -> str:
+    """Where :func:`_fallback_patient` takes the patient from (manifest ``patient_from``)."""
+    return "labels_csv" if item.patient_hint else "file"
+
+
+def pixel_digest(image: np.ndarray) -> str:
+    """sha256 of a processed image's pixels and shape: equal for files whose decoded content is identical."""
+    digest = hashlib.sha256(f"{image.dtype.str}{image.shape}".encode("ascii"))
+    digest.update(np.ascontiguousarray(image).tobytes())
+    return digest.hexdigest()
 
 
 def _read(path: Path) -> tuple[str, bytes | None]:
@@ -546,17 +581,30 @@ def _broken_pool_message(pending: deque[tuple[list[SourceItem], Future[list[dict
             f"file needing too much memory is quarantined instead")
 
 
-def summarise(counts: dict[str, Counter], classes: Sequence[str], labelling: str, error: str | None) -> dict[str, Any]:
-    """Build the ``reports/ingest.json`` summary from the running counters."""
+def summarise(counts: dict[str, Counter], task: Task, labelling: str, error: str | None) -> dict[str, Any]:
+    """Build the ``reports/ingest.json`` summary (a DVC metric: counts only, no identifiers) from the counters.
+
+    ``quarantine_rate`` is the share of quarantined files among the files the task wanted: the files that
+    ``data.class_map`` drops are not inputs of the task, so they are left out of both sides of the rate;
+    duplicates of a kept scan count as inputs, never as quarantines.
+    """
     n_files = sum(counts["status"].values())
-    n_accepted = counts["status"]["accepted"]
+    n_accepted, n_dropped = counts["status"]["accepted"], counts["status"]["dropped"]
+    n_quarantined = counts["status"]["quarantined"]
+    wanted = n_files - n_dropped
     return {
         "n_files": n_files,
         "n_accepted": n_accepted,
-        "n_quarantined": n_files - n_accepted,
-        "quarantine_rate": round((n_files - n_accepted) / n_files, 6) if n_files else 0.0,
-        "per_label": {c: counts["label"][c] for c in classes},  # accepted files per class
-        "per_label_quarantined": {c: counts["label_quarantined"][c] for c in classes},
+        "n_quarantined": n_quarantined,
+        "n_dropped": n_dropped,
+        "n_duplicates": counts["status"]["duplicate"],
+        "quarantine_rate": round(n_quarantined / wanted, 6) if wanted else 0.0,
+        "per_label": {c: counts["label"][c] for c in task.classes},  # accepted files per class
+        "per_label_quarantined": {c: counts["label_quarantined"][c] for c in task.classes},
+        # The labels as found in the data (folders or labels.csv), over every file that had one, and what became of
+        # them: the data card's "labels found -> classes after the map".
+        "per_label_found": {label: dict(sorted(by_status.items()))
+                            for label, by_status in sorted(counts["label_found"].items())},
         "per_reason": dict(sorted(counts["reason"].items())),
         "per_format": dict(sorted(counts["format"].items())),
         "n_converted_from_color": counts["flags"]["converted_from_color"],
@@ -564,14 +612,25 @@ def summarise(counts: dict[str, Counter], classes: Sequence[str], labelling: str
         "n_burned_in_text": counts["reason"]["burned_in_text"],
         "n_redacted": counts["flags"]["redacted"],
         "n_labels_without_file": counts["flags"]["labels_without_file"],
+        # Exact copies (spinedxa.duplicates): groups resolved to one kept scan, and groups under different labels.
+        "n_duplicate_groups": counts["flags"]["duplicate_groups"],
+        "n_label_conflict_groups": counts["flags"]["label_conflict_groups"],
+        "n_label_conflicts": counts["reason"]["label_conflict"],
+        # Accepted files whose patient comes from their header, labels.csv, or nothing (each its own patient).
+        "patient_from": {k: counts["patient_from"][k] for k in manifest_contract.PATIENT_FROM},
         "labelling": labelling,
         "error": error,
     }
 
 
+#: A rule applied to every row once all are in (after the duplicate rule), before anything is counted or written:
+#: ``rule(rows, out_dir)`` may quarantine rows in place (e.g. the external cohort's copies of training scans).
+RowRule = Callable[[list[dict[str, Any]], Path], None]
+
+
 def run_ingest(
-    source: Path, out_dir: Path, summary_path: Path, *, classes: Sequence[str], settings: IngestConfig,
-    workers: int = 1, progress: bool = True,
+    source: Path, out_dir: Path, summary_path: Path, *, task: Task, settings: IngestConfig,
+    workers: int = 1, progress: bool = True, extra_rule: RowRule | None = None,
 ) -> dict[str, Any]:
     """Ingest ``source`` into ``out_dir`` (images/ + manifest.csv) and write the summary to ``summary_path``.
 
@@ -584,18 +643,19 @@ def run_ingest(
             the walk completed, so a failed run never leaves a partial ``out_dir``.
     """
     counts: dict[str, Counter] = {k: Counter() for k in ("status", "label", "label_quarantined", "reason", "format",
-                                                          "flags")}
+                                                          "flags", "patient_from")}
+    counts["label_found"] = {}  # type: ignore[assignment]  # label found -> Counter of statuses
     labelling = "labels.csv" if (source / LABELS_FILE).is_file() else "folders"
     started = time.perf_counter()
     try:
         if not source.is_dir():
             raise IngestError(f"source directory {source} does not exist or is not a directory (data.source)")
-        labels = read_labels(source / LABELS_FILE, classes) if labelling == "labels.csv" else None
+        labels = read_labels(source / LABELS_FILE, task.classes) if labelling == "labels.csv" else None
         deid.load_key()  # create the key file once, here, rather than racing in the workers
         with atomic_dir(out_dir) as tmp:
-            _ingest_into(source, tmp, classes, settings, workers, labels, counts, progress)
+            _ingest_into(source, tmp, task, settings, workers, labels, counts, progress, extra_rule)
     except (IngestError, deid.DeidKeyError, burnedin.OcrUnavailableError) as exc:
-        write_json_atomic(summary_path, summarise(counts, classes, labelling, str(exc)))
+        write_json_atomic(summary_path, summarise(counts, task, labelling, str(exc)))
         if isinstance(exc, IngestError):
             raise
         raise IngestError(str(exc)) from exc
@@ -604,20 +664,27 @@ def run_ingest(
         error = f"source directory {source} contains no files"
     elif counts["status"]["accepted"] == 0:
         error = f"no file of {counts['status'].total()} was accepted; see per_reason in {summary_path}"
-    summary = summarise(counts, classes, labelling, error)
+    summary = summarise(counts, task, labelling, error)
     write_json_atomic(summary_path, summary)
     seconds = time.perf_counter() - started
-    log.info("ingest: %d files (%d accepted, %d quarantined) in %.1f s, %.1f files/s with %d worker(s)",
-             summary["n_files"], summary["n_accepted"], summary["n_quarantined"], seconds,
-             summary["n_files"] / seconds if seconds else 0.0, workers)
+    log.info("ingest: %d files (%d accepted, %d quarantined, %d dropped by data.class_map, %d duplicates) in %.1f s, "
+             "%.1f files/s with %d worker(s)", summary["n_files"], summary["n_accepted"], summary["n_quarantined"],
+             summary["n_dropped"], summary["n_duplicates"], seconds, summary["n_files"] / seconds if seconds else 0.0,
+             workers)
+    own = summary["patient_from"]["file"]
+    if own:
+        log.warning("ingest: %d accepted file(s) name no patient (no DICOM PatientID or name + birth date, no "
+                    "labels.csv patient_id): each is its own patient, so repeat scans of one person may land in "
+                    "different folds; add a patient_id column to labels.csv to group them", own)
     if error:
         raise IngestError(error)
     return summary
 
 
 def _ingest_into(
-    source: Path, out: Path, classes: Sequence[str], settings: IngestConfig, workers: int,
+    source: Path, out: Path, task: Task, settings: IngestConfig, workers: int,
     labels: dict[str, tuple[str, str]] | None, counts: dict[str, Counter], progress: bool,
+    extra_rule: RowRule | None = None,
 ) -> None:
     (out / IMAGES_DIR).mkdir()
     (out / ROI_DIR).mkdir()
@@ -627,12 +694,9 @@ def _ingest_into(
     with unsorted.open("w", newline="", encoding="utf-8") as fh, logging_redirect_tqdm(), \
             tqdm(desc="ingest", unit="file", disable=not progress) as bar:
         writer = csv.DictWriter(fh, fieldnames=MANIFEST_COLUMNS)
-        for row in _rows(iter_sources(source, classes, labels), job, workers):
+        for row in _rows(iter_sources(source, task, labels), job, workers):
             writer.writerow(row)
-            _count(row, counts)
             seen_labelled += labels is not None and row["source"] in labels
-            if row["status"] != "accepted":
-                log.info("quarantined %s: %s", row["source"], row["reason"])
             bar.update()
     if labels is not None and len(labels) > seen_labelled:
         counts["flags"]["labels_without_file"] = len(labels) - seen_labelled
@@ -640,6 +704,18 @@ def _ingest_into(
     # Rows are ~300 bytes: sorting them in memory is fine even for 10^5 files (the images were never held).
     with unsorted.open(newline="", encoding="utf-8") as fh:
         rows = sorted(csv.DictReader(fh, fieldnames=MANIFEST_COLUMNS), key=lambda r: r["source"])
+    written = {r[c] for r in rows if r["status"] == "accepted" for c in duplicates.IMAGE_COLUMNS}
+    resolved = duplicates.resolve(rows)
+    if extra_rule is not None:
+        extra_rule(rows, out)
+    for rel in duplicates.unreferenced_images(rows, written):
+        (out / rel).unlink()
+    counts["flags"].update(duplicate_groups=resolved["duplicate_groups"],
+                           label_conflict_groups=resolved["label_conflict_groups"])
+    for row in rows:
+        _count(row, counts)
+        if row["status"] == "quarantined":
+            log.info("quarantined %s: %s", row["source"], row["reason"])
     with (out / MANIFEST).open("w", newline="", encoding="utf-8") as fh:
         writer = csv.DictWriter(fh, fieldnames=MANIFEST_COLUMNS, lineterminator="\n")
         writer.writeheader()
@@ -649,12 +725,15 @@ def _ingest_into(
 
 def _count(row: dict[str, Any], counts: dict[str, Counter]) -> None:
     counts["status"][row["status"]] += 1
+    if row.get("label_found"):
+        counts["label_found"].setdefault(row["label_found"], Counter())[row["status"]] += 1  # type: ignore[union-attr]
     if row["status"] == "accepted":
         counts["label"][row["label"]] += 1
         counts["format"][row["format"]] += 1
-        counts["flags"]["converted_from_color"] += bool(row["converted_from_color"])
-        counts["flags"]["redacted"] += bool(row["redacted"])
-    else:
+        counts["flags"]["converted_from_color"] += row["converted_from_color"] in (True, "True")
+        counts["flags"]["redacted"] += row["redacted"] in (True, "True")
+        counts["patient_from"][row["patient_from"]] += 1
+    elif row["status"] == "quarantined":
         counts["reason"][row["reason"].partition(":")[0]] += 1
         if row["label"]:
             counts["label_quarantined"][row["label"]] += 1

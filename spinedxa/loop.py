@@ -139,8 +139,8 @@ def train_one_epoch(model: nn.Module, spec: ModelSpec, batches: DataLoader, loss
 @torch.no_grad()
 def evaluate_epoch(model: nn.Module, spec: ModelSpec, batches: DataLoader, loss_fn: nn.CrossEntropyLoss,
                    rt: Runtime) -> dict[str, float]:
-    """Validation ``val_loss`` (class-weighted like training, no smoothing), ``val_auc`` (NaN for one class) and
-    ``val_accuracy``."""
+    """Validation ``val_loss`` (class-weighted like training, no smoothing), ``val_auc`` (:func:`validation_auc`) and
+    ``val_accuracy`` (argmax)."""
     model.eval()
     weighted, weight_sum, probs, labels = 0.0, 0.0, [], []
     per_image = nn.CrossEntropyLoss(weight=loss_fn.weight, reduction="none")
@@ -152,11 +152,20 @@ def evaluate_epoch(model: nn.Module, spec: ModelSpec, batches: DataLoader, loss_
         # Weighted mean over the whole set (sum w_y * loss / sum w_y), as CrossEntropyLoss does within a batch.
         weighted += float(per_image(logits, y).sum())
         weight_sum += float(loss_fn.weight[y].sum()) if loss_fn.weight is not None else len(y)
-        probs.append(torch.softmax(logits, dim=1)[:, 1].cpu())
+        probs.append(torch.softmax(logits, dim=1).cpu())
         labels.append(y.cpu())
     p, t = torch.cat(probs).numpy(), torch.cat(labels).numpy()
-    auc = float(roc_auc_score(t, p)) if len(np.unique(t)) == 2 else math.nan
-    return {"val_loss": weighted / weight_sum, "val_auc": auc, "val_accuracy": float(np.mean((p >= 0.5) == t))}
+    return {"val_loss": weighted / weight_sum, "val_auc": validation_auc(t, p),
+            "val_accuracy": float(np.mean(p.argmax(axis=1) == t))}
+
+
+def validation_auc(y: np.ndarray, prob: np.ndarray) -> float:
+    """ROC-AUC of the validation part that picks the kept epoch: of P(positive) for two classes, else the mean of the
+    one-vs-rest AUCs of the classes present with both positives and negatives (NaN when none is)."""
+    if prob.shape[1] == 2:
+        return float(roc_auc_score(y, prob[:, 1])) if len(np.unique(y)) == 2 else math.nan
+    per_class = [roc_auc_score(y == k, prob[:, k]) for k in range(prob.shape[1]) if 0 < (y == k).sum() < len(y)]
+    return float(np.mean(per_class)) if per_class else math.nan
 
 
 def fit(model: nn.Module, spec: ModelSpec, data: Batches, loss_fn: nn.CrossEntropyLoss, session: Session,

@@ -10,7 +10,16 @@
   difference that, unlike DeLong, respects the clustering by patient.
 * Curves (ROC, precision-recall, calibration) as tables in the column layout of docs/CONTRACTS.md for DVC plots.
 
-Positive class: ``y_true == 1`` (osteoporosis), ``prob`` is the predicted probability of the positive class.
+**Tasks** (:mod:`spinedxa.task`). Binary (two classes): ``y_true == 1`` is the positive class (osteoporosis) and
+``prob`` the predicted probability of it (a 1-D array, or the second column of an ``N x 2`` matrix). Ordinal (three
+or more ordered classes, the WHO's normal < osteopenia < osteoporosis): ``prob`` is the ``N x K`` matrix of class
+probabilities and the predicted class its argmax; the metrics are accuracy, balanced accuracy, macro F1, MCC,
+quadratic-weighted Cohen's kappa (the classes are ordered; Cohen 1968), macro one-vs-rest ROC-AUC and average
+precision, the multi-class Brier score (sum over classes, Brier 1950) and per class the one-vs-rest ROC-AUC, recall and
+precision, all with the same patient-bootstrap intervals; paired comparisons use the macro ROC-AUC. Which set applies
+is decided once, from the shape of ``prob`` and the task's classes (:func:`metric_keys`), never by a caller.
+
+Curves and calibration tables are drawn for the last (positive / most severe) class against the rest.
 """
 
 from __future__ import annotations
@@ -19,7 +28,7 @@ import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -30,6 +39,7 @@ from sklearn.exceptions import UndefinedMetricWarning
 from statsmodels.stats.contingency_tables import mcnemar
 
 from spinedxa.contracts import jsonfile, predictions as predictions_contract, table as table_contract
+from spinedxa.task import Task
 
 #: Metric keys, in report order. Each appears in the metrics JSON with ``_ci_low``/``_ci_high``/``_ci_skipped``.
 METRIC_KEYS: tuple[str, ...] = (
@@ -44,6 +54,13 @@ METRIC_KEYS: tuple[str, ...] = (
     "pr_auc",
     "brier",
 )
+#: Ordinal (three or more classes) metric keys before the per-class ones (:func:`metric_keys`). ``f1`` is macro F1,
+#: ``roc_auc`` and ``pr_auc`` the macro one-vs-rest averages.
+ORDINAL_KEYS: tuple[str, ...] = (
+    "accuracy", "balanced_accuracy", "f1", "mcc", "kappa_quadratic", "roc_auc", "pr_auc", "brier",
+)
+#: Per-class metrics of the ordinal task, ``<metric>_<class>``.
+PER_CLASS_KEYS: tuple[str, ...] = ("roc_auc", "recall", "precision")
 #: Equal-width probability bins of the calibration curve: 10 bins of 0.1 is the usual reliability-diagram
 #: resolution (Niculescu-Mizil & Caruana 2005); with a few dozen test images most bins still hold a few images.
 CALIBRATION_BINS = 10
@@ -55,9 +72,71 @@ class MetricsInputError(ValueError):
     """Labels, probabilities or patient ids given to a metric are malformed (wrong shape, range or values)."""
 
 
+def default_classes(n_classes: int) -> tuple[str, ...]:
+    """Class names for a bare probability matrix (``class0``, ``class1``, ...)."""
+    return tuple(f"class{k}" for k in range(n_classes))
+
+
+def task_of(prob: np.ndarray | Sequence[float], classes: Sequence[str] | None = None) -> Task:
+    """The task a probability array belongs to: 1-D (P of the positive class) or ``N x 2`` is binary; ``N x K``
+    with ``K >= 3`` ordinal, with ``classes`` (default :func:`default_classes`) naming the columns.
+
+    Raises:
+        MetricsInputError: ``classes`` does not match the number of columns.
+    """
+    p = np.asarray(prob)
+    k = 2 if p.ndim == 1 else p.shape[1]
+    names = tuple(classes) if classes is not None else default_classes(k)
+    if len(names) != k:
+        raise MetricsInputError(f"{len(names)} class names {list(names)} for {k} probability columns")
+    return Task(names)
+
+
+def metric_keys(classes: Sequence[str]) -> tuple[str, ...]:
+    """The metric keys of the task with these classes, in report order: :data:`METRIC_KEYS` (binary) or
+    :data:`ORDINAL_KEYS` followed by ``<metric>_<class>`` for each of :data:`PER_CLASS_KEYS` and class."""
+    task = Task(tuple(classes))
+    if task.is_binary:
+        return METRIC_KEYS
+    return (*ORDINAL_KEYS, *(f"{m}_{c}" for m in PER_CLASS_KEYS for c in task.classes))
+
+
+def positive_prob(prob: np.ndarray) -> np.ndarray:
+    """P(last class): the 1-D array itself, or the last column of a probability matrix."""
+    p = np.asarray(prob, dtype=float)
+    return p if p.ndim == 1 else p[:, -1]
+
+
+def as_matrix(prob: np.ndarray) -> np.ndarray:
+    """An ``N x K`` probability matrix (a 1-D binary ``prob`` becomes ``[1 - p, p]``)."""
+    p = np.asarray(prob, dtype=float)
+    return np.column_stack([1.0 - p, p]) if p.ndim == 1 else p
+
+
+def _check_matrix(y_true: np.ndarray, prob: np.ndarray, what: str = "predictions") -> tuple[np.ndarray, np.ndarray]:
+    """Checks for an ``N x K`` probability matrix (``K >= 3``) and labels in ``0..K-1``."""
+    y = np.asarray(y_true)
+    p = np.asarray(prob, dtype=float)
+    if y.ndim != 1 or p.ndim != 2 or len(y) != len(p) or p.shape[1] < 3:
+        raise MetricsInputError(f"{what}: y_true {y.shape} and prob {p.shape}: expected N labels and N x K >= 3 "
+                                "probabilities")
+    if len(y) == 0:
+        raise MetricsInputError(f"{what}: no predictions to score")
+    bad_labels = sorted(set(np.unique(y).tolist()) - set(range(p.shape[1])))
+    if bad_labels:
+        raise MetricsInputError(f"{what}: y_true must hold class indices 0..{p.shape[1] - 1}, found {bad_labels[:5]}")
+    if not np.all(np.isfinite(p)) or p.min() < 0.0 or p.max() > 1.0:
+        raise MetricsInputError(f"{what}: prob must be finite and within [0, 1], got range [{p.min()}, {p.max()}]")
+    if not np.allclose(p.sum(axis=1), 1.0, atol=1e-4):
+        raise MetricsInputError(f"{what}: each row of class probabilities must sum to 1")
+    return y.astype(int), p
+
+
 def _check_inputs(y_true: np.ndarray, prob: np.ndarray, what: str = "predictions") -> tuple[np.ndarray, np.ndarray]:
     y = np.asarray(y_true)
     p = np.asarray(prob, dtype=float)
+    if p.ndim == 2 and p.shape[1] == 2:
+        p = p[:, 1]
     if y.ndim != 1 or p.ndim != 1 or len(y) != len(p):
         raise MetricsInputError(f"{what}: y_true {y.shape} and prob {p.shape} must be 1-D arrays of equal length")
     if len(y) == 0:
@@ -71,9 +150,13 @@ def _check_inputs(y_true: np.ndarray, prob: np.ndarray, what: str = "predictions
 
 
 def point_metrics(
-    y_true: Sequence[int] | np.ndarray, prob: Sequence[float] | np.ndarray, threshold: float
+    y_true: Sequence[int] | np.ndarray, prob: Sequence[float] | np.ndarray, threshold: float,
+    classes: Sequence[str] | None = None,
 ) -> dict[str, float]:
-    """All :data:`METRIC_KEYS` from scikit-learn; ``nan`` where a metric is undefined for these labels.
+    """All :func:`metric_keys` from scikit-learn; ``nan`` where a metric is undefined for these labels.
+
+    Binary (1-D ``prob`` or ``N x 2``): :data:`METRIC_KEYS` at ``threshold``; ordinal (``N x K``, ``K >= 3``): see
+    :func:`ordinal_point_metrics` (argmax; ``threshold`` unused).
 
     Undefined (nan) means: a metric conditioned on a true class that the set lacks - recall, specificity, balanced
     accuracy, ROC-AUC, PR-AUC on a set with a single true class. Metrics with an empty *predicted* margin keep
@@ -84,7 +167,10 @@ def point_metrics(
         y_true: 0/1 labels (1 = osteoporosis).
         prob: predicted probability of class 1.
         threshold: ``prob >= threshold`` predicts class 1.
+        classes: class names (needed for the per-class keys of the ordinal task).
     """
+    if not task_of(prob, classes).is_binary:
+        return ordinal_point_metrics(y_true, prob, classes)
     y, p = _check_inputs(y_true, prob)
     pred = (p >= threshold).astype(int)
     both = len(np.unique(y)) == 2
@@ -115,6 +201,60 @@ def confusion_counts(y_true: np.ndarray, prob: np.ndarray, threshold: float) -> 
     y, p = _check_inputs(y_true, prob)
     tn, fp, fn, tp = skm.confusion_matrix(y, (p >= threshold).astype(int), labels=[0, 1]).ravel()
     return {"tp": int(tp), "fp": int(fp), "tn": int(tn), "fn": int(fn)}
+
+
+def ordinal_point_metrics(y_true: Sequence[int] | np.ndarray, prob: np.ndarray,
+                          classes: Sequence[str] | None = None) -> dict[str, float]:
+    """The ordinal task's metrics (:func:`metric_keys`) from scikit-learn; ``nan`` where undefined.
+
+    The predicted class is the argmax. ``roc_auc``/``pr_auc`` are the macro averages of the one-vs-rest values and
+    undefined unless every class is present (scikit-learn's ``multi_class="ovr"`` rule); per-class values are
+    undefined for a class the set lacks. Macro F1 counts every class (zero_division 0), as scikit-learn's
+    ``average="macro"`` with ``labels=range(K)``.
+    """
+    y, p = _check_matrix(y_true, prob)
+    task = task_of(p, classes)
+    k = p.shape[1]
+    pred = p.argmax(axis=1)
+    labels = list(range(k))
+    nan = float("nan")
+    onehot = np.eye(k)[y]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UndefinedMetricWarning)
+        warnings.filterwarnings("ignore", message="y_pred contains classes not in y_true", category=UserWarning)
+        warnings.filterwarnings("ignore", message="A single label was found", category=UserWarning)
+        precision, recall, f1, support = skm.precision_recall_fscore_support(y, pred, labels=labels, zero_division=0.0)
+        present = support > 0
+        per_auc = [float(skm.roc_auc_score(y == c, p[:, c])) if 0 < (y == c).sum() < len(y) else nan for c in labels]
+        per_ap = [float(skm.average_precision_score(y == c, p[:, c])) if 0 < (y == c).sum() < len(y) else nan
+                  for c in labels]
+        kappa = skm.cohen_kappa_score(y, pred, labels=labels, weights="quadratic") if len(np.unique(y)) > 1 else nan
+        out = {
+            "accuracy": float(skm.accuracy_score(y, pred)),
+            "balanced_accuracy": float(recall[present].mean()),
+            "f1": float(np.mean(f1)),
+            "mcc": float(skm.matthews_corrcoef(y, pred)),
+            "kappa_quadratic": float(kappa) if np.isfinite(kappa) else nan,
+            "roc_auc": float(np.mean(per_auc)) if all(np.isfinite(per_auc)) else nan,
+            "pr_auc": float(np.mean(per_ap)) if all(np.isfinite(per_ap)) else nan,
+            "brier": float(np.mean(((p - onehot) ** 2).sum(axis=1))),
+        }
+    for c, name in enumerate(task.classes):
+        out[f"roc_auc_{name}"] = per_auc[c]
+        out[f"recall_{name}"] = float(recall[c]) if present[c] else nan
+        out[f"precision_{name}"] = float(precision[c])
+    return out
+
+
+def confusion_matrix(y_true: np.ndarray, prob: np.ndarray, threshold: float,
+                     classes: Sequence[str] | None = None) -> dict[str, dict[str, int]]:
+    """``{actual class: {predicted class: count}}`` (threshold for the binary task, argmax otherwise)."""
+    p = np.asarray(prob, dtype=float)
+    task = task_of(p, classes)
+    y = np.asarray(y_true).astype(int)
+    pred = task.decide(as_matrix(p), threshold)
+    cm = skm.confusion_matrix(y, pred, labels=list(range(task.n_classes)))
+    return {a: {b: int(cm[i, j]) for j, b in enumerate(task.classes)} for i, a in enumerate(task.classes)}
 
 
 # --- patient-level (cluster) bootstrap ------------------------------------------------------------------------------
@@ -177,13 +317,16 @@ def weighted_auc(y: np.ndarray, prob: np.ndarray, weights: np.ndarray) -> tuple[
 
 
 def weighted_metrics(
-    y_true: np.ndarray, prob: np.ndarray, weights: np.ndarray, threshold: float
+    y_true: np.ndarray, prob: np.ndarray, weights: np.ndarray, threshold: float,
+    classes: Sequence[str] | None = None,
 ) -> dict[str, np.ndarray]:
-    """Every :data:`METRIC_KEYS` entry for each row of ``weights`` (shape ``resamples x images``).
+    """Every :func:`metric_keys` entry for each row of ``weights`` (shape ``resamples x images``).
 
     Same definitions and undefined cases as :func:`point_metrics`: a row of integer weights gives the values
     point_metrics returns on the images repeated that many times.
     """
+    if not task_of(prob, classes).is_binary:
+        return ordinal_weighted_metrics(y_true, prob, weights, classes)
     y, p = _check_inputs(y_true, prob)
     w = np.atleast_2d(np.asarray(weights, dtype=float))
     pred = (p >= threshold).astype(float)
@@ -207,6 +350,50 @@ def weighted_metrics(
         "pr_auc": pr_auc,
         "brier": _ratio(w @ (p - y) ** 2, total),
     }
+
+
+def ordinal_weighted_metrics(y_true: np.ndarray, prob: np.ndarray, weights: np.ndarray,
+                             classes: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+    """:func:`ordinal_point_metrics` for each row of ``weights``, from weighted confusion matrices (one per row)."""
+    y, p = _check_matrix(y_true, prob)
+    task = task_of(p, classes)
+    k = p.shape[1]
+    w = np.atleast_2d(np.asarray(weights, dtype=float))
+    onehot, pred = np.eye(k)[y], np.eye(k)[p.argmax(axis=1)]
+    cm = np.einsum("rn,ni,nj->rij", w, onehot, pred)  # resamples x actual x predicted
+    total = cm.sum(axis=(1, 2))
+    true_n, pred_n, diag = cm.sum(axis=2), cm.sum(axis=1), np.diagonal(cm, axis1=1, axis2=2)
+    recall, precision = _ratio(diag, true_n), np.nan_to_num(_ratio(diag, pred_n))
+    f1 = np.nan_to_num(_ratio(2 * diag, true_n + pred_n))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a resample without a class: nan, counted as skipped
+        balanced = np.nanmean(np.where(true_n > 0, recall, np.nan), axis=1)
+    c, s_ = diag.sum(axis=1), total
+    mcc_num = c * s_ - (pred_n * true_n).sum(axis=1)
+    mcc_den = np.sqrt((s_ ** 2 - (pred_n ** 2).sum(axis=1)) * (s_ ** 2 - (true_n ** 2).sum(axis=1)))
+    mcc = np.zeros_like(c)
+    np.divide(mcc_num, mcc_den, out=mcc, where=mcc_den != 0)
+    dist = (np.arange(k)[:, None] - np.arange(k)[None, :]) ** 2.0
+    expected = np.einsum("ri,rj->rij", true_n, pred_n) / np.where(total > 0, total, 1.0)[:, None, None]
+    kappa = 1.0 - _ratio((dist * cm).sum(axis=(1, 2)), (dist * expected).sum(axis=(1, 2)))
+    kappa[(true_n > 0).sum(axis=1) < 2] = np.nan  # one true class: kappa undefined, as in the point estimate
+    per_auc = np.column_stack([weighted_auc((y == j).astype(int), p[:, j], w)[0] for j in range(k)])
+    per_ap = np.column_stack([weighted_auc((y == j).astype(int), p[:, j], w)[1] for j in range(k)])
+    out = {
+        "accuracy": _ratio(c, total),
+        "balanced_accuracy": balanced,
+        "f1": f1.mean(axis=1),
+        "mcc": mcc,
+        "kappa_quadratic": kappa,
+        "roc_auc": per_auc.mean(axis=1),  # nan when a class is absent from the resample
+        "pr_auc": per_ap.mean(axis=1),
+        "brier": _ratio(w @ ((p - onehot) ** 2).sum(axis=1), total),
+    }
+    for j, name in enumerate(task.classes):
+        out[f"roc_auc_{name}"] = per_auc[:, j]
+        out[f"recall_{name}"] = recall[:, j]
+        out[f"precision_{name}"] = precision[:, j]
+    return out
 
 
 @dataclass(frozen=True)
@@ -239,17 +426,19 @@ def bootstrap_intervals(
     threshold: float,
     n_resamples: int,
     seed: int,
+    classes: Sequence[str] | None = None,
 ) -> dict[str, Interval]:
-    """95 % percentile intervals of every :data:`METRIC_KEYS` entry from a patient-level (cluster) bootstrap.
+    """95 % percentile intervals of every :func:`metric_keys` entry from a patient-level (cluster) bootstrap.
 
     Resamples in which a metric is undefined (e.g. a single class for ROC-AUC) are skipped for that metric and
-    counted in :attr:`Interval.n_skipped`.
+    counted in :attr:`Interval.n_skipped`. The draws depend on the order of ``patient_ids`` (patients are numbered in
+    order of appearance): callers pass scans in a key-independent order (by ``source``), never by pseudonym.
     """
     if len(patient_ids) != len(y_true):
         raise MetricsInputError(f"bootstrap: {len(patient_ids)} patient ids for {len(y_true)} predictions")
     weights = patient_bootstrap_weights(patient_ids, n_resamples, seed)
-    draws = weighted_metrics(y_true, prob, weights, threshold)
-    return {k: percentile_interval(draws[k]) for k in METRIC_KEYS}
+    draws = weighted_metrics(y_true, prob, weights, threshold, classes)
+    return {k: percentile_interval(draws[k]) for k in metric_keys(task_of(prob, classes).classes)}
 
 
 def summarize(
@@ -260,22 +449,28 @@ def summarize(
     threshold: float,
     n_resamples: int,
     seed: int,
-) -> dict[str, float | int | None]:
+    classes: Sequence[str] | None = None,
+) -> dict[str, Any]:
     """The flat metrics record of docs/CONTRACTS.md (without the model identity keys).
 
-    Keys: each metric, ``<metric>_ci_low``, ``<metric>_ci_high``, ``<metric>_ci_skipped``; ``tp, fp, tn, fn,
-    n_test, n_test_patients, threshold, bootstrap_resamples, bootstrap_seed``. Undefined values are ``None`` so that
-    the JSON stays strict (no NaN).
+    Keys: each metric of :func:`metric_keys`, ``<metric>_ci_low``, ``<metric>_ci_high``, ``<metric>_ci_skipped``;
+    ``confusion`` (``{actual: {predicted: n}}``); for the binary task also ``tp, fp, tn, fn``; ``n_test,
+    n_test_patients, threshold, bootstrap_resamples, bootstrap_seed``. Undefined values are ``None`` so that the JSON
+    stays strict (no NaN).
     """
-    point = point_metrics(y_true, prob, threshold)
-    cis = bootstrap_intervals(y_true, prob, patient_ids, threshold=threshold, n_resamples=n_resamples, seed=seed)
-    out: dict[str, float | int | None] = {}
-    for key in METRIC_KEYS:
+    task = task_of(prob, classes)
+    point = point_metrics(y_true, prob, threshold, task.classes)
+    cis = bootstrap_intervals(y_true, prob, patient_ids, threshold=threshold, n_resamples=n_resamples, seed=seed,
+                              classes=task.classes)
+    out: dict[str, Any] = {}
+    for key in metric_keys(task.classes):
         out[key] = jsonfile.finite_or_none(point[key])
         out[f"{key}_ci_low"] = cis[key].low
         out[f"{key}_ci_high"] = cis[key].high
         out[f"{key}_ci_skipped"] = cis[key].n_skipped
-    out.update(confusion_counts(y_true, prob, threshold))
+    if task.is_binary:
+        out.update(confusion_counts(y_true, prob, threshold))
+    out["confusion"] = confusion_matrix(y_true, prob, threshold, task.classes)
     out.update(
         n_test=int(len(y_true)),
         n_test_patients=int(pd.Series(np.asarray(patient_ids)).nunique()),
@@ -329,24 +524,77 @@ def predictions_frame(
     folds: Sequence[int] | None = None,
 ) -> pd.DataFrame:
     """The per-image predictions table (:mod:`spinedxa.contracts.predictions`); ``actual``/``predicted`` are class
-    names, ``fold`` the fold that scored each image (0 for all when ``folds`` is None)."""
-    y, p = _check_inputs(y_true, prob)
-    pred = (p >= threshold).astype(int)
-    names = np.asarray(classes, dtype=object)
-    return pd.DataFrame(
+    names, ``fold`` the fold that scored each image (0 for all when ``folds`` is None).
+
+    ``prob``: P(positive) (1-D, binary task) or the ``N x K`` class probabilities. The prediction is
+    ``prob >= threshold`` for the binary task and the argmax for the ordinal one.
+    """
+    task = task_of(prob, classes)
+    matrix = as_matrix(prob)
+    y, _ = (_check_inputs(y_true, matrix) if task.is_binary else _check_matrix(y_true, matrix))
+    pred = task.decide(matrix, threshold)
+    names = np.asarray(task.classes, dtype=object)
+    frame = pd.DataFrame(
         {
             "source": list(sources),
             "patient_id": list(patient_ids),
             "fold": np.zeros(len(y), dtype=int) if folds is None else np.asarray(folds, dtype=int),
             "label": names[y],
             "y_true": y,
-            "prob": p,
+            "prob": matrix[:, -1],
             "pred": pred,
             "actual": names[y],
             "predicted": names[pred],
         },
-        columns=list(predictions_contract.COLUMNS),
+        columns=list(predictions_contract.BASE_COLUMNS),
     )
+    for k, column in enumerate(predictions_contract.class_columns(task.classes)):
+        frame[column] = matrix[:, k]
+    return frame
+
+
+def probabilities(predictions: pd.DataFrame) -> np.ndarray:
+    """The ``N x K`` class probabilities of a predictions table (its ``prob_<class>`` columns)."""
+    return predictions[predictions_contract.class_columns(predictions_contract.classes_of(predictions))].to_numpy(
+        dtype=float)
+
+
+def task_prob(predictions: pd.DataFrame) -> np.ndarray:
+    """What the metrics take for a predictions table: P(positive) (binary) or the class probabilities (ordinal)."""
+    p = probabilities(predictions)
+    return p[:, -1] if p.shape[1] == 2 else p
+
+
+def positive_curve_inputs(predictions: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """``(is last class, P(last class))``: the binary view the curves are drawn from (the positive class of the
+    binary task, the most severe class against the rest in the ordinal one)."""
+    last = len(predictions_contract.classes_of(predictions)) - 1
+    return (predictions["y_true"].to_numpy() == last).astype(int), predictions["prob"].to_numpy(dtype=float)
+
+
+#: Fixed precision of every number in a metrics file: an identical re-run gives identical bytes (README).
+METRICS_DECIMALS = 6
+
+
+def rounded(value: Any, decimals: int = METRICS_DECIMALS) -> Any:
+    """``value`` with every float rounded to ``decimals`` (``-0.0`` written as ``0.0``), recursively."""
+    if isinstance(value, bool) or value is None or isinstance(value, (int, str)):
+        return value
+    if isinstance(value, float):
+        out = round(value, decimals)
+        return 0.0 if out == 0 else out
+    if isinstance(value, Mapping):
+        return {k: rounded(v, decimals) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [rounded(v, decimals) for v in value]
+    if isinstance(value, (np.floating, np.integer)):
+        return rounded(value.item(), decimals)
+    return value
+
+
+def write_metrics(path: str | Path, record: Mapping[str, Any]) -> None:
+    """Write a metrics record (a DVC metric) at the fixed precision :data:`METRICS_DECIMALS`."""
+    jsonfile.write(path, rounded(dict(record)))
 
 
 def write_evaluation(
@@ -357,15 +605,18 @@ def write_evaluation(
     predictions_path: str | Path,
     plots_dir: str | Path,
 ) -> None:
-    """Write the metrics JSON, the predictions CSV and ``roc.csv``/``pr.csv``/``calibration.csv`` (all atomic)."""
-    y, p = predictions["y_true"].to_numpy(), predictions["prob"].to_numpy()
+    """Write the metrics JSON, the predictions CSV and ``roc.csv``/``pr.csv``/``calibration.csv`` (all atomic).
+
+    The curves are those of the last class against the rest (:func:`positive_curve_inputs`).
+    """
+    y, p = positive_curve_inputs(predictions)
     plots_dir = Path(plots_dir)
     plots_dir.mkdir(parents=True, exist_ok=True)
     tables = {"roc.csv": roc_table(y, p), "pr.csv": pr_table(y, p), "calibration.csv": calibration_table(y, p)}
     for name, frame in tables.items():
-        table_contract.write(plots_dir / name, frame, list(frame.columns))
+        table_contract.write(plots_dir / name, frame.round(METRICS_DECIMALS), list(frame.columns))
     predictions_contract.write(predictions_path, predictions)
-    jsonfile.write(metrics_path, dict(record))
+    write_metrics(metrics_path, record)
 
 
 def fold_summary(predictions: pd.DataFrame, threshold: float) -> dict[str, float | int | None]:
@@ -374,10 +625,11 @@ def fold_summary(predictions: pd.DataFrame, threshold: float) -> dict[str, float
     The pooled out-of-fold metrics (:func:`summarize`) are the headline; the spread over folds shows how much a
     result depends on which patients a model was trained on. A metric undefined in a fold is left out of its mean.
     """
-    per_fold = [point_metrics(g["y_true"].to_numpy(), g["prob"].to_numpy(), threshold)
+    classes = predictions_contract.classes_of(predictions)
+    per_fold = [point_metrics(g["y_true"].to_numpy(), task_prob(g), threshold, classes)
                 for _, g in predictions.groupby("fold")]
     out: dict[str, float | int | None] = {"n_folds": len(per_fold)}
-    for key in METRIC_KEYS:
+    for key in metric_keys(classes):
         values = np.array([m[key] for m in per_fold], dtype=float)
         values = values[np.isfinite(values)]
         out[f"{key}_fold_mean"] = jsonfile.finite_or_none(values.mean()) if len(values) else None
@@ -386,47 +638,75 @@ def fold_summary(predictions: pd.DataFrame, threshold: float) -> dict[str, float
 
 
 def patient_level(predictions: pd.DataFrame, classes: Sequence[str]) -> pd.DataFrame:
-    """The clinical view: one row per patient with the mean predicted probability over their scans.
+    """The clinical view: one row per patient with the mean predicted class probabilities over their scans.
 
-    A patient's label is the majority label of their scans, a tie going to the positive class (as the split
-    stratifies). Columns ``patient_id, n_scans, y_true, prob`` (sorted by patient id).
+    A patient's label is the majority label of their scans, a tie going to the class listed later (the more severe
+    one; as the split stratifies). Columns ``patient_id, n_scans, y_true, prob`` and ``prob_<class>``; patients in
+    order of their first scan by ``source`` (a key-independent order: the bootstrap numbers patients in this order,
+    so the intervals do not depend on the pseudonyms).
     """
-    grouped = predictions.groupby("patient_id")
-    positive_share = grouped["y_true"].mean()
-    return pd.DataFrame({
-        "patient_id": positive_share.index,
-        "n_scans": grouped.size().reindex(positive_share.index).to_numpy(),
-        "y_true": (positive_share >= 0.5).astype(int).to_numpy(),
-        "prob": grouped["prob"].mean().reindex(positive_share.index).to_numpy(),
-    }).reset_index(drop=True)
+    classes = list(classes)
+    order = predictions.sort_values("source", kind="stable")
+    grouped = order.groupby("patient_id", sort=False)
+    counts = pd.crosstab(order["patient_id"], order["y_true"]).reindex(columns=range(len(classes)), fill_value=0)
+    first = list(grouped.groups)  # order of first appearance
+    counts = counts.loc[first]
+    label = counts[counts.columns[::-1]].idxmax(axis=1).astype(int)  # ties: the later (more severe) class
+    columns = predictions_contract.class_columns(classes)
+    means = grouped[columns].mean().loc[first]
+    out = pd.DataFrame({
+        "patient_id": first,
+        "n_scans": grouped.size().loc[first].to_numpy(),
+        "y_true": label.to_numpy(),
+        "prob": means[columns[-1]].to_numpy(),
+    })
+    for column in columns:
+        out[column] = means[column].to_numpy()
+    return out
 
 
 def patient_summary(predictions: pd.DataFrame, classes: Sequence[str], *, threshold: float, n_resamples: int,
-                    seed: int) -> dict[str, float | int | None]:
+                    seed: int) -> dict[str, Any]:
     """Metrics of :func:`patient_level`, keys prefixed ``patient_`` (intervals: an ordinary bootstrap of patients)."""
     patients = patient_level(predictions, classes)
-    record = summarize(patients["y_true"].to_numpy(), patients["prob"].to_numpy(), patients["patient_id"].to_numpy(),
-                       threshold=threshold, n_resamples=n_resamples, seed=seed)
-    keep = [*METRIC_KEYS, *(f"{k}_ci_{s}" for k in METRIC_KEYS for s in ("low", "high")), "tp", "fp", "tn", "fn"]
+    record = summarize(patients["y_true"].to_numpy(), task_prob(patients), patients["patient_id"].to_numpy(),
+                       threshold=threshold, n_resamples=n_resamples, seed=seed, classes=classes)
+    keys = metric_keys(classes)
+    keep = [*keys, *(f"{k}_ci_{s}" for k in keys for s in ("low", "high"))]
+    keep += ["tp", "fp", "tn", "fn"] if Task(tuple(classes)).is_binary else ["confusion"]
     return {f"patient_{k}": record[k] for k in keep} | {"n_patients": int(len(patients))}
 
 
 def out_of_fold_record(
     predictions: pd.DataFrame, classes: Sequence[str], *, protocol: str, threshold: float, n_resamples: int, seed: int
-) -> dict[str, float | int | str | None]:
+) -> dict[str, Any]:
     """The metrics record of docs/CONTRACTS.md for the pooled out-of-fold predictions of one model.
 
     Pooled metrics with patient-bootstrap intervals (:func:`summarize`; ``n_test`` is the number of scans scored),
     per-fold mean and SD (:func:`fold_summary`), patient-level metrics (:func:`patient_summary`), ``protocol``
-    and ``folds``.
+    and ``folds``. Scans are taken in ``source`` order (key-independent bootstrap draws).
     """
-    record: dict[str, float | int | str | None] = dict(summarize(
-        predictions["y_true"].to_numpy(), predictions["prob"].to_numpy(), predictions["patient_id"].to_numpy(),
-        threshold=threshold, n_resamples=n_resamples, seed=seed))
+    predictions = predictions.sort_values("source", kind="stable")
+    record: dict[str, Any] = dict(summarize(
+        predictions["y_true"].to_numpy(), task_prob(predictions), predictions["patient_id"].to_numpy(),
+        threshold=threshold, n_resamples=n_resamples, seed=seed, classes=classes))
     record.update(fold_summary(predictions, threshold))
     record.update(patient_summary(predictions, classes, threshold=threshold, n_resamples=n_resamples, seed=seed))
     record.update(protocol=protocol, folds=int(predictions["fold"].nunique()))
     return record
+
+
+def external_record(predictions: pd.DataFrame, classes: Sequence[str], *, threshold: float, n_resamples: int,
+                    seed: int) -> dict[str, Any]:
+    """The external cohort's metrics, keys prefixed ``external_`` (``external_n`` scans of ``external_patients``),
+    with patient-bootstrap intervals; scans in ``source`` order."""
+    predictions = predictions.sort_values("source", kind="stable")
+    record = summarize(predictions["y_true"].to_numpy(), task_prob(predictions), predictions["patient_id"].to_numpy(),
+                       threshold=threshold, n_resamples=n_resamples, seed=seed, classes=classes)
+    out = {f"external_{k}": v for k, v in record.items()
+           if k not in ("threshold", "bootstrap_resamples", "bootstrap_seed", "n_test", "n_test_patients")}
+    out.update(external_n=int(record["n_test"]), external_patients=int(record["n_test_patients"]))
+    return out
 
 
 def read_predictions(path: str | Path) -> pd.DataFrame:
@@ -555,16 +835,25 @@ def paired_bootstrap_auc(
 ) -> PairedBootstrapResult:
     """Bootstrap the ROC-AUC difference of two classifiers, resampling patients (both models see the same resample).
 
-    Resamples with a single class are skipped and counted. The p-value is the usual percentile-bootstrap one:
+    Binary: the ROC-AUC of P(positive) (1-D or ``N x 2``); ordinal (``N x K``): the macro one-vs-rest ROC-AUC.
+    Resamples in which the AUC is undefined are skipped and counted. The p-value is the usual percentile-bootstrap one:
     twice the smaller share of differences on either side of 0 (bounded by 1).
     """
-    y, pa = _check_inputs(y_true, prob_a)
-    _, pb = _check_inputs(y_true, prob_b)
-    if len(pa) != len(pb):
-        raise MetricsInputError(f"paired bootstrap: {len(pa)} and {len(pb)} predictions differ in length")
-    diff = float(skm.roc_auc_score(y, pa) - skm.roc_auc_score(y, pb))
+    if np.asarray(prob_a).shape != np.asarray(prob_b).shape:
+        raise MetricsInputError(f"paired bootstrap: predictions of shapes {np.asarray(prob_a).shape} and "
+                                f"{np.asarray(prob_b).shape} differ")
     weights = patient_bootstrap_weights(patient_ids, n_resamples, seed)
-    draws = weighted_auc(y, pa, weights)[0] - weighted_auc(y, pb, weights)[0]
+    if task_of(prob_a).is_binary:
+        y, pa = _check_inputs(y_true, prob_a)
+        _, pb = _check_inputs(y_true, prob_b)
+        diff = float(skm.roc_auc_score(y, pa) - skm.roc_auc_score(y, pb))
+        draws = weighted_auc(y, pa, weights)[0] - weighted_auc(y, pb, weights)[0]
+    else:
+        y, pa = _check_matrix(y_true, prob_a)
+        _, pb = _check_matrix(y_true, prob_b)
+        diff = float(ordinal_point_metrics(y, pa)["roc_auc"] - ordinal_point_metrics(y, pb)["roc_auc"])
+        draws = (ordinal_weighted_metrics(y, pa, weights)["roc_auc"]
+                 - ordinal_weighted_metrics(y, pb, weights)["roc_auc"])
     interval = percentile_interval(draws)
     finite = draws[np.isfinite(draws)]
     if len(finite) == 0:

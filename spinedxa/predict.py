@@ -1,7 +1,7 @@
 """Predict on new scans with a trained model: the ingest path for one file at a time, then the fold ensemble.
 
 Which model predicts: ``--model models/<m>`` is the **ensemble of the fold models** the train stage wrote
-(``models/<m>/fold<k>/``): a file's probability of osteoporosis is the mean of the fold models' probabilities. Each
+(``models/<m>/fold<k>/``): a file's class probabilities are the mean of the fold models' calibrated probabilities. Each
 fold model was trained on (k-1)/k of the cohort and scored out of fold by evaluate; no model was refit on all scans,
 so the ensemble is made only of models whose out-of-fold performance the report shows. A single fold directory
 (``models/<m>/fold0``, or its ``model.pt``) predicts with that one model.
@@ -12,12 +12,15 @@ with the header's PHI values and ``ingest.burned_in_text``: ``quarantine`` gives
 ``redact`` predicts on the redacted image and sets ``redacted``), ``imaging.normalise`` to ``ingest.max_side``, the
 L1-L4 region (``spinedxa.roi.locate``, or the whole image under ``ingest.roi: whole``; none found: ``no_roi: ...``)
 extracted at ``ingest.roi_height``, the blank-image rule of validate, then ``data.fit`` to the model's input shape
-(``image_size`` from meta.json). Header values are never output: an error names the file and a reason code.
+(``input_shape`` from meta.json). Header values are never output: an error names the file and a reason code.
 
-The output is one row per file: ``file, prob_osteoporosis, predicted, status, error, redacted``; a file that cannot
-be used gets ``status=error`` and a reason, and does not stop the others. Optionally a Grad-CAM overlay per file
-(on the model input, i.e. the ROI) shows which regions drove the osteoporosis score: the mean of the fold models'
-Grad-CAM maps, each normalised to [0, 1] as pytorch-grad-cam does, so it explains the ensemble's score.
+The output is one row per file: ``file``, one ``prob_<class>`` column per class of the model (``prob_normal,
+prob_osteoporosis`` for the binary task; ``prob_normal, prob_osteopenia, prob_osteoporosis`` for the WHO task),
+``predicted, status, error, redacted``; the predicted class follows the task (:meth:`spinedxa.task.Task.decide`:
+``evaluate.threshold`` on the positive class, or the most probable class). A file that cannot be used gets
+``status=error`` and a reason, and does not stop the others. Optionally a Grad-CAM overlay per file (on the model
+input, i.e. the ROI) shows which regions drove the score of the last class (osteoporosis): the mean of the fold
+models' Grad-CAM maps, each normalised to [0, 1] as pytorch-grad-cam does, so it explains the ensemble's score.
 
 Directories are walked as ingest walks ``data.source`` (``ingest.iter_files``: directory links followed, loop-safe,
 each real directory once), hidden files skipped. Unlike ingest, predict reads a file link wherever it points: the
@@ -33,7 +36,7 @@ import csv
 import io
 import pickle
 import re
-from dataclasses import astuple, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
@@ -42,7 +45,7 @@ import torch
 from PIL import Image
 
 from spinedxa.audit import fold_model_dirs
-from spinedxa.calibration import Platt
+from spinedxa.calibration import Calibration
 from spinedxa.config import Params
 from spinedxa.contracts import jsonfile
 from spinedxa.contracts.png16 import U16_MAX
@@ -50,9 +53,10 @@ from spinedxa.data import fit, input_shape
 from spinedxa.files import atomic_path, sha256_file, write_text_atomic
 from spinedxa.imaging import QuarantineError, decode_file
 from spinedxa.ingest import iter_files, process_pixels
-from spinedxa.models import load_trained, predict_proba
+from spinedxa.models import load_trained, score
+from spinedxa.task import Task
 
-POSITIVE = 1  # index of "osteoporosis" in data.classes (docs/CONTRACTS.md)
+POSITIVE = -1  # Grad-CAM explains the last class (osteoporosis: positive or most severe; docs/CONTRACTS.md)
 BATCH = 32  # files decoded and predicted together: bounds memory for large directories
 WEIGHTS = "model.pt"
 META = "meta.json"
@@ -65,10 +69,10 @@ class BlankImageError(ValueError):
 
 @dataclass(frozen=True)
 class Prediction:
-    """One output row (``redacted`` is None on error rows: no image was used)."""
+    """One output row: ``probabilities`` per class (empty on error rows), ``redacted`` None on error rows."""
 
     file: str
-    prob_osteoporosis: float | None
+    probabilities: dict[str, float]
     predicted: str
     status: str  # "ok" | "error"
     error: str = ""
@@ -92,11 +96,11 @@ class FoldModel:
     directory: Path
     model: torch.nn.Module
     tta: str = "none"
-    calibration: Platt = Platt()
+    calibration: Calibration = Calibration()
 
     def predict(self, name: str, images: torch.Tensor, device: str = "cpu") -> np.ndarray:
-        """Calibrated P(osteoporosis): exactly what evaluate scores for this fold."""
-        return self.calibration.apply(predict_proba(self.model, name, images, device=device, tta=self.tta))
+        """Calibrated class probabilities (``N x K``): exactly what evaluate scores for this fold."""
+        return score(self.model, name, images, self.calibration, tta=self.tta, device=device)
 
 
 @dataclass(frozen=True)
@@ -107,14 +111,15 @@ class Ensemble:
     image_size: int
     classes: tuple[str, ...]
     members: tuple[FoldModel, ...]
+    input_hw: tuple[int, int] | None = None  # meta.json input_shape (its aspect follows ingest.roi at training)
 
     @property
     def shape(self) -> tuple[int, int]:
         """The model input ``(height, width)``."""
-        return input_shape(self.image_size)
+        return self.input_hw or input_shape(self.image_size)
 
     def predict(self, images: torch.Tensor, device: str = "cpu") -> np.ndarray:
-        """Mean over the fold models of their calibrated P(osteoporosis) for each image (``N x 1 x H x W``)."""
+        """Mean over the fold models of their calibrated class probabilities (``N x K``) for ``N x 1 x H x W``."""
         return np.mean([m.predict(self.name, images, device=device) for m in self.members], axis=0)
 
     def gradcam(self, images: torch.Tensor) -> np.ndarray:
@@ -206,7 +211,7 @@ def load_ensemble(model: str | Path, device: str = "cpu") -> Ensemble:
     for directory in model_dirs(model):
         net, meta = _load_model(directory, device)
         members.append(FoldModel(meta.get("fold"), directory, net, str(meta.get("tta", "none")),
-                                 Platt.from_record(meta.get("calibration"))))
+                                 Calibration.from_record(meta.get("calibration"))))
         metas.append(meta)
     first = metas[0]
     for member, meta in zip(members[1:], metas[1:]):
@@ -217,7 +222,9 @@ def load_ensemble(model: str | Path, device: str = "cpu") -> Ensemble:
                                  "ensemble must agree")
     if "image_size" not in first:
         raise ValueError(f"{members[0].directory / META}: missing key(s) ['image_size']")
-    return Ensemble(first["model"], int(first["image_size"]), tuple(first["classes"]), tuple(members))
+    shape = first.get("input_shape")
+    return Ensemble(first["model"], int(first["image_size"]), tuple(first["classes"]), tuple(members),
+                    (int(shape[0]), int(shape[1])) if shape else None)
 
 
 def _load_model(model_dir: Path, device: str) -> tuple[torch.nn.Module, dict]:
@@ -261,7 +268,7 @@ def predict_files(
     gradcam_dir: str | Path | None = None,
     device: str = "cpu",
 ) -> list[Prediction]:
-    """Predict the probability of osteoporosis for each file (in input order).
+    """Predict the class probabilities of each file (in input order).
 
     Args:
         model: ``models/<m>`` (the fold ensemble), a fold directory or its ``model.pt``, or a loaded
@@ -278,6 +285,7 @@ def predict_files(
     """
     ensemble = model if isinstance(model, Ensemble) else load_ensemble(model, device)
     threshold = params.evaluate.threshold
+    task = Task(ensemble.classes)
     cam_names = _gradcam_names(files) if gradcam_dir is not None else {}
     results: list[Prediction] = []
     for batch in _batches(files, BATCH):
@@ -290,11 +298,11 @@ def predict_files(
                 errors[i] = str(exc)
             except ValueError as exc:  # normalise() on an unusable decode (e.g. non-finite pixels)
                 errors[i] = f"corrupt: {exc}"
-        probs: dict[int, float] = {}
+        probs: dict[int, np.ndarray] = {}
         if prepared:
             order = sorted(prepared)
             tensor = torch.from_numpy(np.stack([prepared[i].image for i in order]))[:, None]
-            probs = dict(zip(order, ensemble.predict(tensor, device).tolist()))
+            probs = dict(zip(order, ensemble.predict(tensor, device)))
             if gradcam_dir is not None:
                 maps = ensemble.gradcam(tensor)
                 for k, i in enumerate(order):
@@ -302,10 +310,11 @@ def predict_files(
         for i, path in enumerate(batch):
             if i in probs:
                 p = probs[i]
-                results.append(Prediction(str(path), round(p, 6), ensemble.classes[int(p >= threshold)], "ok",
-                                          redacted=prepared[i].redacted))
+                predicted = ensemble.classes[int(task.decide(p[None, :], threshold)[0])]
+                results.append(Prediction(str(path), {c: round(float(v), 6) for c, v in zip(ensemble.classes, p)},
+                                          predicted, "ok", redacted=prepared[i].redacted))
             else:
-                results.append(Prediction(str(path), None, "", "error", errors[i]))
+                results.append(Prediction(str(path), {}, "", "error", errors[i]))
     return results
 
 
@@ -334,16 +343,21 @@ def _gradcam_names(files: Sequence[Path]) -> dict[Path, str]:
     return names
 
 
-def to_csv(rows: Sequence[Prediction]) -> str:
-    """The rows as CSV text with the header ``file,prob_osteoporosis,predicted,status,error,redacted``."""
+def to_csv(rows: Sequence[Prediction], classes: Sequence[str] | None = None) -> str:
+    """The rows as CSV text with the header ``file,prob_<class>...,predicted,status,error,redacted`` (the classes
+    of the model, or those the ok rows hold)."""
+    if classes is None:
+        classes = next((list(r.probabilities) for r in rows if r.probabilities), [])
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow([f.name for f in fields(Prediction)])
+    writer.writerow(["file", *(f"prob_{c}" for c in classes), "predicted", "status", "error", "redacted"])
     for row in rows:
-        writer.writerow(["" if v is None else v for v in astuple(row)])  # booleans as True/False, as in the manifest
+        probs = ["" if row.probabilities.get(c) is None else row.probabilities[c] for c in classes]
+        tail = ["" if v is None else v for v in (row.predicted, row.status, row.error, row.redacted)]
+        writer.writerow([row.file, *probs, *tail])  # booleans as True/False, as in the manifest
     return buf.getvalue()
 
 
-def write_csv(path: str | Path, rows: Sequence[Prediction]) -> None:
+def write_csv(path: str | Path, rows: Sequence[Prediction], classes: Sequence[str] | None = None) -> None:
     """Write :func:`to_csv` to ``path`` atomically."""
-    write_text_atomic(path, to_csv(rows))
+    write_text_atomic(path, to_csv(rows, classes))

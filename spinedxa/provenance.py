@@ -4,8 +4,10 @@ Torch-free and MLflow-free, so the report, the audit and predict can record prov
 training code.
 
 What counts as *dirty* (:data:`RESULT_PATHS`): an uncommitted change to what determines a stage's results: the package
-(``spinedxa/``), the stage shells (``stages/``), ``params.yaml``, ``dvc.yaml`` (the commands) and ``pyproject.toml``
-(the dependency pins): modified, staged, deleted or new-but-not-ignored files there. Other paths do not count:
+(``spinedxa/``), the stage shells (``stages/``), ``params.yaml``, ``dvc.yaml`` (the commands), ``pyproject.toml``
+(the dependency pins) and ``weights/`` (the records and ``.dvc`` files of the pre-trained weights a training starts
+from; a weights file not yet ``dvc add``-ed shows as new): modified, staged, deleted or new-but-not-ignored files
+there. Other paths do not count:
 ``dvc.lock`` and the committed reports are rewritten by every ``dvc repro`` while it runs (a training in the middle of a
 repro would always look dirty), and tests, docs and benchmarks do not change a result. Every output that records the
 commit records the flag, and says plainly when the commit alone does not reproduce it.
@@ -23,7 +25,7 @@ log = logging.getLogger(__name__)
 
 UNKNOWN = "unknown"
 #: Repo paths whose uncommitted changes make a result not reproducible from its commit (see the module docstring).
-RESULT_PATHS = ("spinedxa", "stages", "params.yaml", "dvc.yaml", "pyproject.toml")
+RESULT_PATHS = ("spinedxa", "stages", "params.yaml", "dvc.yaml", "pyproject.toml", "weights")
 
 
 @dataclass(frozen=True)

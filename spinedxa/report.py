@@ -37,9 +37,13 @@ from statsmodels.stats.multitest import multipletests
 
 from spinedxa import metrics
 from spinedxa.config import Params
-from spinedxa.contracts import jsonfile, manifest as manifest_contract, splits as splits_contract, table
+from spinedxa.contracts import jsonfile, manifest as manifest_contract, replay as replay_contract
+from spinedxa.contracts import splits as splits_contract, table
+from spinedxa.contracts.manifest import model_input_shape, roi_aspect
+from spinedxa.errors import UserError
 from spinedxa.files import write_text_atomic
 from spinedxa.provenance import provenance
+from spinedxa.task import Task
 
 #: The paper's proposed network: every other model is also compared with it.
 REFERENCE_MODEL = "cnn21"
@@ -47,6 +51,8 @@ REFERENCE_MODEL = "cnn21"
 BASELINE = "baseline"
 #: Where the synthesize stage writes the embedded cohort (its --out in dvc.yaml); data.source points here by default.
 SYNTHETIC_SOURCE = "data/raw/synthetic"
+#: ... and the second synthetic cohort (its --external-out), external.source's default.
+SYNTHETIC_EXTERNAL = "data/raw/external"
 #: Search bound for the paper's test-set size (the paper has 174 images; a few augmented copies stay far below).
 PAPER_MAX_TEST_SIZE = 1000
 #: Share of images held out for testing in the usual 80/20 split, used to read the paper's test-set size.
@@ -58,12 +64,13 @@ TARGET_AUC = 0.85
 #: ... above the baseline, with a 95 % interval no wider than +- this; the mean over the five at least STRETCH_AUC.
 TARGET_HALF_WIDTH = 0.07
 STRETCH_AUC = 0.90
-#: The keys every metrics JSON must hold for the report (docs/CONTRACTS.md).
-REQUIRED_RECORD_KEYS = (
-    *metrics.METRIC_KEYS,
-    *(f"{k}_ci_{s}" for k in metrics.METRIC_KEYS for s in ("low", "high")),
-    "tp", "fp", "tn", "fn", "n_test", "n_test_patients", "threshold", "protocol", "folds",
-)
+def required_record_keys(classes: Sequence[str]) -> tuple[str, ...]:
+    """The keys every metrics JSON must hold for the report (docs/CONTRACTS.md), for the task of ``classes``."""
+    keys = metrics.metric_keys(classes)
+    return (*keys, *(f"{k}_ci_{s}" for k in keys for s in ("low", "high")), "confusion", "n_test",
+            "n_test_patients", "threshold", "protocol", "folds")
+
+
 METRIC_LABELS = {
     "accuracy": "Accuracy",
     "precision": "Precision (PPV)",
@@ -75,14 +82,32 @@ METRIC_LABELS = {
     "roc_auc": "ROC-AUC",
     "pr_auc": "PR-AUC (average precision)",
     "brier": "Brier score (lower is better)",
+    "kappa_quadratic": "Quadratic-weighted kappa",
 }
+#: Labels of the ordinal task's metrics where they differ from the binary ones (macro averages over the classes).
+ORDINAL_LABELS = {
+    "f1": "F1 (macro)",
+    "roc_auc": "ROC-AUC (macro, one-vs-rest)",
+    "pr_auc": "PR-AUC (macro, one-vs-rest)",
+    "brier": "Brier score (multi-class; lower is better)",
+}
+
+
+def metric_label(key: str, task: Task) -> str:
+    """The report's name of a metric key of ``task`` (per-class keys: ``ROC-AUC, osteopenia vs rest``)."""
+    for base in metrics.PER_CLASS_KEYS:
+        for c in task.classes:
+            if key == f"{base}_{c}":
+                return {"roc_auc": f"ROC-AUC, {c} vs rest", "recall": f"Recall of {c}",
+                        "precision": f"Precision of {c}"}[base]
+    if not task.is_binary and key in ORDINAL_LABELS:
+        return ORDINAL_LABELS[key]
+    return METRIC_LABELS.get(key, key)
 #: The four figures Naeem et al. 2025 report for their 21-layer CNN (params report.paper_*).
 PAPER_KEYS = ("accuracy", "precision", "recall", "f1")
-#: The replay ablation's metrics file inside its output directory (stage `replay`).
-REPLAY_METRICS = "leaky_replay_metrics.json"
 
 
-class ReportInputError(ValueError):
+class ReportInputError(UserError, ValueError):
     """An input of the report is malformed: missing keys or columns, or predictions of different scans."""
 
 
@@ -102,6 +127,10 @@ class ReportInputs:
     replay_dir: Path
     truth: Path | None = None  # the synthetic cohort's ground truth (burned-in text caught / missed)
     repo: Path = Path(".")
+    provenance_dir: Path | None = None  # reports/provenance/<model>.json (runs, model hashes, commits)
+    external_predictions_dir: Path | None = None  # reports/predictions/external/<model>.csv
+    external_reports: Path | None = None  # reports/external (ingest.json, validation.json)
+    external_data: Path | None = None  # data/external (its manifest)
 
 
 # --------------------------------------------------------------------------------------------------- loading
@@ -118,6 +147,8 @@ class ModelResult:
     pr: pd.DataFrame
     calibration: pd.DataFrame
     curves: pd.DataFrame | None  # training curves (CNNs only)
+    provenance: Mapping[str, Any] = field(default_factory=dict)  # reports/provenance/<model>.json
+    external: pd.DataFrame | None = None  # the fold ensemble's predictions on the external cohort
 
 
 def _stage_of(name: str) -> str:
@@ -150,8 +181,9 @@ def _numeric(frame: pd.DataFrame) -> pd.DataFrame:
     return frame.apply(pd.to_numeric, errors="coerce")
 
 
-def load_results(models: Sequence[str], inputs: ReportInputs) -> list[ModelResult]:
-    """Read metrics, predictions, plot tables (and training curves) of each model.
+def load_results(models: Sequence[str], inputs: ReportInputs, classes: Sequence[str]) -> list[ModelResult]:
+    """Read metrics, provenance, predictions (out of fold and external), plot tables (and training curves) of each
+    model.
 
     Raises:
         FileNotFoundError: a model's file is missing (the message names the file and the stage that writes it).
@@ -159,7 +191,7 @@ def load_results(models: Sequence[str], inputs: ReportInputs) -> list[ModelResul
     """
     results = []
     for name in models:
-        record = _record(_require_file(inputs.metrics_dir / f"{name}.json", name), REQUIRED_RECORD_KEYS)
+        record = _record(_require_file(inputs.metrics_dir / f"{name}.json", name), required_record_keys(classes))
         try:
             predictions = metrics.read_predictions(_require_file(inputs.predictions_dir / f"{name}.csv", name))
         except metrics.MetricsInputError as exc:
@@ -178,42 +210,54 @@ def load_results(models: Sequence[str], inputs: ReportInputs) -> list[ModelResul
         if name != BASELINE:
             curves = _numeric(_table(_require_file(curves_path, name), ("fold", "epoch", "train_loss", "val_loss",
                                                                         "val_auc")))
+        prov: dict[str, Any] = {}
+        if inputs.provenance_dir is not None:
+            prov = _record(_require_file(inputs.provenance_dir / f"{name}.json", name), ("model",))
+        external = None
+        if inputs.external_predictions_dir is not None and record.get("external_n"):
+            try:
+                external = metrics.read_predictions(
+                    _require_file(inputs.external_predictions_dir / f"{name}.csv", name))
+            except metrics.MetricsInputError as exc:
+                raise ReportInputError(str(exc)) from None
         results.append(ModelResult(name, record, predictions, tables["roc"], tables["pr"], tables["calibration"],
-                                   curves))
+                                   curves, prov, external))
     return results
 
 
 # --------------------------------------------------------------------------------------------------- comparisons
 
 
-def paired_predictions(a: ModelResult, b: ModelResult, predictions_dir: Path) -> pd.DataFrame:
-    """Join two models' predictions on ``source`` (columns ``y_true, patient_id, prob_a, pred_a, prob_b, pred_b``).
+@dataclass(frozen=True)
+class Paired:
+    """Two models' predictions of the same scans, aligned by ``source`` (``prob_*``: what the metrics take)."""
+
+    y_true: np.ndarray
+    patient_id: np.ndarray
+    prob_a: np.ndarray
+    prob_b: np.ndarray
+    pred_a: np.ndarray
+    pred_b: np.ndarray
+
+
+def paired_predictions(a: pd.DataFrame, b: pd.DataFrame, where: str) -> Paired:
+    """Join two predictions tables on ``source`` (in ``source`` order: key-independent bootstrap draws).
 
     Raises:
-        ReportInputError: the two files do not cover the same scans with the same labels.
+        ReportInputError: the two tables do not cover the same scans with the same labels.
     """
-    left = a.predictions.set_index("source")
-    right = b.predictions.set_index("source")
+    left = a.set_index("source").sort_index()
+    right = b.set_index("source")
     if set(left.index) != set(right.index) or len(left) != len(right):
         raise ReportInputError(
-            f"{predictions_dir / (a.name + '.csv')} and {predictions_dir / (b.name + '.csv')} cover different scans "
-            f"({len(left)} vs {len(right)} rows, {len(set(left.index) ^ set(right.index))} not shared); "
-            "re-run both evaluations on the same splits.csv"
+            f"{where}: the two predictions cover different scans ({len(left)} vs {len(right)} rows, "
+            f"{len(set(left.index) ^ set(right.index))} not shared); re-run both evaluations on the same splits.csv"
         )
     right = right.loc[left.index]
     if not (left["y_true"].to_numpy() == right["y_true"].to_numpy()).all():
-        raise ReportInputError(f"{predictions_dir}: {a.name}.csv and {b.name}.csv disagree on y_true")
-    return pd.DataFrame(
-        {
-            "y_true": left["y_true"].to_numpy(),
-            "patient_id": left["patient_id"].to_numpy(),
-            "prob_a": left["prob"].to_numpy(),
-            "pred_a": left["pred"].to_numpy(),
-            "prob_b": right["prob"].to_numpy(),
-            "pred_b": right["pred"].to_numpy(),
-        },
-        index=left.index,
-    )
+        raise ReportInputError(f"{where}: the two predictions disagree on y_true")
+    return Paired(left["y_true"].to_numpy(), left["patient_id"].to_numpy(), metrics.task_prob(left),
+                  metrics.task_prob(right), left["pred"].to_numpy(), right["pred"].to_numpy())
 
 
 #: Family-wise error rate of each comparison family (vs baseline, vs cnn21), Holm-adjusted.
@@ -259,24 +303,28 @@ class Comparison:
         return low is not None and high is not None and (low > 0 or high < 0)
 
 
-def compare(a: ModelResult, b: ModelResult, predictions_dir: Path, *, n_resamples: int, seed: int) -> Comparison:
-    """McNemar, DeLong and the paired patient bootstrap of ``a`` against ``b`` (no multiplicity adjustment)."""
-    joined = paired_predictions(a, b, predictions_dir)
-    y = joined["y_true"].to_numpy()
-    try:
-        delong = metrics.delong_test(y, joined["prob_a"].to_numpy(), joined["prob_b"].to_numpy())
-    except metrics.MetricsInputError:
-        delong = None  # fewer than two scans of a class: DeLong's variance is not estimable (shown as n/a)
+def compare(a: ModelResult, b: ModelResult, predictions_dir: Path, *, n_resamples: int, seed: int,
+            external: bool = False) -> Comparison:
+    """McNemar, DeLong (binary task only: a test of two ROC-AUCs) and the paired patient bootstrap of the ROC-AUC
+    (macro for the ordinal task) of ``a`` against ``b``, out of fold or on the external cohort (no multiplicity
+    adjustment)."""
+    frames = (a.external, b.external) if external else (a.predictions, b.predictions)
+    joined = paired_predictions(*frames, f"{predictions_dir}: {a.name} and {b.name}")
+    y = joined.y_true
+    delong = None
+    if np.asarray(joined.prob_a).ndim == 1:
+        try:
+            delong = metrics.delong_test(y, joined.prob_a, joined.prob_b)
+        except metrics.MetricsInputError:
+            delong = None  # fewer than two scans of a class: DeLong's variance is not estimable (shown as n/a)
     return Comparison(
         model=a.name,
         other=b.name,
-        n=len(joined),
-        mcnemar=metrics.mcnemar_exact(y, joined["pred_a"].to_numpy(), joined["pred_b"].to_numpy()),
+        n=len(y),
+        mcnemar=metrics.mcnemar_exact(y, joined.pred_a, joined.pred_b),
         delong=delong,
-        bootstrap=metrics.paired_bootstrap_auc(
-            y, joined["prob_a"].to_numpy(), joined["prob_b"].to_numpy(), joined["patient_id"].to_numpy(),
-            n_resamples=n_resamples, seed=seed,
-        ),
+        bootstrap=metrics.paired_bootstrap_auc(y, joined.prob_a, joined.prob_b, joined.patient_id,
+                                               n_resamples=n_resamples, seed=seed),
     )
 
 
@@ -292,14 +340,16 @@ def holm(pvalues: Sequence[float | None]) -> list[float | None]:
 
 
 def comparison_family(results: Sequence[ModelResult], against: str, predictions_dir: Path, *, n_resamples: int,
-                      seed: int) -> list[Comparison]:
-    """Every other model against ``against``, with Holm-adjusted bootstrap, DeLong and McNemar p-values."""
+                      seed: int, external: bool = False) -> list[Comparison]:
+    """Every other model against ``against`` (on the external cohort when ``external``), with Holm-adjusted
+    bootstrap, DeLong and McNemar p-values."""
     by_name = {r.name: r for r in results}
-    if against not in by_name:
+    if against not in by_name or (external and by_name[against].external is None):
         return []
     ref = by_name[against]
-    raw = [compare(r, ref, predictions_dir, n_resamples=n_resamples, seed=seed) for r in results
-           if r.name != against and not (against == REFERENCE_MODEL and r.name == BASELINE)]
+    raw = [compare(r, ref, predictions_dir, n_resamples=n_resamples, seed=seed, external=external) for r in results
+           if r.name != against and not (against == REFERENCE_MODEL and r.name == BASELINE)
+           and (not external or r.external is not None)]
     boot = holm([c.bootstrap.p_value for c in raw])
     dl = holm([c.delong.p_value if c.delong else None for c in raw])
     mc = holm([c.mcnemar.p_value for c in raw])
@@ -424,40 +474,148 @@ def reconstruct_paper_confusion(
 
 @dataclass(frozen=True)
 class Replay:
-    """The replayed leaky protocol (stage ``replay``) beside the paper and the honest out-of-fold cnn21."""
+    """The replay ablation (stage ``replay``): the leaky run against its matched control, beside the paper.
+
+    Attributes:
+        enabled: ``replay.enabled`` when the stage ran.
+        leaky: the leaky run's record (augment, then split): its metrics on its own random test set of copies, the
+            paper-like figure.
+        matched: the leaky run's metrics on the matched scans (the control's held-out original scans).
+        control: the matched control's record (split by patient, then augment): its metrics on the same scans.
+        inflation: leaky minus control on the matched scans, per metric, with the paired patient-bootstrap interval.
+        verdict: what the ROC-AUC inflation's interval shows: ``"inflates"`` (above 0), ``"lowers"`` (below 0) or
+            ``"not shown"`` (it includes 0, or is undefined); empty when disabled.
+    """
 
     enabled: bool
-    record: Mapping[str, Any]
+    leaky: Mapping[str, Any]
+    matched: Mapping[str, Any] = field(default_factory=dict)
+    control: Mapping[str, Any] = field(default_factory=dict)
+    inflation: Mapping[str, Any] = field(default_factory=dict)
+    verdict: str = ""
+
+
+#: Metrics the replay's records must hold, each with its interval: those of every task (metrics.metric_keys); the
+#: template shows the paper's four beside them where the task has them.
+REPLAY_KEYS = ("accuracy", "f1", "roc_auc")
+
+
+def _replay_keys(*extra: str) -> list[str]:
+    return [f"{k}{s}" for k in REPLAY_KEYS for s in ("", "_ci_low", "_ci_high")] + list(extra)
 
 
 def load_replay(replay_dir: Path) -> Replay | None:
-    """The replay ablation's metrics, or None when its file is absent (a pipeline without the replay stage)."""
-    path = replay_dir / REPLAY_METRICS
-    if not path.is_file():
+    """The replay ablation's two records, or None when the leaky one is absent (a pipeline without the replay stage).
+
+    Raises:
+        ReportInputError: a record lacks keys, or the leaky record exists without its matched control (outputs of
+            an older replay stage: rerun it).
+    """
+    c = replay_contract
+    leaky_path, control_path = replay_dir / c.LEAKY_METRICS, replay_dir / c.CONTROL_METRICS
+    if not leaky_path.is_file():
         return None
-    record = _record(path, ("enabled",))
-    if record["enabled"]:
-        missing = [k for k in (*PAPER_KEYS, "roc_auc") for s in ("", "_ci_low", "_ci_high") if f"{k}{s}" not in record]
+    leaky = _record(leaky_path, ("enabled",))
+    if not leaky["enabled"]:
+        return Replay(False, leaky)
+    if not control_path.is_file():
+        raise ReportInputError(f"{control_path}: missing beside {leaky_path.name}; rerun the replay stage "
+                               "(dvc repro replay), which writes the leaky run and its matched control together")
+    leaky = _record(leaky_path, _replay_keys(c.MATCHED, "model", "n_images", "n_test_images", "n_test_scans",
+                                             "n_test_patients", "test_scans_in_train_share", "epochs", "tta",
+                                             "val_fraction"))
+    control = _record(control_path, _replay_keys(c.INFLATION, "n_test", "n_test_patients"))
+    matched, inflation = leaky[c.MATCHED], control[c.INFLATION]
+    for what, record, required in ((f"{leaky_path}: {c.MATCHED}", matched, _replay_keys("scans_in_train_share")),
+                                   (f"{control_path}: {c.INFLATION}", inflation, _replay_keys("n_scans", "n_patients"))):
+        missing = [k for k in required if k not in record]
         if missing:
-            raise ReportInputError(f"{path}: missing key(s) {missing}")
-    return Replay(bool(record["enabled"]), record)
+            raise ReportInputError(f"{what}: missing key(s) {missing}")
+    if matched.get("n_test") != inflation["n_scans"] or control["n_test"] != inflation["n_scans"]:
+        raise ReportInputError(f"{replay_dir}: the leaky run and the control were scored on different scans "
+                               f"({matched.get('n_test')} and {control['n_test']}); rerun the replay stage")
+    low, high = inflation["roc_auc_ci_low"], inflation["roc_auc_ci_high"]
+    verdict = ("not shown" if low is None or high is None or low <= 0.0 <= high
+               else "inflates" if low > 0.0 else "lowers")
+    return Replay(True, leaky, matched, control, inflation, verdict)
 
 
 # --------------------------------------------------------------------------------------------------- data, lineage
 
 
-def data_summary(inputs: ReportInputs, classes: Sequence[str]) -> dict[str, Any]:
-    """Counts per fold and role, quarantined files with reasons, burned-in text, the validation verdict.
+def data_card(manifest: pd.DataFrame, ingest: Mapping[str, Any], validation: Mapping[str, Any], task: Task,
+              split_summary: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """What a cohort is, from its manifest and summaries: formats and sizes, labels found -> classes after the map,
+    duplicates, near-duplicates, quarantines by reason, patients and scans per class, where patients come from.
+
+    Nothing identifying: counts, formats and sizes only.
+    """
+    accepted = manifest[manifest["status"] == "accepted"]
+    sizes = accepted[["orig_width", "orig_height"]].apply(pd.to_numeric, errors="coerce").dropna()
+    spacing = pd.to_numeric(accepted.get("pixel_spacing_mm", pd.Series(dtype=str)), errors="coerce").dropna()
+    found = ingest.get("per_label_found") or {}
+    labels = []
+    for label, by_status in found.items():
+        outcome = task.resolve(label)
+        labels.append({"label": label, "becomes": outcome.cls if outcome.outcome == "class" else
+                       "dropped" if outcome.outcome == "drop" else "unknown (quarantined)",
+                       "files": int(sum(by_status.values())), "accepted": int(by_status.get("accepted", 0)),
+                       "duplicate": int(by_status.get("duplicate", 0)),
+                       "quarantined": int(by_status.get("quarantined", 0)),
+                       "dropped": int(by_status.get("dropped", 0))})
+    per_class = [{"cls": c, "scans": int((accepted["label"] == c).sum()),
+                  "patients": int(accepted.loc[accepted["label"] == c, "patient_id"].nunique())} for c in task.classes]
+    quarantined = manifest[manifest["status"] == "quarantined"].sort_values("sha256")
+    return {
+        "n_files": int(ingest.get("n_files", len(manifest))),
+        "n_accepted": int(len(accepted)),
+        "n_patients": int(accepted["patient_id"].nunique()),
+        "labelling": ingest.get("labelling", "?"),
+        "formats": dict(ingest.get("per_format") or {}),
+        "modalities": accepted["modality"].replace("", "none").value_counts().sort_index().to_dict()
+        if "modality" in accepted else {},
+        "photometric": accepted["photometric"].replace("", "n/a").value_counts().sort_index().to_dict()
+        if "photometric" in accepted else {},
+        "converted_from_color": int(ingest.get("n_converted_from_color", 0)),
+        "size": {"width": _range(sizes["orig_width"]), "height": _range(sizes["orig_height"])} if len(sizes) else None,
+        "pixel_spacing": _range(spacing) if len(spacing) else None,
+        "labels": labels,
+        "per_class": per_class,
+        "dropped": int(ingest.get("n_dropped", 0)),
+        "duplicates": int(ingest.get("n_duplicates", 0)),
+        "duplicate_groups": int(ingest.get("n_duplicate_groups", 0)),
+        "label_conflict_groups": int(ingest.get("n_label_conflict_groups", 0)),
+        "label_conflicts": int(ingest.get("n_label_conflicts", 0)),
+        "near_duplicates_across": int(validation.get("n_near_duplicates_across_patients", 0)),
+        "near_duplicates_within": int(validation.get("n_near_duplicates_within_patient", 0)),
+        "near_duplicate_groups": int((split_summary or {}).get("n_near_duplicate_groups", 0)),
+        "quarantine_rate": float(ingest.get("quarantine_rate", 0.0)),
+        "quarantine_reasons": quarantined["reason"].str.split(":").str[0].value_counts().sort_index().to_dict(),
+        "quarantined": [{"file": f"{sha[:12]}", "format": fmt, "reason": reason}
+                        for sha, fmt, reason in zip(quarantined["sha256"], quarantined["format"],
+                                                    quarantined["reason"])],
+        "patient_from": dict(ingest.get("patient_from") or {}),
+        "roi_methods": accepted["roi_method"].value_counts().to_dict() if "roi_method" in accepted else {},
+        "validation": validation,
+    }
+
+
+def _range(values: pd.Series) -> dict[str, float]:
+    return {"min": float(values.min()), "median": float(values.median()), "max": float(values.max())}
+
+
+def data_summary(inputs: ReportInputs, task: Task) -> dict[str, Any]:
+    """Counts per fold and role, the training cohort's data card, burned-in text, the validation verdict, and the
+    external cohort's data card when there is one.
 
     Quarantined files are shown by content hash, never by name (names of real cohorts can carry identifiers).
     """
+    classes = task.classes
     ingest = _record(inputs.ingest_summary, ("n_files", "n_accepted", "n_quarantined", "quarantine_rate"))
     validation = _record(inputs.validation, ("success", "blocking_failures", "warnings"))
     split_summary = _record(inputs.split_summary, ("protocol", "n_images", "n_patients", "folds"))
     manifest = manifest_contract.read(inputs.manifest, ("sha256", "status", "reason", "format", "source"))
     splits = splits_contract.read(inputs.splits)
-    quarantined = manifest[manifest["status"] == "quarantined"].sort_values("sha256")
-    reasons = quarantined["reason"]
     leaks = int((splits.groupby(["fold", "patient_id"])["split"].nunique() > 1).sum())
     out = {
         "ingest": ingest,
@@ -470,15 +628,19 @@ def data_summary(inputs: ReportInputs, classes: Sequence[str]) -> dict[str, Any]
             for role in splits_contract.ROLES
         ],
         "patients_in_two_roles": leaks,
-        "quarantined": [
-            {"file": f"{sha[:12]}", "format": fmt, "reason": reason}
-            for sha, fmt, reason in zip(quarantined["sha256"], quarantined["format"], reasons)
-        ],
-        "quarantine_reasons": reasons.str.split(":").str[0].value_counts().sort_index().to_dict(),
+        "card": data_card(manifest, ingest, validation, task, split_summary),
         "burned_in": burned_in_summary(manifest, inputs.truth),
-        "roi_methods": manifest.loc[manifest["status"] == "accepted", "roi_method"].value_counts().to_dict()
-        if "roi_method" in manifest else {},
+        "external": None,
     }
+    if inputs.external_reports is not None and inputs.external_data is not None:
+        ext_ingest = _record(inputs.external_reports / "ingest.json", ())
+        if ext_ingest.get("enabled", True) is not False:
+            ext_validation = _record(inputs.external_reports / "validation.json", ())
+            ext_manifest = manifest_contract.read(inputs.external_data / manifest_contract.FILE_NAME,
+                                                  ("sha256", "status", "reason", "format", "source"))
+            out["external"] = data_card(ext_manifest, ext_ingest, ext_validation, task)
+            out["external"]["in_training_cohort"] = int(ext_manifest["reason"].str.startswith(
+                "in_training_cohort").sum())
     return out
 
 
@@ -546,8 +708,9 @@ def figures(results: Sequence[ModelResult], classes: Sequence[str]) -> dict[str,
     for r in results:
         ax.plot(r.roc["fpr"], r.roc["tpr"], label=_label(r, "roc_auc"))
     ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
+    vs = "" if len(classes) == 2 else f" ({classes[-1]} vs rest; legend: macro ROC-AUC)"
     ax.set(xlabel="False positive rate (1 - specificity)", ylabel="True positive rate (sensitivity)",
-           title="ROC curves, pooled out of fold (legend: ROC-AUC)", xlim=(0, 1), ylim=(0, 1.02))
+           title=f"ROC curves, pooled out of fold{vs or ' (legend: ROC-AUC)'}", xlim=(0, 1), ylim=(0, 1.02))
     ax.legend(fontsize=8, loc="lower right")
     out["roc"] = _png_base64(fig)
 
@@ -566,25 +729,27 @@ def figures(results: Sequence[ModelResult], classes: Sequence[str]) -> dict[str,
         ax.plot(r.calibration["mean_predicted"], r.calibration["fraction_positive"], marker="o", markersize=3,
                 label=_label(r, "brier"))
     ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
-    ax.set(xlabel=f"Mean predicted P({classes[1]})", ylabel=f"Observed fraction {classes[1]}", xlim=(0, 1),
-           ylim=(0, 1), title=f"Calibration ({metrics.CALIBRATION_BINS} bins; legend: Brier score)")
+    ax.set(xlabel=f"Mean predicted P({classes[-1]})", ylabel=f"Observed fraction {classes[-1]}", xlim=(0, 1),
+           ylim=(0, 1), title=f"Calibration of P({classes[-1]}) ({metrics.CALIBRATION_BINS} bins; legend: Brier "
+                             "score)")
     ax.legend(fontsize=8, loc="upper left")
     out["calibration"] = _png_base64(fig)
 
     cols = min(3, len(results))
     rows = math.ceil(len(results) / cols)
-    fig = Figure(figsize=(3.2 * cols, 3.0 * rows))
+    fig = Figure(figsize=(3.2 * cols * max(1.0, len(classes) / 2.5), 3.0 * rows * max(1.0, len(classes) / 2.5)))
     axes = fig.subplots(rows, cols, squeeze=False)
     for ax in axes.flat[len(results):]:
         ax.axis("off")
+    ticks = list(range(len(classes)))
     for ax, r in zip(axes.flat, results):
-        cm = np.array([[r.record["tn"], r.record["fp"]], [r.record["fn"], r.record["tp"]]])
+        cm = confusion_array(r.record, classes)
         top = max(int(cm.max()), 1)
         ax.imshow(cm, cmap="Blues", vmin=0, vmax=top)  # a fixed 0 floor keeps light cells light in every panel
         for (i, j), v in np.ndenumerate(cm):
             ax.text(j, i, str(v), ha="center", va="center", color="white" if v > top / 2 else "black")
-        ax.set_xticks([0, 1], labels=list(classes), fontsize=8)
-        ax.set_yticks([0, 1], labels=list(classes), fontsize=8)
+        ax.set_xticks(ticks, labels=list(classes), fontsize=7)
+        ax.set_yticks(ticks, labels=list(classes), fontsize=7)
         ax.set_xlabel("predicted", fontsize=8)
         ax.set_ylabel("actual", fontsize=8)
         ax.set_title(r.name, fontsize=9)
@@ -611,6 +776,12 @@ def figures(results: Sequence[ModelResult], classes: Sequence[str]) -> dict[str,
         fig.tight_layout()
         out["curves"] = _png_base64(fig)
     return out
+
+
+def confusion_array(record: Mapping[str, Any], classes: Sequence[str]) -> np.ndarray:
+    """The record's confusion matrix as an array (rows actual, columns predicted, in class order)."""
+    cm = record["confusion"]
+    return np.array([[int(cm[a][b]) for b in classes] for a in classes])
 
 
 # --------------------------------------------------------------------------------------------------- rendering
@@ -656,6 +827,24 @@ def _environment() -> jinja2.Environment:
     return env
 
 
+def cohort_words(params: Params) -> dict[str, str]:
+    """The words the report uses for the cohort and the task, from params (never a literal true of one cohort only).
+
+    ``title``: e.g. "Osteoporosis vs normal in the synthetic AP lumbar spine DXA cohort"; ``what``: the cohort as a
+    noun phrase; ``images``: what one image is ("lumbar spine DXA image", "knee radiograph image", or "image").
+    """
+    data, task = params.data, params.data.task
+    kind = " vs ".join(reversed(task.classes)) if task.is_binary else " < ".join(task.classes)
+    what = data.name or f"the cohort in {data.source}"
+    image = " ".join(w for w in (data.anatomy, data.modality) if w).strip()
+    images = f"{image} image" if image else "image"
+    return {"title": f"{kind[0].upper()}{kind[1:]} in the {what}" if data.name else f"{kind[0].upper()}{kind[1:]} "
+                                                                                     f"in {what}",
+            "what": what, "images": images,
+            "task": task.describe(), "anatomy": data.anatomy or "not stated (data.anatomy)",
+            "modality": data.modality or "not stated (data.modality)"}
+
+
 def build_context(params: Params, inputs: ReportInputs) -> dict[str, Any]:
     """Everything the templates show, computed from the inputs.
 
@@ -664,40 +853,55 @@ def build_context(params: Params, inputs: ReportInputs) -> dict[str, Any]:
         ReportInputError: an input lacks keys/columns or two models were scored on different scans.
     """
     models = [*params.train.models, BASELINE]
-    results = load_results(models, inputs)
-    by_name = {r.name: r for r in results}
     classes, cfg = params.data.classes, params.evaluate
+    task = params.data.task
+    results = load_results(models, inputs, classes)
+    by_name = {r.name: r for r in results}
     rep = params.report
     reported = {"accuracy": rep.paper_accuracy, "precision": rep.paper_precision, "recall": rep.paper_recall,
                 "f1": rep.paper_f1}
+    # The paper's figures are a reference for the paper's task only: binary, osteoporosis the positive class.
+    paper_task = task.is_binary and task.positive == "osteoporosis"
     # F1 is the harmonic mean of precision and recall: recomputing it checks the paper's internal consistency.
     paper_f1_from_pr = 2 * rep.paper_precision * rep.paper_recall / (rep.paper_precision + rep.paper_recall)
     scored = results[0].predictions
     cnn_results = [r for r in results if r.name != BASELINE]
     best = max((r for r in cnn_results if r.record["roc_auc"] is not None), key=lambda r: r.record["roc_auc"],
                default=None)
+    keys = metrics.metric_keys(classes)
     skipped = {
-        r.name: [f"{k} {r.record[f'{k}_ci_skipped']}" for k in metrics.METRIC_KEYS if r.record.get(f"{k}_ci_skipped")]
+        r.name: [f"{k} {r.record[f'{k}_ci_skipped']}" for k in keys if r.record.get(f"{k}_ci_skipped")]
         for r in results
     }
     family = {"n_resamples": cfg.bootstrap, "seed": cfg.seed}
     vs_baseline = comparison_family(results, BASELINE, inputs.predictions_dir, **family)
     vs_reference = comparison_family(results, REFERENCE_MODEL, inputs.predictions_dir, **family)
+    external_vs_baseline = comparison_family(results, BASELINE, inputs.predictions_dir, external=True, **family)
     checks = target_checks(results, vs_baseline, params)
     aucs = [c.auc for c in checks if c.auc is not None]
     prov = provenance(inputs.repo)
-    trained = {(r.record.get("train_git_commit"), r.record.get("train_git_dirty")) for r in cnn_results}
-    runtime = sorted({(str(r.record.get("fast_path")), str(r.record.get("threads"))) for r in cnn_results})
+    trained = {(r.provenance.get("train_git_commit"), r.provenance.get("train_git_dirty")) for r in cnn_results}
+    runtime = sorted({(str(r.provenance.get("fast_path")), str(r.provenance.get("threads"))) for r in cnn_results})
+    counts = scored["y_true"].value_counts()
+    patient_keys = (["roc_auc", "accuracy", "recall", "specificity", "f1"] if task.is_binary
+                    else ["roc_auc", "accuracy", "balanced_accuracy", "kappa_quadratic", "f1"])
+    headline = (["accuracy", "precision", "recall", "f1", "roc_auc"] if task.is_binary
+                else ["accuracy", "balanced_accuracy", "kappa_quadratic", "f1", "roc_auc"])
     return {
         "params": params,
+        "task": task,
+        "words": cohort_words(params),
         "classes": classes,
         "models": models,
         "results": results,
         "cnn_results": cnn_results,
         "baseline": by_name[BASELINE],
-        "metric_keys": metrics.METRIC_KEYS,
-        "metric_labels": METRIC_LABELS,
+        "metric_keys": keys,
+        "metric_labels": {**METRIC_LABELS, **{k: metric_label(k, task) for k in (*keys, *patient_keys)}},
+        "patient_keys": patient_keys,
+        "headline_keys": headline,
         "paper_keys": PAPER_KEYS,
+        "paper_task": paper_task,
         "reported": reported,
         "audit": reconstruct_paper_confusion(rep.paper_accuracy, rep.paper_precision, rep.paper_recall,
                                              rep.paper_n_images),
@@ -708,8 +912,7 @@ def build_context(params: Params, inputs: ReportInputs) -> dict[str, Any]:
         "scored": {
             "n": len(scored),
             "patients": int(scored["patient_id"].nunique()),
-            "positives": int(scored["y_true"].sum()),
-            "negatives": int(len(scored) - scored["y_true"].sum()),
+            "per_class": {c: int(counts.get(k, 0)) for k, c in enumerate(classes)},
             "folds": int(results[0].record["folds"]),
             "protocol": str(results[0].record["protocol"]),
         },
@@ -717,17 +920,23 @@ def build_context(params: Params, inputs: ReportInputs) -> dict[str, Any]:
         "skipped": {name: items for name, items in skipped.items() if items},
         "vs_baseline": vs_baseline,
         "vs_reference": vs_reference,
+        "external_vs_baseline": external_vs_baseline,
+        "external_results": [r for r in results if r.external is not None],
         "reference": REFERENCE_MODEL,
         "reference_record": by_name[REFERENCE_MODEL].record if REFERENCE_MODEL in by_name else None,
         "checks": checks,
         "targets": {"auc": TARGET_AUC, "half_width": TARGET_HALF_WIDTH, "stretch": STRETCH_AUC,
                     "mean_auc": float(np.mean(aucs)) if aucs else None, "all_met": all(c.met for c in checks)},
         "replay": load_replay(inputs.replay_dir),
-        "data": data_summary(inputs, classes),
+        "data": data_summary(inputs, task),
         "synthetic": Path(params.data.source).as_posix().rstrip("/") == SYNTHETIC_SOURCE,
+        "synthetic_external": Path(params.external.source).as_posix().rstrip("/") == SYNTHETIC_EXTERNAL,
         "provenance": prov,
         "trained_provenance": sorted(trained, key=str),
         "runtime": runtime,
+        "input_shapes": {r.name: model_input_shape(params.train.model(r.name).image_size, params.ingest.roi)
+                         for r in cnn_results},
+        "roi_aspect": roi_aspect(params.ingest.roi),
         "lock": lock_digests(inputs.repo / "dvc.lock"),
         "figures": figures(results, classes),
     }
@@ -751,7 +960,7 @@ def render(context: Mapping[str, Any]) -> tuple[str, str]:
     template = env.get_template("comparison.md.j2")
     markdown = template.render(**context, html=False)
     body = MarkdownIt("commonmark", {"html": True}).enable("table").render(template.render(**context, html=True))
-    html = env.get_template("comparison.html.j2").render(body=body, css=_CSS, title="spinedxa model comparison")
+    html = env.get_template("comparison.html.j2").render(body=body, css=_CSS, title=context["words"]["title"])
     return markdown, html
 
 
@@ -771,12 +980,17 @@ def log_data_metrics(params: Params, inputs: ReportInputs) -> str:
     from spinedxa import tracking
 
     numbers: dict[str, float] = {}
-    for prefix, path in (("ingest", inputs.ingest_summary), ("validation", inputs.validation),
-                         ("split", inputs.split_summary)):
+    sources = [("ingest", inputs.ingest_summary), ("validation", inputs.validation), ("split", inputs.split_summary)]
+    if inputs.external_reports is not None:
+        sources += [("external.ingest", inputs.external_reports / "ingest.json"),
+                    ("external.validation", inputs.external_reports / "validation.json")]
+    for prefix, path in sources:
         _flatten(prefix, jsonfile.read(path), numbers)
     prov = provenance(inputs.repo)
     experiment = tracking.experiment_name(params.runtime.mlflow_experiment)
-    with tracking.training_run(experiment, "data", params={"data.source": params.data.source},
+    with tracking.training_run(experiment, "data", params={"data.source": params.data.source,
+                                                             "data.classes": ",".join(params.data.classes),
+                                                             "external.source": params.external.source},
                                tags={"git_commit": prov.commit, "git_dirty": "unknown" if prov.dirty is None else str(prov.dirty).lower(),
                                      "dvc_stage": "ingest,validate,split"}) as run_id:
         tracking.log_epoch(numbers, 0)

@@ -329,11 +329,11 @@ def _levels(smooth: np.ndarray, axis: np.ndarray, body: float, discs: np.ndarray
     return int(discs[idx]), int(discs[idx + 4]), "centre"
 
 
-def whole(image: np.ndarray) -> Roi:
-    """The whole image as the ROI, padded (centred) to the ROI's aspect ratio: for cohorts prepared as L1-L4 crops
-    elsewhere (``ingest.roi: whole``)."""
+def whole(image: np.ndarray, aspect: float = ASPECT) -> Roi:
+    """The whole image as the ROI, padded (centred) to ``aspect`` (height / width): for cohorts of other anatomy, or
+    prepared as crops elsewhere (``ingest.roi: whole``, square: :func:`spinedxa.contracts.manifest.roi_aspect`)."""
     h, w = image.shape[:2]
-    height, width = (h, int(round(h / ASPECT))) if h >= ASPECT * w else (int(round(w * ASPECT)), w)
+    height, width = (h, int(round(h / aspect))) if h >= aspect * w else (int(round(w * aspect)), w)
     return Roi((h - height) // 2, (w - width) // 2, height, width, "whole", float("nan"), 0)
 
 
@@ -348,12 +348,12 @@ def crop(image: np.ndarray, roi: Roi) -> np.ndarray:
     return out
 
 
-def extract(image: np.ndarray, roi: Roi, height: int) -> np.ndarray:
-    """The ROI of a uint16 image, resized to ``height x height / ASPECT`` (Lanczos, anti-aliased), as uint16.
+def extract(image: np.ndarray, roi: Roi, height: int, aspect: float = ASPECT) -> np.ndarray:
+    """The ROI of a uint16 image, resized to ``height x height / aspect`` (Lanczos, anti-aliased), as uint16.
 
     Every scan's L1-L4 region then has the same size in pixels whatever the patient's build or the field of view.
     """
-    width = max(1, int(round(height / ASPECT)))
+    width = max(1, int(round(height / aspect)))
     box = crop(np.asarray(image, dtype=np.float32), roi)
     resized = np.asarray(Image.fromarray(box).resize((width, height), Image.Resampling.LANCZOS))
     return np.clip(np.rint(resized), 0, 65535).astype(np.uint16)

@@ -58,7 +58,8 @@ from sklearn.model_selection import StratifiedGroupKFold, cross_val_predict
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from spinedxa.config import SynthesizeConfig
+from spinedxa.config import ExternalCohortConfig, SynthesizeConfig
+from spinedxa.task import WHO_CLASSES
 from spinedxa.files import atomic_dir, atomic_path, write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -108,6 +109,25 @@ DISPLAY_SPAN = (0.08, 0.8)  # fraction of full scale spanned by 0..DISPLAY_TOP_G
 TWELVE_BIT_SHARE = 0.3  # share of scans stored with BitsStored 12 (older exports); the rest use 16
 RESCALE_SHARE = 0.2  # share of scans whose stored values are shifted and undone by a RescaleIntercept
 MAX_FRACTION_OF_RANGE = 0.95  # rendered values stay below this fraction of full scale (headroom for the intercept)
+
+
+
+@dataclass(frozen=True)
+class Scanner:
+    """What a scanner adds to the body it images: blur, quantum noise and the vendor's display processing.
+
+    The default is the first cohort's scanner (the constants above); the external cohort's second scanner
+    (``synthesize.external``) changes each of these, so its scans differ from the training cohort's the way another
+    site's do, while the anatomy, the bone loss and the labels follow the same forward model.
+    """
+
+    psf_sigma_mm: float = PSF_SIGMA_MM
+    noise_scale: float = 1.0
+    display_gamma: tuple[float, float] = DISPLAY_GAMMA
+    display_span: tuple[float, float] = DISPLAY_SPAN
+
+
+DEFAULT_SCANNER = Scanner()
 
 # --- Fake identities (PHI lives only in DICOM headers; never in the truth CSV) -------------------------------------
 _FAMILY = ("DOE", "SMITH", "JOHNSON", "WILLIAMS", "BROWN", "JONES", "GARCIA", "MILLER", "DAVIS", "MARTIN", "MUELLER",
@@ -288,20 +308,16 @@ def _visit_identity(rng: np.random.Generator, person: dict, study: dt.date) -> F
     )
 
 
-def plan_cohort(cfg: SynthesizeConfig, classes: Sequence[str]) -> list[ScanPlan]:
+def plan_cohort(cfg: SynthesizeConfig) -> list[ScanPlan]:
     """Draw every subject, visit, T-score, confounder, storage choice and fake identity from ``cfg.seed``.
 
-    Class counts are exact (``n_osteoporosis`` scans of ``classes[1]``, the rest ``classes[0]``). A share of the
-    patients (``followup_fraction`` of them) has a follow-up scan that keeps the patient's class, identity and
-    confounders while the T-score drifts a little. Scan numbers are assigned in shuffled order, so neither the file
-    name nor the subject number reveals the class.
-
-    Raises:
-        ValueError: ``classes`` is not two distinct plain directory names.
+    Binary class counts are exact (``n_osteoporosis`` scans with T <= -2.5, the rest above); each scan is filed in the
+    folder of its WHO class (``normal/``, ``osteopenia/``, ``osteoporosis/``: :func:`who_class` of its T-score), as
+    real cohorts come, so the task's label map (``data.class_map``) decides what osteopenia is. A share of the
+    patients (``followup_fraction`` of them) has a follow-up scan that keeps the patient's binary class, identity and
+    confounders while the T-score drifts a little (it may cross the osteopenia boundary). Scan numbers are assigned in
+    shuffled order, so neither the file name nor the subject number reveals the class.
     """
-    classes = tuple(classes)
-    if len(classes) != 2 or len(set(classes)) != 2 or any(not c or "/" in c or c.startswith(".") for c in classes):
-        raise ValueError(f"classes {classes!r}: expected two distinct plain directory names (negative, positive)")
     # Independent streams: the plan, each scan's acquisition, each patient's anatomy (SeedSequence.spawn), so any
     # scan can be rendered alone, in any process, with the same bytes.
     plan_seq, scan_seq, patient_seq = np.random.SeedSequence(cfg.seed).spawn(3)
@@ -335,7 +351,7 @@ def plan_cohort(cfg: SynthesizeConfig, classes: Sequence[str]) -> list[ScanPlan]
             bits = 12 if rng.random() < TWELVE_BIT_SHARE else 16
             intercept = -(2 ** (bits - 5)) if rng.random() < RESCALE_SHARE else 0  # 3 % of full scale
             scans.append({
-                "class_name": classes[label], "label": label, "subject": subject, "visit": visit,
+                "class_name": who_class(round(t, 3)), "label": label, "subject": subject, "visit": visit,
                 "t_score": round(t, 3), "osteophyte": osteophyte, "fracture": fracture, "scoliosis_deg": scoliosis,
                 "photometric": "MONOCHROME1" if rng.random() < cfg.monochrome1_fraction else "MONOCHROME2",
                 "bits_stored": bits, "rescale_intercept": intercept,
@@ -623,6 +639,7 @@ def simulate_scan(
     fracture: bool = False,
     scoliosis_deg: float = 0.0,
     anatomy_rng: np.random.Generator | None = None,
+    scanner: Scanner = DEFAULT_SCANNER,
 ) -> SyntheticScan:
     """Render one AP lumbar spine DXA scan and keep the masks and acquisition factors (see :class:`SyntheticScan`).
 
@@ -635,6 +652,7 @@ def simulate_scan(
         anatomy_rng: the patient's generator for everything that belongs to the body (vertebral sizes, pelvis,
             confounder shapes, soft-tissue build), so that two visits of one patient share their anatomy;
             ``None`` draws the anatomy from ``rng`` too.
+        scanner: the blur, noise and display processing of the scanner (:class:`Scanner`).
 
     Raises:
         ValueError: a size, spacing or bit depth outside the supported range.
@@ -682,18 +700,18 @@ def simulate_scan(
     soft, soft_level = _soft_tissue(grid, verts, pat, acq, yy, xx)
 
     # Acquisition: blur, noise, striping, display processing.
-    attenuation = gaussian_filter(bone + soft, PSF_SIGMA_MM / grid.spacing, mode="nearest")
+    attenuation = gaussian_filter(bone + soft, scanner.psf_sigma_mm / grid.spacing, mode="nearest")
     # Quantum noise grows with patient thickness; per-pixel SD scales inversely with pixel size (fewer counts).
-    noise_sd = acq.uniform(0.012, 0.03) * (1.0 + 1.5 * soft_level) * (0.5 / grid.spacing)
+    noise_sd = acq.uniform(0.012, 0.03) * (1.0 + 1.5 * soft_level) * (0.5 / grid.spacing) * scanner.noise_scale
     attenuation += noise_sd * acq.standard_normal((height, width), dtype=np.float32)
     attenuation += 0.006 * acq.standard_normal((height, 1), dtype=np.float32)  # fan-beam scan-line striping
 
     full = 2**bits_stored - 1
     # Vendor display processing: a per-scan gamma on the bone image (monotone, so structure survives), then a
     # gain and offset. Together they make whole-image brightness and contrast uninformative about the label.
-    gamma = _log_uniform(acq, DISPLAY_GAMMA)
+    gamma = _log_uniform(acq, scanner.display_gamma)
     display = (np.clip(attenuation, 0.0, None) / DISPLAY_TOP_G_CM2) ** gamma
-    gain = full * _log_uniform(acq, DISPLAY_SPAN)  # exports use from a few hundred levels to most of the range
+    gain = full * _log_uniform(acq, scanner.display_span)  # exports use from a few hundred levels to most of the range
     offset = full * acq.uniform(0.01, MAX_FRACTION_OF_RANGE - 0.02 - gain / full)
     image = np.clip(np.rint(offset + gain * display), 0, MAX_FRACTION_OF_RANGE * full).astype(np.uint16)
 
@@ -964,12 +982,13 @@ def _scan_statistics(scan: SyntheticScan) -> dict[str, float]:
     }
 
 
-def _forward(plan: ScanPlan, cfg: SynthesizeConfig) -> SyntheticScan:
+def _forward(plan: ScanPlan, cfg: SynthesizeConfig, scanner: Scanner = DEFAULT_SCANNER) -> SyntheticScan:
     """The forward model's scan for a plan (no text drawn)."""
     return simulate_scan(
         np.random.default_rng(plan.seed), plan.t_score, height=cfg.height, width=cfg.width,
         pixel_spacing_mm=cfg.pixel_spacing_mm, bits_stored=plan.bits_stored, osteophyte=plan.osteophyte,
         fracture=plan.fracture, scoliosis_deg=plan.scoliosis_deg, anatomy_rng=np.random.default_rng(plan.anatomy_seed),
+        scanner=scanner,
     )
 
 
@@ -981,27 +1000,29 @@ def _labelled(plan: ScanPlan, cfg: SynthesizeConfig, scan: SyntheticScan) -> np.
     return draw_level_labels(scan.image, scan.roi_mask, cfg.pixel_spacing_mm, side, plan.bits_stored)
 
 
-def _render_plan(plan: ScanPlan, cfg: SynthesizeConfig) -> SyntheticScan:
+def _render_plan(plan: ScanPlan, cfg: SynthesizeConfig, scanner: Scanner = DEFAULT_SCANNER) -> SyntheticScan:
     """The scan as written to ``plan.source`` (level labels included), with the forward model's masks and factors."""
-    scan = _forward(plan, cfg)
+    scan = _forward(plan, cfg, scanner)
     return replace(scan, image=_labelled(plan, cfg, scan))
 
 
-def render_banner_copy(plan: ScanPlan, cfg: SynthesizeConfig, image: np.ndarray | None = None) -> np.ndarray:
+def render_banner_copy(plan: ScanPlan, cfg: SynthesizeConfig, image: np.ndarray | None = None,
+                       scanner: Scanner = DEFAULT_SCANNER) -> np.ndarray:
     """The pixels of a scan's burned-in banner copy: the scan as written (``image``, else re-rendered), plus its
     banner (fake PHI in a corner)."""
-    image = _render_plan(plan, cfg).image if image is None else image
+    image = _render_plan(plan, cfg, scanner).image if image is None else image
     rng = _overlay_rng(cfg, BANNER_STREAM, plan)
     return draw_banner(image, banner_lines(plan.identity, rng), rng, plan.bits_stored)
 
 
-def _make_scan(plan: ScanPlan, cfg: SynthesizeConfig, out_dir: Path) -> list[dict[str, object]]:
+def _make_scan(plan: ScanPlan, cfg: SynthesizeConfig, out_dir: Path,
+               scanner: Scanner = DEFAULT_SCANNER) -> list[dict[str, object]]:
     """Render, write and describe one scan, and its banner copy if it has one (runs in a worker process).
 
     The audit statistics describe the forward model's image, before any text is drawn: the text is chosen
     independently of the label, and level labels beside the spine would otherwise enter the soft-tissue baseline.
     """
-    scan = _forward(plan, cfg)
+    scan = _forward(plan, cfg, scanner)
     image = _labelled(plan, cfg, scan)
     path = out_dir / plan.source
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -1017,15 +1038,15 @@ def _make_scan(plan: ScanPlan, cfg: SynthesizeConfig, out_dir: Path) -> list[dic
     }
     if not plan.burned_in:
         return [row]
-    build_dataset(plan, render_banner_copy(plan, cfg, image), cfg.seed, cfg.pixel_spacing_mm, capture=True).save_as(
+    build_dataset(plan, render_banner_copy(plan, cfg, image, scanner), cfg.seed, cfg.pixel_spacing_mm, capture=True).save_as(
         out_dir / plan.banner_source, enforce_file_format=True)
     return [row, {**row, "source": plan.banner_source, "burned_in": True}]
 
 
 def synthesize_cohort(
-    cfg: SynthesizeConfig, out_dir: Path, truth_csv: Path, classes: tuple[str, str], *, workers: int = 1
+    cfg: SynthesizeConfig, out_dir: Path, truth_csv: Path, *, scanner: Scanner = DEFAULT_SCANNER, workers: int = 1
 ) -> pd.DataFrame:
-    """Write the synthetic cohort as ``<out_dir>/<class>/scan_NNNN.dcm`` and its ground truth to ``truth_csv``.
+    """Write the synthetic cohort as ``<out_dir>/<WHO class>/scan_NNNN.dcm`` and its ground truth to ``truth_csv``.
 
     The ``burned_in`` scans also get a banner copy ``<class>/scan_NNNN_sc.dcm`` (see :func:`render_banner_copy`).
     ``out_dir`` is replaced whole and atomically; ``truth_csv`` is written atomically. Scans are rendered by
@@ -1037,41 +1058,56 @@ def synthesize_cohort(
         plus one row per banner copy, which has its scan's label, subject and visit and ``burned_in`` true.
 
     Raises:
-        ValueError: invalid ``classes`` or image geometry.
+        ValueError: invalid image geometry.
     """
     out_dir, truth_csv = Path(out_dir), Path(truth_csv)
-    plans = plan_cohort(cfg, classes)
+    plans = plan_cohort(cfg)
     workers = max(1, min(workers, len(plans)))
     with atomic_dir(out_dir) as tmp:
-        for name in classes:
-            (tmp / name).mkdir()
         if workers == 1:
-            per_scan = [_make_scan(p, cfg, tmp) for p in plans]
+            per_scan = [_make_scan(p, cfg, tmp, scanner) for p in plans]
         else:
             with concurrent.futures.ProcessPoolExecutor(max_workers=workers) as pool:
                 chunk = max(1, len(plans) // (4 * workers))
-                per_scan = list(pool.map(_make_scan, plans, [cfg] * len(plans), [tmp] * len(plans), chunksize=chunk))
+                n = len(plans)
+                per_scan = list(pool.map(_make_scan, plans, [cfg] * n, [tmp] * n, [scanner] * n, chunksize=chunk))
     rows = [row for scan_rows in per_scan for row in scan_rows]
     truth = pd.DataFrame(rows, columns=list(TRUTH_COLUMNS)).sort_values("source", ignore_index=True)
     write_text_atomic(truth_csv, truth.to_csv(index=False, float_format="%.6g", lineterminator="\n"))
     scans = truth[~truth["burned_in"]]
-    counts = ", ".join(f"{int((scans['label'] == i).sum())} {name}" for i, name in enumerate(classes))
+    counts = ", ".join(f"{n} {name}" for name, n in scans["who_class"].value_counts().sort_index().items())
     log.info("synthesized %d scans (%s; %d with level labels) and %d burned-in banner copies into %s", len(scans),
              counts, int(scans["level_labels"].sum()), int(truth["burned_in"].sum()), out_dir)
     return truth
+
+
+def external_cohort(cfg: SynthesizeConfig) -> tuple[SynthesizeConfig, Scanner] | None:
+    """The external cohort's configuration and scanner: ``cfg`` with the ``synthesize.external`` block applied
+    (its own seed, size, prevalence, pixel size and MONOCHROME1 share) and the second scanner; None without one."""
+    ext: ExternalCohortConfig | None = cfg.external
+    if ext is None:
+        return None
+    cohort = replace(cfg, seed=ext.seed, n_scans=ext.n_scans, n_osteoporosis=ext.n_osteoporosis,
+                     pixel_spacing_mm=ext.pixel_spacing_mm, monochrome1_fraction=ext.monochrome1_fraction,
+                     external=None)
+    scanner = Scanner(psf_sigma_mm=ext.psf_sigma_mm, noise_scale=ext.noise_scale,
+                      display_gamma=tuple(ext.display_gamma), display_span=tuple(ext.display_span))
+    return cohort, scanner
 
 
 # ==================================================================================================================
 # Figure and audit
 # ==================================================================================================================
 
-def plot_examples(cfg: SynthesizeConfig, classes: tuple[str, str], path: Path, per_class: int = 4) -> None:
-    """Save a PNG grid with the first ``per_class`` scans of each class (one row per class), bone bright.
+def plot_examples(cfg: SynthesizeConfig, path: Path, per_class: int = 4, scanner: Scanner = DEFAULT_SCANNER,
+                  title: str = "Synthetic AP lumbar spine DXA (display orientation)") -> None:
+    """Save a PNG grid with the first ``per_class`` scans of each WHO class present (one row per class), bone bright.
 
     The scans are re-rendered from their seeds (identical to the files). Uses matplotlib's object API (no pyplot,
     so no GUI backend and no global state).
     """
-    plans = plan_cohort(cfg, classes)
+    plans = plan_cohort(cfg)
+    classes = [c for c in WHO_CLASSES if any(p.class_name == c for p in plans)]
     rows = [[p for p in plans if p.class_name == name][:per_class] for name in classes]
     fig = Figure(figsize=(2.2 * per_class, 2.9 * len(classes)))
     axes = fig.subplots(len(classes), per_class, squeeze=False)
@@ -1082,14 +1118,14 @@ def plot_examples(cfg: SynthesizeConfig, classes: tuple[str, str], path: Path, p
             if c >= len(chosen):
                 continue
             plan = chosen[c]
-            img = _render_plan(plan, cfg).image.astype(np.float64)
+            img = _render_plan(plan, cfg, scanner).image.astype(np.float64)
             lo, hi = np.percentile(img, [0.5, 99.5])
             ax.imshow(img, cmap="gray", vmin=lo, vmax=hi, interpolation="nearest")
             extras = [n for n, on in (("osteophyte", plan.osteophyte), ("fracture", plan.fracture),
                                       ("scoliosis", plan.scoliosis_deg > 0)) if on]
             ax.set_title(f"{plan.scan_id} [{name}]\nT={plan.t_score:+.1f} {who_class(plan.t_score)}"
                          + (f"\n{', '.join(extras)}" if extras else ""), fontsize=7)
-    fig.suptitle("Synthetic AP lumbar spine DXA (display orientation)", fontsize=9)
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110, metadata={"Software": None})

@@ -13,6 +13,10 @@ algorithms (same params, same machine: bit-identical weights); every fold checkp
 never resumes a stale checkpoint. Under ``torchrun`` (``WORLD_SIZE > 1``) every rank trains the folds one after the
 other with DDP (gloo on CPU, NCCL on CUDA); rank 0 writes every output.
 
+Initial weights (``train.<model>.weights``) come from :mod:`spinedxa.weights`: resolved and verified before any fold
+starts (a missing file stops the stage with a message naming the command that brings it in), verified again by each
+fold that loads them, and named in every fold's meta.json, MLflow params and checkpoint fingerprint.
+
 MLflow: one parent run per model (its pooled out-of-fold metrics are added by ``evaluate``) with one nested run per
 fold (params, per-epoch metrics, the fold's model with its signature, the training data as dataset inputs whose
 digests are their DVC hashes, tags for the git commit, dirty flag, DVC stage, fast path and threads). The main
@@ -41,12 +45,13 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
-from spinedxa import checkpoint, tracking
+from spinedxa import checkpoint, tracking, weights as pretrained
 from spinedxa.augment import build_transform, flip_only
 from spinedxa.config import ConfigError, ModelTrainConfig, Params
 from spinedxa.contracts import jsonfile, splits as splits_contract, table
-from spinedxa.calibration import Platt, fit_platt
-from spinedxa.data import DXADataset, input_shape, part_items, stack_images, training_items
+from spinedxa import calibration as calibration_policy
+from spinedxa.calibration import Calibration
+from spinedxa.data import DXADataset, model_input_shape, part_items, stack_images, training_items
 from spinedxa.files import atomic_dir, sha256_file
 from spinedxa.loop import CURVE_COLUMNS, Batches, FitPlan, Session, fit
 from spinedxa.models import get_model, get_spec, predict_proba, variant
@@ -60,6 +65,22 @@ LAST = "last.pt"  # a fold's checkpoint after its latest epoch
 DONE = "done.pt"  # a finished fold: best weights and history, under the fold's fingerprint
 LOGGED = "mlflow.json"  # the MLflow run a finished fold was logged to
 PARENT = "mlflow_parent.json"  # the model's parent run (reused when the stage resumes)
+#: Repeat r of a fold trains with seed train.seed + r * REPEAT_SEED_STRIDE (far from every other seed in params).
+REPEAT_SEED_STRIDE = 1000
+
+
+def repeat_dir(fold: int, repeat: int = 0) -> str:
+    """Where repeat ``repeat`` of fold ``fold`` lives under models/<m>/ (and the checkpoints): ``fold<k>`` for the
+    first training (the result), ``repeat<r>/fold<k>`` for the seed repeats (``train.repeats``)."""
+    return f"fold{fold}" if repeat == 0 else f"repeat{repeat}/fold{fold}"
+
+
+def repeat_params(params: Params, repeat: int) -> Params:
+    """``params`` with the seed of repeat ``repeat`` (``train.seed + repeat * REPEAT_SEED_STRIDE``)."""
+    if repeat == 0:
+        return params
+    train = dataclasses.replace(params.train, seed=params.train.seed + repeat * REPEAT_SEED_STRIDE)
+    return dataclasses.replace(params, train=train)
 
 
 @dataclass(frozen=True)
@@ -72,6 +93,7 @@ class TrainPaths:
     out: Path
     curves: Path
     checkpoints: Path
+    weights: Path | None = None  # weights/<model>: the files train.<model>.weights may name (None: that default)
 
 
 @dataclass(frozen=True)
@@ -83,6 +105,8 @@ class FoldJob:
     fold: int
     paths: TrainPaths
     digests: Mapping[str, str]
+    init: pretrained.WeightsSource | None = None  # where the weights start (None: resolved from paths.weights)
+    repeat: int = 0  # the seed repeat (train.repeats); params already carry its seed (repeat_params)
 
 
 @dataclass(frozen=True)
@@ -98,7 +122,8 @@ class FoldResult:
     n_train: int
     n_val: int
     resumed_from: int
-    calibration: Platt
+    calibration: Calibration
+    repeat: int = 0
 
 
 @dataclass(frozen=True)
@@ -117,14 +142,15 @@ def check_config(params: Params, name: str, world_size: int = 1) -> None:
         ConfigError: the message names the key.
     """
     cfg, spec = params.train.model(name), get_spec(name)
-    height, width = input_shape(cfg.image_size)
+    height, width = model_input_shape(cfg.image_size, params.ingest.roi)
     if min(height, width) < spec.min_size:
         raise ConfigError(f"train.{name}.image_size: {cfg.image_size} gives inputs of {height} x {width} px, below "
                           f"{name}'s minimum of {spec.min_size} px per side; allowed: >= {spec.min_size * 2}")
     if cfg.batch_size % world_size:
         raise ConfigError(f"train.{name}.batch_size: {cfg.batch_size} is not divisible by the DDP world size "
                           f"{world_size}")
-    get_model(name, len(params.data.classes), batch_norm=cfg.batch_norm)  # batch_norm on a non-VGG: ValueError
+    # batch_norm on a non-VGG: ValueError
+    get_model(name, len(params.data.classes), **pretrained.architecture(name, cfg))
 
 
 # ------------------------------------------------------------------------------------------- one fold
@@ -149,11 +175,12 @@ class Prepared:
 
 
 def prepare(params: Params, name: str, cfg: ModelTrainConfig, items: tuple[Sequence[Any], Sequence[Any]],
-            rt: Runtime) -> Prepared:
+            rt: Runtime, init: pretrained.WeightsSource | None = None) -> Prepared:
     """Seeds, loaders, network, loss, optimiser, schedule and early stopping of one training of ``name``.
 
     The one set-up of every training: each fold of the train stage, and the replay ablation (which passes its own
-    ``cfg`` and items). ``items`` is ``(training items, validation items)``.
+    ``cfg`` and items). ``items`` is ``(training items, validation items)``; ``init`` where the weights start
+    (default: ``cfg.weights`` resolved in ``weights/<name>``).
 
     Raises:
         ValueError: no training or validation image, or a class missing from the training items.
@@ -164,7 +191,7 @@ def prepare(params: Params, name: str, cfg: ModelTrainConfig, items: tuple[Seque
                          "> 0")
     train, seed = params.train, params.train.seed
     _seed(seed)  # before anything random (the model's initial weights): every fold and rank alike
-    shape = input_shape(cfg.image_size)
+    shape = model_input_shape(cfg.image_size, params.ingest.roi)
     augment = params.augment if cfg.augment == "full" else flip_only(params.augment)
     transform = build_transform(augment) if params.augment.online else None
     train_ds, val_ds = DXADataset(train_items, shape, transform=transform), DXADataset(val_items, shape)
@@ -180,7 +207,7 @@ def prepare(params: Params, name: str, cfg: ModelTrainConfig, items: tuple[Seque
                         # A last batch of one image gives BatchNorm no batch statistics: drop it.
                         drop_last=len(sampler) % per_process == 1)
     data = Batches(loader, DataLoader(val_ds, batch_size=cfg.batch_size, shuffle=False), sampler, generator)
-    model, bare = _network(params, name, cfg, rt)
+    model, bare = _network(params, name, cfg, rt, init or pretrained.resolve(name, cfg))
     loss_fn = criterion(train_ds.labels, len(params.data.classes), class_weighting=train.class_weighting,
                         label_smoothing=cfg.label_smoothing, device=rt.device)
     optimizer = build_optimizer(bare.parameters(), cfg, fused=rt.fast.fused_optimizer)
@@ -193,10 +220,11 @@ def prepare(params: Params, name: str, cfg: ModelTrainConfig, items: tuple[Seque
                                                  grad_clip=cfg.grad_clip))
 
 
-def _network(params: Params, name: str, cfg: ModelTrainConfig, rt: Runtime) -> tuple[nn.Module, nn.Module]:
-    """The model on the device in the fast path's memory format: (what runs the batches, the bare module)."""
-    model = get_model(name, len(params.data.classes), weights=None if cfg.weights == "none" else cfg.weights,
-                      batch_norm=cfg.batch_norm).to(rt.device)
+def _network(params: Params, name: str, cfg: ModelTrainConfig, rt: Runtime,
+             init: pretrained.WeightsSource) -> tuple[nn.Module, nn.Module]:
+    """The model, from its initial weights, on the device in the fast path's memory format: (what runs the batches,
+    the bare module)."""
+    model = pretrained.build_model(name, len(params.data.classes), cfg, init).to(rt.device)
     if rt.fast.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if not rt.dist.enabled:
@@ -220,8 +248,9 @@ def train_fold(job: FoldJob, on_epoch_end: Callable[[int], None] | None = None) 
     params, train = job.params, job.params.train
     cfg, spec = train.model(job.model), get_spec(job.model)
     rt = Runtime.setup(train.device, train.fast, train.threads)
-    fp = checkpoint.fingerprint(params, job.model, job.fold, job.digests, rt.record())
-    fold_dir = job.paths.checkpoints / f"fold{job.fold}"
+    init = job.init or pretrained.resolve(job.model, cfg, job.paths.weights)
+    fp = checkpoint.fingerprint(params, job.model, job.fold, {**job.digests, **init.digest()}, rt.record())
+    fold_dir = job.paths.checkpoints / repeat_dir(job.fold, job.repeat)
     done = checkpoint.load(fold_dir / DONE, fp)
     if done is not None:
         log.info("%s fold %d: already trained (%s)", job.model, job.fold, fold_dir / DONE)
@@ -233,7 +262,7 @@ def train_fold(job: FoldJob, on_epoch_end: Callable[[int], None] | None = None) 
         raise ValueError(f"{job.paths.splits}: fold {job.fold} has {len(items[0])} training and {len(items[1])} "
                          "validation images; both must be > 0")
     with process_group(rt.dist, rt.device):
-        prepared = prepare(params, job.model, cfg, items, rt)
+        prepared = prepare(params, job.model, cfg, items, rt, init)
         model, data, loss_fn, session = prepared.model, prepared.data, prepared.loss_fn, prepared.session
         state = checkpoint.load(fold_dir / LAST, fp)
         if state is not None:
@@ -266,21 +295,32 @@ def train_fold(job: FoldJob, on_epoch_end: Callable[[int], None] | None = None) 
     return _result(job, fold_dir / DONE, result, rt, resumed_from=resumed_from)
 
 
-def _calibrate(job: FoldJob, state: Mapping[str, torch.Tensor], val_items: Sequence[Any]) -> Platt:
-    """Platt scaling of the kept model, fitted on the fold's validation part (:mod:`spinedxa.calibration`), on the
-    fp32 predictions evaluate and predict will make."""
+def calibrate(params: Params, name: str, model: nn.Module, val_items: Sequence[Any], *,
+              device: str | torch.device = "cpu") -> Calibration:
+    """The task's calibration of a kept model (Platt for two classes, temperature for more), fitted on its own
+    validation part (:mod:`spinedxa.calibration`), on the fp32 predictions with ``train.tta`` that evaluate and
+    predict will make.
+
+    The one calibration of every training: each fold of the train stage, and both runs of the replay ablation.
+    """
+    cfg = params.train.model(name)
+    shape = model_input_shape(cfg.image_size, params.ingest.roi)
+    prob = predict_proba(model, name, stack_images(val_items, shape), device=device, tta=params.train.tta)
+    return calibration_policy.fit(prob, [it.label for it in val_items], seed=params.train.seed)
+
+
+def _calibrate(job: FoldJob, state: Mapping[str, torch.Tensor], val_items: Sequence[Any]) -> Calibration:
+    """:func:`calibrate` of the fold's kept weights (on the CPU, in a fresh network)."""
     cfg = job.params.train.model(job.model)
-    model = get_model(job.model, len(job.params.data.classes), batch_norm=cfg.batch_norm)
+    model = get_model(job.model, len(job.params.data.classes), **pretrained.architecture(job.model, cfg))
     model.load_state_dict(state)
-    prob = predict_proba(model, job.model, stack_images(val_items, input_shape(cfg.image_size)),
-                         tta=job.params.train.tta)
-    return fit_platt(prob, [it.label for it in val_items], seed=job.params.train.seed)
+    return calibrate(job.params, job.model, model, val_items)
 
 
 def _result(job: FoldJob, done: Path, state: Mapping[str, Any], rt: Runtime, *, resumed_from: int) -> FoldResult:
     return FoldResult(job.fold, done, list(state["history"]), int(state["best_epoch"]),
                       jsonfile.finite_or_none(state["best_value"]), rt.record(), int(state["n_train"]),
-                      int(state["n_val"]), resumed_from, Platt.from_record(state["calibration"]))
+                      int(state["n_val"]), resumed_from, Calibration.from_record(state["calibration"]), job.repeat)
 
 
 # ------------------------------------------------------------------------------------------- the stage
@@ -297,27 +337,35 @@ def train_model(params: Params, name: str, paths: TrainPaths, *, processes: int 
 
     Raises:
         ConfigError: a train param does not fit this model (the message names the key).
+        spinedxa.weights.WeightsNotFoundError: the weights file ``train.<name>.weights`` names is not in the project
+            (the message names the command that brings it in).
+        spinedxa.weights.WeightsError: that file differs from its record or does not fit the network.
         FileNotFoundError, ValueError: missing or malformed input data (the message names the file).
         RuntimeError: a training process died (e.g. killed for memory); the finished folds are kept for a rerun.
     """
     rt_env = Runtime.setup(params.train.device, params.train.fast, params.train.threads)
     check_config(params, name, rt_env.dist.world_size)
+    init = pretrained.resolve(name, params.train.model(name), paths.weights)
+    if init.pretrained:
+        pretrained.verify(init)  # before any work; each fold verifies again when it loads the file
     folds = splits_contract.folds(splits_contract.read(paths.splits))
     digests = dvc_digests([paths.splits, paths.images, paths.augmented])
-    jobs = [FoldJob(params, name, k, paths, digests) for k in folds]
+    jobs = [FoldJob(repeat_params(params, r), name, k, paths, digests, init, r)
+            for r in range(params.train.repeats) for k in folds]
     n = 1 if rt_env.dist.enabled or on_epoch_end is not None else (processes or params.runtime.train_processes)
     main = rt_env.dist.is_main
     experiment = tracking.experiment_name(params.runtime.mlflow_experiment)
-    run = _parent_run(params, name, paths, experiment, digests, rt_env) if main else contextlib.nullcontext(None)
+    run = (_parent_run(params, name, paths, experiment, digests, rt_env, init) if main
+           else contextlib.nullcontext(None))
     with run as parent:
         results = []
         for result in _run_folds(jobs, n, on_epoch_end):
             if main:
-                _log_fold(params, name, paths, experiment, parent, result)
+                _log_fold(params, name, paths, experiment, parent, result, init)
             results.append(result)
-        results.sort(key=lambda r: r.fold)
+        results.sort(key=lambda r: (r.repeat, r.fold))
         if main:
-            _write_outputs(params, name, paths, results, parent, digests)
+            _write_outputs(params, name, paths, results, parent, digests, init)
             shutil.rmtree(paths.checkpoints, ignore_errors=True)  # finished: a rerun must train afresh
     return TrainResult(name, results, parent)
 
@@ -357,10 +405,10 @@ def _init_worker(level: int) -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-def _mlflow_params(params: Params, name: str) -> dict[str, Any]:
+def _mlflow_params(params: Params, name: str, init: pretrained.WeightsSource) -> dict[str, Any]:
     train = params.train
     out: dict[str, Any] = {"model": name, "variant": variant(name, train.model(name).batch_norm),
-                           **dataclasses.asdict(train.model(name))}
+                           **dataclasses.asdict(train.model(name)), **init.mlflow_params()}
     out.update({f"train.{k}": getattr(train, k) for k in checkpoint.COMMON_TRAIN_KEYS})
     out.update({f"augment.{k}": v for k, v in dataclasses.asdict(params.augment).items()})
     out.update({"split.protocol": params.split.protocol, "split.folds": params.split.folds})
@@ -374,16 +422,16 @@ def _tags(name: str, runtime: Mapping[str, Any], **extra: str) -> dict[str, str]
 
 
 def _parent_run(params: Params, name: str, paths: TrainPaths, experiment: str, digests: Mapping[str, str],
-                rt: Runtime) -> contextlib.AbstractContextManager[str]:
+                rt: Runtime, init: pretrained.WeightsSource) -> contextlib.AbstractContextManager[str]:
     """The model's parent run; a resumed stage reopens the run of its earlier attempt (kept in the checkpoints)."""
     marker = paths.checkpoints / PARENT
-    key = checkpoint.fingerprint(params, name, -1, digests, rt.record())
+    key = checkpoint.fingerprint(params, name, -1, {**digests, **init.digest()}, rt.record())
     previous = jsonfile.read(marker) if marker.is_file() else {}
     run_id = previous.get("run_id") if previous.get("fingerprint") == key else None
 
     @contextlib.contextmanager
     def opened():
-        with tracking.training_run(experiment, name, params=_mlflow_params(params, name),
+        with tracking.training_run(experiment, name, params=_mlflow_params(params, name, init),
                                    tags=_tags(name, rt.record(), seed=str(params.train.seed)), run_id=run_id) as rid:
             marker.parent.mkdir(parents=True, exist_ok=True)
             jsonfile.write(marker, {"fingerprint": key, "run_id": rid})
@@ -396,57 +444,68 @@ def _parent_run(params: Params, name: str, paths: TrainPaths, experiment: str, d
 
 
 def _log_fold(params: Params, name: str, paths: TrainPaths, experiment: str, parent: str,
-              result: FoldResult) -> None:
+              result: FoldResult, init: pretrained.WeightsSource) -> None:
     """One nested run for a finished fold (skipped when a resumed stage had logged it already)."""
     marker = result.done.parent / LOGGED
     if marker.is_file() and tracking.run_exists(jsonfile.read(marker).get("run_id", "")):
         return
     cfg = params.train.model(name)
-    with tracking.training_run(experiment, f"{name}/fold{result.fold}",
-                               params={**_mlflow_params(params, name), "fold": result.fold,
+    seeded = repeat_params(params, result.repeat)
+    repeat = {"repeat": str(result.repeat)} if result.repeat else {}
+    with tracking.training_run(experiment, f"{name}/{repeat_dir(result.fold, result.repeat)}",
+                               params={**_mlflow_params(seeded, name, init), "fold": result.fold,
                                        "n_train_images": result.n_train, "n_val_images": result.n_val},
-                               tags=_tags(name, result.runtime, fold=str(result.fold)), parent_run_id=parent) as rid:
+                               tags=_tags(name, result.runtime, fold=str(result.fold), seed=str(seeded.train.seed),
+                                          **repeat), parent_run_id=parent) as rid:
         for row in result.history:
             tracking.log_epoch({k: v for k, v in row.items() if k not in ("epoch", "fold")}, int(row["epoch"]))
-        export = get_model(name, len(params.data.classes), batch_norm=cfg.batch_norm)
+        export = get_model(name, len(params.data.classes), **pretrained.architecture(name, cfg))
         export.load_state_dict(torch.load(result.done, map_location="cpu", weights_only=True)["best_state"])
         export.eval()
-        tracking.log_model(export, np.zeros((1, 1, *input_shape(cfg.image_size)), dtype=np.float32))
+        shape = model_input_shape(cfg.image_size, params.ingest.roi)
+        tracking.log_model(export, np.zeros((1, 1, *shape), dtype=np.float32))
         tracking.log_epoch({"best_epoch": result.best_epoch, "epochs_run": len(result.history)}, len(result.history))
     jsonfile.write(marker, {"run_id": rid})
 
 
 def _write_outputs(params: Params, name: str, paths: TrainPaths, results: Sequence[FoldResult], parent: str,
-                   digests: Mapping[str, str]) -> None:
+                   digests: Mapping[str, str], init: pretrained.WeightsSource) -> None:
     """``models/<name>/fold<k>/{model.pt, meta.json}`` and ``models/<name>/meta.json`` (atomically, as one
-    directory), then the training curves of every fold."""
+    directory), then the training curves of every fold. Each fold's meta.json names the weights it started from
+    (``weights``) and the builder arguments that rebuild it (``batch_norm``, ``transform_input``). Seed repeats
+    (``train.repeats``) go to ``models/<name>/repeat<r>/fold<k>/``; the curves are the first training's."""
     cfg, prov = params.train.model(name), provenance()
     with atomic_dir(paths.out) as tmp:
         for r in results:
-            fold_out = tmp / f"fold{r.fold}"
-            fold_out.mkdir()
+            fold_out = tmp / repeat_dir(r.fold, r.repeat)
+            fold_out.mkdir(parents=True)
             state = torch.load(r.done, map_location="cpu", weights_only=True)["best_state"]
             torch.save(state, fold_out / "model.pt")
             logged = r.done.parent / LOGGED
             meta = {
-                "model": name, "variant": variant(name, cfg.batch_norm), "batch_norm": cfg.batch_norm,
-                "fold": r.fold, "image_size": cfg.image_size, "input_shape": list(input_shape(cfg.image_size)),
+                "model": name, "variant": variant(name, cfg.batch_norm), **pretrained.architecture(name, cfg),
+                "weights": init.record(), "fold": r.fold, "image_size": cfg.image_size,
+                "input_shape": list(model_input_shape(cfg.image_size, params.ingest.roi)),
                 "classes": list(params.data.classes),
                 "mlflow_run_id": jsonfile.read(logged)["run_id"] if logged.is_file() else None,
                 "mlflow_tracking_uri": tracking.redact_uri(tracking.tracking_uri()),
                 "model_sha256": sha256_file(fold_out / "model.pt"), "data_digests": dict(digests),
                 "params": dataclasses.asdict(cfg), "epochs_run": len(r.history), "best_epoch": r.best_epoch,
-                "monitor": params.train.monitor, "best_value": r.best_value, "seed": params.train.seed,
+                "monitor": params.train.monitor, "best_value": r.best_value,
+                "seed": repeat_params(params, r.repeat).train.seed, "repeat": r.repeat,
                 "n_train_images": r.n_train, "n_val_images": r.n_val, "calibration": r.calibration.record(),
                 "tta": params.train.tta,
                 **prov.record(), **r.runtime,
             }
             jsonfile.write(fold_out / "meta.json", meta)
+        first = [r for r in results if r.repeat == 0]
         jsonfile.write(tmp / "meta.json", {
             "model": name, "variant": variant(name, cfg.batch_norm), "protocol": params.split.protocol,
-            "folds": [r.fold for r in results], "mlflow_run_id": parent,
+            "folds": [r.fold for r in first], "repeats": params.train.repeats,
+            "repeat_seeds": [repeat_params(params, k).train.seed for k in range(params.train.repeats)],
+            "weights": init.record(), "mlflow_run_id": parent,
             "mlflow_tracking_uri": tracking.redact_uri(tracking.tracking_uri()), "data_digests": dict(digests),
             **prov.record(), **results[0].runtime,
         })
-    rows = [row for r in results for row in r.history]
+    rows = [row for r in results if r.repeat == 0 for row in r.history]
     table.write(paths.curves, pd.DataFrame(rows, columns=list(CURVE_COLUMNS)), CURVE_COLUMNS)

@@ -18,6 +18,7 @@ Usage::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -33,7 +34,8 @@ from skimage.metrics import structural_similarity
 from skimage.transform import resize
 
 from spinedxa.config import Params, ValidateConfig
-from spinedxa.contracts import manifest as manifest_contract, png16
+from spinedxa.contracts import manifest as manifest_contract, near_duplicates as near_duplicates_contract, png16
+from spinedxa.errors import UserError
 from spinedxa.files import atomic_dir, sha256_file, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -56,6 +58,8 @@ PHASH_BITS = 64  # imagehash.phash default hash_size=8 -> 8x8 = 64 bits, written
 _NUMBER = r"-?\d{1,6}(?:\.\d+)?(?:[eE][-+]?\d+)?"  # stats of 16-bit images and sizes never need 7+ integer digits
 KNOWN_FORMATS: dict[str, re.Pattern[str]] = {
     "sha256": re.compile(r"[0-9a-f]{64}"),
+    "pixel_sha256": re.compile(r"[0-9a-f]{64}"),
+    "patient_from": re.compile("|".join(manifest_contract.PATIENT_FROM)),
     "phash": re.compile(r"[0-9a-f]{%d}" % (PHASH_BITS // 4)),
     "patient_id": re.compile(r"P[0-9a-f]{12}"),  # keyed HMAC pseudonym: P + 12 hex chars
     "image": re.compile(r"images/[0-9a-f]+\.png"),
@@ -102,16 +106,36 @@ REQUIRED_TEXT = ("sha256", "label", "patient_id", "image", "phash")
 REQUIRED_NUMERIC = ("width", "height", "orig_width", "orig_height", "std")
 
 SUITE_NAME = "manifest"
+#: Inside the validated directory (data/validated): the verdict and the manifest sha256 it was made on.
+VERDICT_FILE = "verdict.json"
+#: What the user can change when a blocking check fails (printed under the failure; no traceback).
+WHAT_TO_CHANGE: dict[str, str] = {
+    "label_in_classes": "give every accepted file a label among data.classes, or map its label with data.class_map",
+    "accepted_fields_well_formed": "re-run ingest (the manifest and data/ingested disagree)",
+    "sha256_unique": "re-run ingest: its duplicate rule resolves exact copies",
+    "width_in_range": "move the too small / too large images out of data.source, or change validate.min_side / "
+                      "validate.max_side",
+    "height_in_range": "move the too small / too large images out of data.source, or change validate.min_side / "
+                       "validate.max_side",
+    "not_blank": "move the blank images out of data.source, or lower validate.min_std",
+    "quarantine_rate": "see per_reason in the cohort's ingest summary (reports/ingest.json; reports/external/"
+                       "ingest.json for the external cohort): fix or remove the quarantined files, map unknown labels "
+                       "with data.class_map, or raise validate.max_quarantine_rate",
+    "no_phi": "rename the files whose names carry identifiers (the offending rows are redacted in the Data Docs)",
+}
 MAX_LISTED_ROWS = 20  # offending rows named per expectation in messages and in the JSON summary
 
 
-class ValidationFailed(RuntimeError):
+class ValidationFailed(UserError, RuntimeError):
     """One or more blocking (severity ``error``) expectations failed; raised after the report was written."""
 
     def __init__(self, manifest: str | Path, failures: Sequence[CheckResult], docs: str | Path, summary: str | Path):
         self.failures = list(failures)
         lines = [f"{manifest}: {len(self.failures)} blocking validation failure(s):"]
-        lines += [f"  - {r.message()}" for r in self.failures]
+        for r in self.failures:
+            lines.append(f"  - {r.message()}")
+            if r.name in WHAT_TO_CHANGE:
+                lines.append(f"    what to change: {WHAT_TO_CHANGE[r.name]}")
         lines.append(f"Details: {Path(docs) / 'index.html'} and {summary}")
         super().__init__("\n".join(lines))
 
@@ -178,6 +202,7 @@ class Annotated:
 
     table: pd.DataFrame
     stats: dict[str, Any] = field(default_factory=dict)
+    near_duplicates: pd.DataFrame | None = None  # confirmed pairs (spinedxa.contracts.near_duplicates columns)
 
 
 def find_phi(manifest: pd.DataFrame) -> pd.DataFrame:
@@ -192,7 +217,7 @@ def find_phi(manifest: pd.DataFrame) -> pd.DataFrame:
     """
     kinds = pd.DataFrame("", index=manifest.index, columns=manifest.columns, dtype=object)
     for col in manifest.columns:
-        values = manifest[col].astype(str)
+        values = manifest[col].astype(object).where(manifest[col].notna(), "").astype(str)
         scan = values != ""
         if col in KNOWN_FORMATS:
             scan &= ~values.str.fullmatch(KNOWN_FORMATS[col].pattern)
@@ -335,7 +360,8 @@ def annotate(manifest: pd.DataFrame, classes: Sequence[str], cfg: ValidateConfig
     for (col, idx), names in partners.items():
         table.at[idx, col] = "; ".join(names)
 
-    table[IS_QUARANTINED] = (manifest["status"] == "quarantined").astype(int)
+    # Files the label map drops are not inputs of the task: no value, so they count on neither side of the rate.
+    table[IS_QUARANTINED] = (manifest["status"] == "quarantined").astype(float).where(manifest["status"] != "dropped")
     labels = manifest["label"].where(accepted)
     for cls in classes:
         table[f"accepted_{cls}"] = (labels == cls).astype(int)
@@ -344,16 +370,30 @@ def annotate(manifest: pd.DataFrame, classes: Sequence[str], cfg: ValidateConfig
         "n_rows": len(manifest),
         "n_accepted": int(accepted.sum()),
         "n_quarantined": int(table[IS_QUARANTINED].sum()),
-        "quarantine_rate": float(table[IS_QUARANTINED].mean()),
+        "n_dropped": int((manifest["status"] == "dropped").sum()),
+        "n_duplicates": int((manifest["status"] == "duplicate").sum()),
+        "quarantine_rate": round(float(table[IS_QUARANTINED].mean()), 6) if table[IS_QUARANTINED].notna().any()
+        else 0.0,
         "n_accepted_per_class": {cls: int(table[f"accepted_{cls}"].sum()) for cls in classes},
         "n_accepted_patients": int(manifest.loc[accepted, "patient_id"].nunique()),
         "n_phash_candidate_pairs": len(pairs),
         "n_near_duplicates_within_patient": int(confirmed["same_patient"].sum()),
         "n_near_duplicates_across_patients": int((~confirmed["same_patient"]).sum()),
+        # Patients joined into one split group by confirmed near-duplicates across patients (spinedxa.split).
+        "n_patients_in_near_duplicate_groups": int(len(set(manifest.loc[confirmed.loc[~confirmed["same_patient"], "a"],
+                                                                      "patient_id"])
+                                                   | set(manifest.loc[confirmed.loc[~confirmed["same_patient"], "b"],
+                                                                      "patient_id"]))),
         "n_phi_suspect_cells": int(flagged.to_numpy().sum()),
         "n_phi_suspect_rows": int(table[PHI_SUSPECT].notna().sum()),
     }
-    return Annotated(table=table, stats=stats)
+    pairs_out = pd.DataFrame({
+        "sha256_a": manifest.loc[confirmed["a"], "sha256"].to_numpy(),
+        "sha256_b": manifest.loc[confirmed["b"], "sha256"].to_numpy(),
+        "phash_distance": confirmed["distance"].to_numpy(), "ssim": confirmed["ssim"].to_numpy(),
+        "same_patient": confirmed["same_patient"].to_numpy(),
+    }, columns=list(near_duplicates_contract.COLUMNS))
+    return Annotated(table=table, stats=stats, near_duplicates=pairs_out)
 
 
 def define_checks(classes: Sequence[str], cfg: ValidateConfig) -> list[Check]:
@@ -369,10 +409,12 @@ def define_checks(classes: Sequence[str], cfg: ValidateConfig) -> list[Check]:
               f"accepted rows carry {list(REQUIRED_TEXT)} (sha256, phash as hex), numeric {list(REQUIRED_NUMERIC)} "
               "and an existing image file",
               "ExpectColumnValuesToBeNull", {"column": BAD_FIELDS}),
-        Check("sha256_unique", "error", "raw-file sha256 is unique among accepted files (exact duplicates)",
+        Check("sha256_unique", "error",
+              "raw-file sha256 is unique among accepted files (ingest's duplicate rule keeps one of each exact copy)",
               "ExpectColumnValuesToBeUnique", {"column": "sha256"}),
-        Check("no_near_duplicates_across_patients", "error",
-              f"no two patients share a near-identical image ({near}): leakage across splits",
+        Check("no_near_duplicates_across_patients", "warning",
+              f"no two patients share a near-identical image ({near}); where they do, the split puts them in one "
+              "group, so the copies never straddle a fold",
               "ExpectColumnValuesToBeNull", {"column": NEAR_DUP_OTHER}),
         Check("no_near_duplicates_within_patient", "warning",
               f"no patient has two near-identical images ({near}); a repeat scan is plausible, so a warning",
@@ -627,19 +669,17 @@ def prune_unreferenced_assets(site_dir: Path) -> list[Path]:
     return unused
 
 
-def summarize(
-    stats: Mapping[str, Any], results: Sequence[CheckResult], docs_dir: str | Path, manifest_sha256: str
-) -> dict[str, Any]:
+def summarize(stats: Mapping[str, Any], results: Sequence[CheckResult], docs_dir: str | Path) -> dict[str, Any]:
     """The JSON summary (a DVC metric): overall success, counts, blocking failures, warnings, per-expectation.
 
-    ``manifest_sha256`` ties the verdict to the manifest it was made on (split refuses a stale one).
+    Counts and verdicts only: the hash of the manifest the verdict was made on (which holds keyed pseudonyms, so it
+    differs between clones) goes to the verdict file beside the near-duplicate pairs (:func:`validate_manifest`).
     """
     from great_expectations import __version__ as gx_version
 
     blocking = [r.name for r in results if not r.success and r.severity == "error"]
     return {
         "success": not blocking,
-        "manifest_sha256": manifest_sha256,
         **stats,
         "blocking_failures": blocking,
         "warnings": [r.name for r in results if not r.success and r.severity == "warning"],
@@ -651,23 +691,31 @@ def summarize(
 
 
 def validate_manifest(
-    manifest_path: str | Path, params: Params, docs_dir: str | Path, summary_path: str | Path
+    manifest_path: str | Path, params: Params, docs_dir: str | Path, summary_path: str | Path,
+    validated_dir: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Validate the ingest manifest, write the Data Docs and the JSON summary, then fail on blocking findings.
+    """Validate the ingest manifest; write the Data Docs, the JSON summary and ``validated_dir`` (the confirmed
+    near-duplicate pairs for the split, and the verdict tied to this very manifest); then fail on blocking findings.
 
     Returns:
         The summary written to ``summary_path``.
 
     Raises:
         ManifestError: the manifest breaks its contract (nothing is written).
-        ValidationFailed: an ``error`` expectation failed (raised after both reports were written).
+        ValidationFailed: an ``error`` expectation failed (raised after every output was written).
     """
     manifest = read_manifest(manifest_path)
     # Image paths are relative to the manifest's directory, data/ingested (docs/CONTRACTS.md).
     annotated = annotate(manifest, params.data.classes, params.validate, Path(manifest_path).parent)
     results = run_checks(annotated.table, define_checks(params.data.classes, params.validate), docs_dir)
-    summary = summarize(annotated.stats, results, docs_dir, sha256_file(manifest_path))
+    summary = summarize(annotated.stats, results, docs_dir)
     write_json_atomic(summary_path, summary)
+    with contextlib.nullcontext(None) if validated_dir is None else atomic_dir(validated_dir) as tmp:
+        if tmp is not None:
+            near_duplicates_contract.write(tmp / near_duplicates_contract.FILE_NAME, annotated.near_duplicates)
+            write_json_atomic(tmp / VERDICT_FILE, {"success": summary["success"],
+                                                   "blocking_failures": summary["blocking_failures"],
+                                                   "manifest_sha256": sha256_file(manifest_path)})
     for r in results:
         if not r.success and r.severity == "warning":
             log.warning("%s: %s", manifest_path, r.message())

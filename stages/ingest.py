@@ -5,7 +5,7 @@ Writes:  --out (data/ingested): images/<sha256[:16]>.png (the processed scan), r
          L1-L4 region, what the models and the baseline see) and manifest.csv (docs/CONTRACTS.md);
          --summary (reports/ingest.json): counts per status, label, reason and format;
          --roi-figure (reports/figures/roi_examples.png): located ROIs on sample scans of both classes.
-Params:  data.classes, ingest.* (max_side, max_pixels, multiframe, roi, roi_height, worker_memory_mb);
+Params:  data.classes, data.class_map (the label policy, spinedxa.task), ingest.* (max_side, max_pixels, multiframe, roi, roi_height, worker_memory_mb);
          runtime.workers (bookkeeping, not a DVC param: the output does not depend on it).
 Secret:  $SPINEDXA_DEID_KEY, else .spinedxa/deid.key (created on first use): keys the patient pseudonyms.
 
@@ -24,11 +24,13 @@ from pathlib import Path
 from spinedxa import roi
 from spinedxa.config import load_params
 from spinedxa.contracts import manifest as manifest_contract
-from spinedxa.ingest import IngestError, run_ingest
+from spinedxa.errors import stage_main
+from spinedxa.ingest import run_ingest
 
 log = logging.getLogger("spinedxa.ingest")
 
 
+@stage_main("ingest")
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", type=Path, required=True, help="params.yaml")
@@ -41,12 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
     params = load_params(args.params)
-    try:
-        run_ingest(args.source, args.out, args.summary, classes=params.data.classes, settings=params.ingest,
-                   workers=params.runtime.workers, progress=not args.no_progress)
-    except IngestError as exc:
-        log.error("%s", exc)
-        return 1
+    run_ingest(args.source, args.out, args.summary, task=params.data.task, settings=params.ingest,
+               workers=params.runtime.workers, progress=not args.no_progress)
     manifest = manifest_contract.read(args.out / manifest_contract.FILE_NAME)
     roi.write_examples_figure(manifest, args.out, args.roi_figure, params.data.classes)
     return 0

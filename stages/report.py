@@ -1,15 +1,19 @@
-"""report: compare every model out of fold and write the Markdown and self-contained HTML reports.
+"""report: compare every model out of fold and on the external cohort; write the Markdown and self-contained HTML.
 
-Reads:  --metrics (reports/metrics/<model>.json), --predictions (reports/predictions/<model>.csv),
+Reads:  --metrics (reports/metrics/<model>.json), --provenance (reports/provenance/<model>.json), --predictions
+        (reports/predictions/<model>.csv), --external-predictions (reports/predictions/external/<model>.csv),
         --plots (reports/plots/<model>/{roc,pr,calibration}.csv), --curves (reports/train/<model>.csv) for every
-        model in train.models and the baseline; --replay (reports/replay: the leaky ablation); --manifest
-        (data/ingested/manifest.csv), --splits (data/split/splits.csv), --validation (reports/validation.json),
-        --ingest-summary (reports/ingest.json), --split-summary (reports/split.json), --truth (the synthetic cohort's
-        ground truth, read only when data.source is the synthetic cohort: burned-in text caught / missed);
-        dvc.lock and git in the working directory for the provenance and lineage blocks.
+        model in train.models and the baseline; --replay (reports/replay: the leaky ablation and its matched
+        control); --manifest (data/ingested/manifest.csv), --splits (data/split/splits.csv), --validation
+        (reports/validation.json), --ingest-summary (reports/ingest.json), --split-summary (reports/split.json),
+        --external (reports/external: the external cohort's ingest and validation summaries), --external-data
+        (data/external: its manifest), --truth (the synthetic cohort's ground truth, read only when data.source is
+        the synthetic cohort: burned-in text caught / missed); dvc.lock and git in the working directory for the
+        provenance and lineage blocks.
 Writes: --out-md (reports/comparison.md) and --out-html (reports/comparison.html: figures embedded as base64 PNG,
         no external references); one MLflow run "data" mirroring the data stages' DVC metrics.
-Params: data.classes, data.source, split, train, evaluate, report, replay; runtime.mlflow_experiment (bookkeeping).
+Params: data (classes, map, words), external, ingest.roi, split, train, evaluate, report, replay;
+        runtime.mlflow_experiment (bookkeeping).
 """
 
 from __future__ import annotations
@@ -20,14 +24,18 @@ import sys
 from pathlib import Path
 
 from spinedxa.config import load_params
+from spinedxa.errors import stage_main
 from spinedxa.report import SYNTHETIC_SOURCE, ReportInputs, log_data_metrics, write_report
 
 
+@stage_main("report")
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", type=Path, required=True)
     parser.add_argument("--metrics", type=Path, required=True)
+    parser.add_argument("--provenance", type=Path, required=True)
     parser.add_argument("--predictions", type=Path, required=True)
+    parser.add_argument("--external-predictions", type=Path, required=True)
     parser.add_argument("--plots", type=Path, required=True)
     parser.add_argument("--curves", type=Path, required=True)
     parser.add_argument("--replay", type=Path, required=True)
@@ -37,6 +45,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--validation", type=Path, required=True)
     parser.add_argument("--ingest-summary", type=Path, required=True)
     parser.add_argument("--split-summary", type=Path, required=True)
+    parser.add_argument("--external", type=Path, required=True)
+    parser.add_argument("--external-data", type=Path, required=True)
     parser.add_argument("--out-md", type=Path, required=True)
     parser.add_argument("--out-html", type=Path, required=True)
     args = parser.parse_args(argv)
@@ -57,6 +67,10 @@ def main(argv: list[str] | None = None) -> None:
         split_summary=args.split_summary,
         replay_dir=args.replay,
         truth=args.truth if synthetic else None,
+        provenance_dir=args.provenance,
+        external_predictions_dir=args.external_predictions,
+        external_reports=args.external,
+        external_data=args.external_data,
     )
     write_report(params, inputs, args.out_md, args.out_html)
     log_data_metrics(params, inputs)
@@ -64,4 +78,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

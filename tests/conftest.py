@@ -142,6 +142,28 @@ def write_cohort(
     return splits_csv, ingested
 
 
+def write_external_cohort(root: Path, *, n_patients: int = 10, seed: int = 99, disabled: bool = False) -> Path:
+    """``root/data/external`` as the external stage writes it: a manifest of accepted scans and their ROI images
+    (a fresh :func:`write_split_cohort` cohort), or the disabled marker. Returns the directory."""
+    import pandas as pd
+
+    from spinedxa import external
+    from spinedxa.contracts import manifest as manifest_contract
+    from spinedxa.contracts import jsonfile
+
+    out = root / "data" / "external"
+    out.mkdir(parents=True, exist_ok=True)
+    if disabled:
+        jsonfile.write(out / external.DISABLED, {"enabled": False})
+        return out
+    table = write_split_cohort(out, root / "external_split.csv", n_patients=n_patients, seed=seed)
+    rows = table.drop_duplicates("source").drop(columns=["fold", "split"]).assign(status="accepted", reason="")
+    manifest_contract.write(out / manifest_contract.FILE_NAME,
+                            rows.reindex(columns=manifest_contract.COLUMNS, fill_value=""))
+    (root / "external_split.csv").unlink()
+    return out
+
+
 def tracked_files(root: Path) -> list[str]:
     """Files git would commit from ``root`` (tracked plus untracked-but-not-ignored)."""
     out = subprocess.run(

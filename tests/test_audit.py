@@ -20,19 +20,23 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 import yaml
 from conftest import REPO, VENV_BIN, make_repo_copy, run
 from PIL import Image
 
-from spinedxa import audit, dag
+from spinedxa import audit, dag, weights
 from spinedxa.cli import main
 from spinedxa.config import ValidateConfig, load_params
 from spinedxa.files import sha256_file
+from spinedxa.models.cnn21 import CNN21
 
 DVC = str(VENV_BIN / "dvc")
 MODEL = "cnn21"
 METRICS = f"reports/metrics/{MODEL}.json"
+PROVENANCE = f"reports/provenance/{MODEL}.json"
 BASELINE = "reports/metrics/baseline.json"
+BASELINE_PROVENANCE = "reports/provenance/baseline.json"
 RAW = "data/raw/synthetic"
 DIGESTED = ("data/split/splits.csv", "data/ingested")
 LINEAGE_DVC = {
@@ -44,8 +48,10 @@ LINEAGE_DVC = {
                   "deps": list(DIGESTED), "params": ["train.${item.model}"], "outs": ["models/${item.model}"]},
         "evaluate": {"matrix": {"model": [MODEL]}, "cmd": "echo evaluate ${item.model}",
                      "deps": ["models/${item.model}", "data/split/splits.csv"],
+                     "outs": [{"reports/provenance/${item.model}.json": {"cache": False}}],
                      "metrics": [{"reports/metrics/${item.model}.json": {"cache": False}}]},
         "baseline": {"cmd": "echo baseline", "deps": ["data/split/splits.csv", "data/ingested"],
+                     "outs": [{BASELINE_PROVENANCE: {"cache": False}}],
                      "metrics": [{BASELINE: {"cache": False}}]},
     }
 }
@@ -102,11 +108,13 @@ def _write_lineage_files(root: Path) -> None:
         "model": MODEL, "variant": MODEL, "protocol": "kfold", "folds": list(ROLES), "mlflow_run_id": "parent-run",
         "mlflow_tracking_uri": "sqlite:///mlflow.db", "data_digests": digests, **prov}))
     (root / "reports/metrics").mkdir(parents=True)
-    metrics = {"model": MODEL, "mlflow_run_id": "parent-run", "model_sha256": shas, "accuracy": 0.75, "f1": 0.8,
-               "n_test": 8, "protocol": "kfold", "folds": 2}
-    (root / METRICS).write_text(json.dumps(metrics))
-    (root / BASELINE).write_text(json.dumps({"model": "baseline", "mlflow_run_id": None, "model_sha256": None,
-                                             "accuracy": 0.5, "n_test": 8}))
+    (root / "reports/provenance").mkdir(parents=True)
+    (root / METRICS).write_text(json.dumps({"accuracy": 0.75, "f1": 0.8, "n_test": 8, "protocol": "kfold",
+                                            "folds": 2}))
+    (root / PROVENANCE).write_text(json.dumps({"model": MODEL, "mlflow_run_id": "parent-run", "model_sha256": shas}))
+    (root / BASELINE).write_text(json.dumps({"accuracy": 0.5, "n_test": 8}))
+    (root / BASELINE_PROVENANCE).write_text(json.dumps({"model": "baseline", "mlflow_run_id": None,
+                                                        "model_sha256": None}))
 
 
 @pytest.fixture(scope="module")
@@ -156,7 +164,7 @@ def test_untouched_lineage_verifies_every_fold(lineage_repo: Path) -> None:
     assert lineage.split_roles == {"0": {"train": 2, "val": 2, "test": 4}, "1": {"train": 2, "val": 2, "test": 4}}
     assert lineage.metrics == {"accuracy": 0.75, "f1": 0.8, "n_test": 8}
     items = {c.item for c in lineage.checks}
-    assert {"model sha256 (fold 0: meta.json vs file)", "model sha256 (fold 1: metrics vs file)",
+    assert {"model sha256 (fold 0: meta.json vs file)", "model sha256 (fold 1: provenance vs file)",
             "git commit (meta.json vs git)", "output of ingest (dvc.lock)"} <= items
     text = audit.format_lineage(lineage)
     assert "clean tree: the commit reproduces this result" in text
@@ -169,17 +177,17 @@ TAMPERING = [
      "raw file sha256 (manifest vs file)", f"{RAW}/normal/scan_0000.png"),
     ("fold 1 model file", lambda r: (r / "models" / MODEL / "fold1/model.pt").write_bytes(b"other weights"),
      "model sha256 (fold 1: meta.json vs file)", f"models/{MODEL}/fold1/model.pt"),
-    ("fold 0 sha in metrics", lambda r: _edit_json(r / METRICS, model_sha256={
-        **json.loads((r / METRICS).read_text())["model_sha256"], "0": "0" * 64}),
-     "model sha256 (fold 0: metrics vs file)", f"models/{MODEL}/fold0/model.pt"),
+    ("fold 0 sha in provenance", lambda r: _edit_json(r / PROVENANCE, model_sha256={
+        **json.loads((r / PROVENANCE).read_text())["model_sha256"], "0": "0" * 64}),
+     "model sha256 (fold 0: provenance vs file)", f"models/{MODEL}/fold0/model.pt"),
     ("metrics file", lambda r: _edit_json(r / METRICS, accuracy=0.99),
      f"output of evaluate@{MODEL} (dvc.lock)", METRICS),
     ("split file", lambda r: _edit_csv(r / "data/split/splits.csv", 5, "split", "train"),
      "output of split (dvc.lock)", "data/split/splits.csv"),
     ("manifest", lambda r: _edit_csv(r / "data/ingested/manifest.csv", 1, "sha256", "0" * 64),
      "raw file sha256 (splits vs manifest)", f"{RAW}/osteoporosis/scan_0001.png"),
-    ("run id", lambda r: _edit_json(r / METRICS, mlflow_run_id="ffff"),
-     "MLflow run id (metrics vs meta.json)", METRICS),
+    ("run id", lambda r: _edit_json(r / PROVENANCE, mlflow_run_id="ffff"),
+     "MLflow run id (provenance vs meta.json)", PROVENANCE),
     ("params", lambda r: _edit_params(r / "params.yaml"),
      f"param train.{MODEL} of train@{MODEL} (dvc.lock)", "params.yaml"),
     ("fold params", lambda r: _write_fold_meta(r, 0, params={"lr": 9.0}),
@@ -247,7 +255,8 @@ def test_baseline_lineage_has_no_model_files(lineage_repo: Path) -> None:
         (lambda r: (r / "models" / MODEL / "meta.json").write_text("{"), "meta.json: not valid JSON"),
         (lambda r: _edit_json(r / "models" / MODEL / "meta.json", data_digests=[]), "data_digests must be an object"),
         (lambda r: _edit_json(r / "models" / MODEL / "meta.json", folds=[0, 1, 2]), r"lists folds \[0, 1, 2\]"),
-        (lambda r: _edit_json(r / METRICS, model_sha256="0" * 64), "model_sha256 must be an object fold -> sha256"),
+        (lambda r: _edit_json(r / PROVENANCE, model_sha256="0" * 64),
+         "provenance/cnn21.json: model_sha256 must be an object fold -> sha256"),
         (lambda r: (r / "models" / MODEL / "fold0/meta.json").write_text(json.dumps({"model": MODEL, "fold": 0})),
          r"fold0/meta.json: missing key\(s\)"),
         (lambda r: (r / "data/split/splits.csv").write_text("source,split\na,train\n"), "missing column"),
@@ -260,10 +269,59 @@ def test_audit_errors_name_the_file(lineage_repo: Path, setup, message: str, cap
     assert re.search(message, capsys.readouterr().err)
 
 
-def test_metrics_file_missing_keys_is_an_error(lineage_repo: Path) -> None:
-    (lineage_repo / METRICS).write_text(json.dumps({"model": MODEL}))
-    with pytest.raises(audit.AuditError, match=r"cnn21.json: missing key\(s\) \['mlflow_run_id', 'model_sha256'\]"):
+def test_provenance_file_missing_keys_is_an_error(lineage_repo: Path) -> None:
+    (lineage_repo / PROVENANCE).write_text(json.dumps({"model": MODEL}))
+    with pytest.raises(audit.AuditError,
+                       match=r"provenance/cnn21.json: missing key\(s\) \['mlflow_run_id', 'model_sha256'\]"):
         audit.audit_lineage(METRICS, lineage_repo)
+
+
+def _start_from_weights(root: Path) -> weights.WeightsSource:
+    """An imported cnn21 state dict in ``weights/cnn21/`` (with its record), named in each fold's meta.json as the
+    train stage names it, then recorded in dvc.lock again."""
+    src = root.parent / "lab.pt"
+    torch.save(CNN21().state_dict(), src)
+    source = weights.import_file(MODEL, src, root=root, origin="https://example.org/lab", track=False)
+    for fold in ROLES:
+        _write_fold_meta(root, fold, weights=source.record())
+    run([DVC, "commit", "--force", "-q"], root)
+    return source
+
+
+def _flip_a_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("tamper", [None, "file", "record"])
+def test_audit_names_and_verifies_the_weights_each_fold_started_from(lineage_repo: Path, tamper: str | None,
+                                                                     capsys) -> None:
+    source = _start_from_weights(lineage_repo)
+    if tamper == "file":
+        _flip_a_byte(lineage_repo / source.path)
+    elif tamper == "record":
+        _edit_json(weights.record_path(lineage_repo / source.path), sha256="0" * 64)
+    code = main(["audit", METRICS, "--root", str(lineage_repo)])
+    out = capsys.readouterr().out
+    assert (f"weights     imported {source.path} sha256 {source.sha256} (from https://example.org/lab): every fold "
+            "started from it") in out
+    if tamper is None:
+        assert code == 0, out
+        return
+    assert code == 1, out
+    what = "file" if tamper == "file" else "record"
+    shown = source.path if tamper == "file" else f"{source.path}.json"
+    assert f"MISMATCH    {shown}: pre-trained weights sha256 (fold 0: meta.json vs {what})" in out
+
+
+def test_audit_of_models_trained_from_scratch_says_so(lineage_repo: Path) -> None:
+    for fold in ROLES:
+        _write_fold_meta(lineage_repo, fold, weights={"kind": "none", "variant": MODEL, "path": None, "sha256": None,
+                                                      "url": None})
+    run([DVC, "commit", "--force", "-q"], lineage_repo)
+    lineage = audit.audit_lineage(METRICS, lineage_repo)
+    assert lineage.ok and "weights     none (random initialisation)\n" in audit.format_lineage(lineage)
 
 
 # ---------------------------------------------------------------------------------------------------- leakage

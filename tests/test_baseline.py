@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import log_loss
 
-from conftest import REPO, dvc_argv, stage_main, write_cohort
-from spinedxa import baseline, metrics, tracking
+from conftest import REPO, dvc_argv, stage_main, write_cohort, write_external_cohort
+from spinedxa import baseline, calibration, metrics, tracking
 from spinedxa.config import load_params
 from spinedxa.contracts import png16, splits as splits_contract
 from spinedxa.data import ImageItem, part_items
@@ -25,11 +25,13 @@ CLASSES = ("normal", "osteoporosis")
 
 @pytest.fixture
 def cohort(tmp_path: Path) -> tuple[Path, Path]:
+    write_external_cohort(tmp_path)
     return write_cohort(tmp_path)
 
 
 def _paths(tmp_path: Path, splits: Path, ingested: Path) -> baseline.BaselinePaths:
-    return baseline.BaselinePaths(splits, ingested, tmp_path / "m.json", tmp_path / "p.csv", tmp_path / "plots")
+    return baseline.BaselinePaths(splits, ingested, tmp_path / "m.json", tmp_path / "p.csv", tmp_path / "plots",
+                                  tmp_path / "data" / "external", tmp_path / "x.csv", tmp_path / "prov.json")
 
 
 def _params(bootstrap: int = 50):
@@ -98,9 +100,9 @@ def test_each_fold_is_fitted_on_its_training_part_with_c_chosen_on_its_validatio
     seen: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
     real_fit = baseline.fit_baseline
 
-    def spy(x_train, y_train, x_val, y_val, *, seed):
+    def spy(x_train, y_train, x_val, y_val, *, seed, n_classes):
         seen.append((x_train, y_train, x_val, y_val))
-        return real_fit(x_train, y_train, x_val, y_val, seed=seed)
+        return real_fit(x_train, y_train, x_val, y_val, seed=seed, n_classes=n_classes)
 
     monkeypatch.setattr(baseline, "fit_baseline", spy)
     params = _params()
@@ -123,6 +125,10 @@ def test_each_fold_is_fitted_on_its_training_part_with_c_chosen_on_its_validatio
                 log_loss(y_val, candidate.predict_proba(x_val)[:, 1], labels=[0, 1]))
         assert fit.c == min(baseline.C_GRID, key=lambda c: (fit.val_log_loss[float(c)], c))
         assert set(fit.test_metrics) == set(metrics.METRIC_KEYS)
+        # Then calibrated on the validation part, like every CNN fold (Platt scaling: two classes).
+        chosen = baseline._pipeline(params.evaluate.seed, fit.c).fit(x_train, y_train)
+        assert fit.calibration == calibration.fit(chosen.predict_proba(x_val), y_val, seed=params.evaluate.seed)
+        assert fit.calibration.method == "platt_on_val" and fit.calibration.n == len(y_val)
     assert record["baseline_c"] == [f.c for f in fitted]
 
 
@@ -134,10 +140,13 @@ def test_every_scan_is_scored_once_by_the_fold_that_holds_it_out(cohort: tuple[P
     preds = metrics.read_predictions(tmp_path / "p.csv")
     assert sorted(preds["source"]) == sorted(table["source"].unique()) and preds["source"].is_unique
     assert dict(zip(preds["source"], preds["fold"])) == tested["fold"].to_dict()
-    for fit in fitted:  # each fold's probabilities come from that fold's own model
+    for fit in fitted:  # each fold's probabilities come from that fold's own model, calibrated on its val part
         items = part_items(splits, ingested, fit.fold, "test", CLASSES)
-        own = fit.model.predict_proba(baseline.feature_matrix(items))[:, 1]
-        np.testing.assert_allclose(preds.set_index("source").loc[[it.source for it in items], "prob"], own)
+        own = fit.calibration.apply(fit.model.predict_proba(baseline.feature_matrix(items)))[:, 1]
+        np.testing.assert_allclose(preds.set_index("source").loc[[it.source for it in items], "prob"], own,
+                                   atol=1e-6)
+        raw = fit.model.predict_proba(baseline.feature_matrix(items))[:, 1]
+        assert np.abs(own - raw).max() > 1e-3  # calibration changed the numbers (the test can fail)
     assert (record["protocol"], record["folds"], record["n_folds"]) == ("kfold", 3, 3)
     assert record["n_test"] == len(tested) and record["n_test_patients"] == tested["patient_id"].nunique()
     assert record["n_patients"] == tested["patient_id"].nunique()
@@ -189,7 +198,9 @@ def test_stage_runs_the_dvc_command_and_logs_to_mlflow(
     stage_main("baseline")(dvc_argv("baseline"))
     out = tmp_path / "reports"
     record = json.loads((out / "metrics/baseline.json").read_text())
-    assert record["model"] == "baseline" and record["bootstrap_resamples"] == 100
+    provenance = json.loads((out / "provenance/baseline.json").read_text())
+    assert provenance["model"] == "baseline" and record["bootstrap_resamples"] == 100
+    assert record["external_n"] > 0 and (out / "predictions/external/baseline.csv").is_file()
     assert record["n_test"] == splits_contract.read(splits)["source"].nunique()
     assert sorted(p.name for p in (out / "plots/baseline").iterdir()) == ["calibration.csv", "pr.csv", "roc.csv"]
 
@@ -202,3 +213,4 @@ def test_stage_runs_the_dvc_command_and_logs_to_mlflow(
     assert parents[0]["metrics"]["test_n_test"] == record["n_test"]
     assert [float(r["params"]["c"]) for r in folds] == record["baseline_c"]
     assert all(r["tags"]["fold"] == r["run_name"][-1] for r in folds)
+    assert provenance["mlflow_run_id"] == parents[0]["run_id"]  # the audit follows it

@@ -319,7 +319,7 @@ def test_synthetic_cohort_banners_flagged_clean_scans_not(tmp_path: Path):
     cfg = SynthesizeConfig(seed=3, n_scans=20, n_osteoporosis=12, followup_fraction=0.2, height=160, width=120,
                            pixel_spacing_mm=1.6, monochrome1_fraction=0.3, osteophyte_rate=0.1, fracture_rate=0.1,
                            scoliosis_rate=0.1, burned_in_fraction=0.2, level_label_fraction=0.3)
-    truth = synthesize_cohort(cfg, tmp_path / "raw", tmp_path / "truth.csv", ("normal", "osteoporosis"))
+    truth = synthesize_cohort(cfg, tmp_path / "raw", tmp_path / "truth.csv")
     scans = truth[~truth["burned_in"]]
     assert truth["burned_in"].sum() == 4 and scans["level_labels"].sum() == 6 and len(scans) == 20
     rows = []

@@ -35,7 +35,8 @@ def _base() -> str:
         lambda p: dict(params=make_params(seed=1)),
         lambda p: dict(params=make_params(monitor="val_loss")),
         lambda p: dict(params=_with(p, "augment", {"rotation_deg": 1.0})),
-        lambda p: dict(params=_with(p, "data", {"classes": ["healthy", "osteoporosis"]})),
+        lambda p: dict(params=_with(p, "data", {"classes": ["healthy", "osteoporosis"], "class_map": {"osteopenia": "healthy"}})),
+        lambda p: dict(params=_with(p, "ingest", {"roi": "whole"})),
         lambda p: dict(model="resnet50"),
         lambda p: dict(fold=1),
         lambda p: dict(digests={**DIGESTS, "data/ingested": "f" * 32 + ".dir"}),
@@ -45,7 +46,7 @@ def _base() -> str:
         lambda p: dict(runtime={**RECORD, "world_size": 2}),
         lambda p: dict(runtime={**RECORD, "device": "cuda"}),
     ],
-    ids=["model-param", "smoothing", "common-param", "monitor", "augment-param", "classes", "model", "fold",
+    ids=["model-param", "smoothing", "common-param", "monitor", "augment-param", "classes", "roi", "model", "fold",
          "data-digest", "threads", "fast-path", "world-size", "device"],
 )
 def test_fingerprint_changes_with_what_determines_the_result(change) -> None:

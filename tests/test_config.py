@@ -76,7 +76,14 @@ def _del(d: dict, dotted: str) -> None:
         ("split.train", 0.6, "split.train"),                        # the holdout train share is what is left
         ("split.protocol", "loo", "split.protocol"),
         ("synthesize.n_osteoporosis", 500, "synthesize.n_osteoporosis"),
-        ("data.classes", ["a", "b", "c"], "data.classes"),
+        ("data.classes", ["osteoporosis"], "data.classes"),                # one class is no task
+        ("data.classes", ["normal", "normal"], "data.classes"),            # repeated
+        ("data.classes", ["normal", "a/b"], "data.classes"),               # not a folder name
+        ("data.class_map", {"osteopenia": "fracture"}, "data.class_map.osteopenia"),  # not a class
+        ("data.class_map", {"normal": "osteoporosis"}, "data.class_map.normal"),      # maps a class
+        ("data.class_map", ["osteopenia"], "data.class_map"),              # not a mapping
+        ("external.enabled", "yes", "external.enabled"),
+        ("synthesize.external.n_osteoporosis", 500, "synthesize.external.n_osteoporosis"),
         ("ingest.multiframe", "all", "ingest.multiframe"),
         ("split.folds", 1, "split.folds"),
     ],

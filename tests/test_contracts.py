@@ -30,11 +30,13 @@ def splits_frame() -> pd.DataFrame:
 
 
 def predictions_frame() -> pd.DataFrame:
+    prob = [0.9, 0.1234567890123, 0.5]
     return pd.DataFrame({
         "source": ["b.dcm", "a.dcm", "c.dcm"], "patient_id": ["P1", "P2", "P2"], "fold": [0, 1, 1],
-        "label": ["osteoporosis", "normal", "normal"], "y_true": [1, 0, 0], "prob": [0.9, 0.1234567890123, 0.5],
+        "label": ["osteoporosis", "normal", "normal"], "y_true": [1, 0, 0], "prob": prob,
         "pred": [1, 0, 1], "actual": ["osteoporosis", "normal", "normal"],
         "predicted": ["osteoporosis", "normal", "osteoporosis"],
+        "prob_normal": [1 - p for p in prob], "prob_osteoporosis": prob,
     })
 
 
@@ -79,7 +81,8 @@ def test_writers_are_byte_stable_sorted_and_round_trip(tmp_path: Path, name: str
     assert first.read_bytes() == second.read_bytes() == shuffled.read_bytes()
     assert b"\r\n" not in first.read_bytes()
     back = module.read(first)
-    assert list(back.columns) == list(module.COLUMNS)
+    extra = ["prob_normal", "prob_osteoporosis"] if module is predictions else []  # one column per class
+    assert list(back.columns) == [*module.COLUMNS, *extra]
     expected = frame.sort_values(order, kind="stable").reset_index(drop=True)
     assert list(back["source" if "source" in back else "image"]) == list(expected["source" if "source" in expected
                                                                                   else "image"])
@@ -102,10 +105,12 @@ def test_table_keeps_empty_cells_and_hashes_as_text(tmp_path: Path) -> None:
     assert back.to_dict("list") == frame.to_dict("list")  # no NaN, no float parsing of "1e5", quoting round-trips
 
 
-def test_predictions_keep_full_float_precision(tmp_path: Path) -> None:
+def test_predictions_are_written_at_a_fixed_precision(tmp_path: Path) -> None:
+    """Six decimals: byte-stable across runs and machines whose last float bits differ (README)."""
     predictions.write(tmp_path / "p.csv", predictions_frame())
     back = predictions.read(tmp_path / "p.csv").set_index("source")
-    assert back.at["a.dcm", "prob"] == 0.1234567890123
+    assert back.at["a.dcm", "prob"] == round(0.1234567890123, predictions.DECIMALS) == 0.123457
+    assert back.at["a.dcm", "prob_normal"] == round(1 - 0.1234567890123, predictions.DECIMALS)
     assert back["fold"].dtype.kind == back["y_true"].dtype.kind == back["pred"].dtype.kind == "i"
 
 
@@ -149,7 +154,11 @@ BAD_FILES = {
     "predictions_prob_text": (predictions, predictions_frame, _set("prob", "high"), table.TableError,
                               r"column 'prob' must hold probabilities"),
     "predictions_label": (predictions, predictions_frame, _set("y_true", 2), table.TableError,
-                          r"columns 'y_true' and 'pred' must hold 0/1"),
+                          r"columns 'y_true' and 'pred' must hold class indices 0..1"),
+    "predictions_no_class_columns": (predictions, predictions_frame, _drop("prob_normal", "prob_osteoporosis"),
+                                     table.TableError, r"expected a prob_<class> column per class"),
+    "predictions_rows_not_summing_to_one": (predictions, predictions_frame, _set("prob_normal", 0.5),
+                                            table.TableError, r"must sum to 1"),
     "predictions_pred_text": (predictions, predictions_frame, _set("pred", "yes"), table.TableError,
                               r"row 2: column 'pred' must hold integers"),
     "predictions_duplicate": (predictions, predictions_frame, _duplicate_row, table.TableError,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import hmac
 import logging
@@ -19,6 +20,7 @@ from dicom_factory import FAKE_PHI, gradient, make_dataset, write_dicom
 from spinedxa import deid
 from spinedxa.config import IngestConfig
 from spinedxa.ingest import run_ingest
+from spinedxa.task import Task
 
 PSEUDONYM = re.compile(r"^P[0-9a-f]{12}$")
 
@@ -153,7 +155,7 @@ def test_no_phi_leaves_ingest(tmp_path: Path, caplog: pytest.LogCaptureFixture,
     source = phi_source(tmp_path / "source")
     out, summary = tmp_path / "ingested", tmp_path / "reports" / "ingest.json"
     caplog.set_level(logging.DEBUG)
-    result = run_ingest(source, out, summary, classes=("normal", "osteoporosis"),
+    result = run_ingest(source, out, summary, task=Task(("normal", "osteoporosis")),
                         settings=IngestConfig(max_side=32, max_pixels=10**6, multiframe="first", roi="whole"))
     assert result["n_accepted"] == 5
 
@@ -169,8 +171,8 @@ def test_no_phi_leaves_ingest(tmp_path: Path, caplog: pytest.LogCaptureFixture,
     for png in out.glob("images/*.png"):
         with Image.open(png) as img:
             assert img.mode == "I;16" and not getattr(img, "text", {}), f"{png} carries text chunks"
-    manifest = (out / "manifest.csv").read_text()
-    patients = {line.split(",")[5] for line in manifest.splitlines()[1:]}
+    with (out / "manifest.csv").open(newline="") as fh:
+        patients = {row["patient_id"] for row in csv.DictReader(fh)}
     assert all(PSEUDONYM.match(p) for p in patients)
     # the four DICOMs share one PatientID -> one pseudonym; the PNG has its own (from labels.csv)
     assert len(patients) == 2 and deid.patient_pseudonym(LABEL_PATIENT) in patients
@@ -216,7 +218,7 @@ def test_header_values_holding_phi_reach_no_output(tmp_path: Path, caplog: pytes
     write_dicom(source / "normal" / "ok.dcm", gradient()[::-1].copy(), phi={})
     out, summary = tmp_path / "ingested", tmp_path / "ingest.json"
     caplog.set_level(logging.DEBUG)
-    run_ingest(source, out, summary, classes=("normal", "osteoporosis"), progress=False,
+    run_ingest(source, out, summary, task=Task(("normal", "osteoporosis")), progress=False,
                settings=IngestConfig(max_side=32, max_pixels=10**6, roi="whole"))
     manifest = (out / "manifest.csv").read_text()
     row = next(line for line in manifest.splitlines() if line.startswith("normal/x.dcm,"))

@@ -14,11 +14,11 @@ import torch
 from PIL import Image
 from torch import nn
 
-from conftest import REPO, dvc_argv, stage_main, write_cohort
+from conftest import REPO, dvc_argv, stage_main, write_cohort, write_external_cohort
 from spinedxa import evaluate, metrics, tracking
 from spinedxa.config import MODEL_NAMES, ConfigError, EvaluateConfig, apply_profile, load_params
 from spinedxa.contracts import splits as splits_contract
-from spinedxa.data import input_shape, part_items, stack_images
+from spinedxa.data import ImageItem, input_shape, part_items, stack_images
 from spinedxa.files import sha256_file, write_json_atomic
 from spinedxa.models import get_model, get_spec, load_trained, predict_proba
 
@@ -33,7 +33,7 @@ def _one_thread() -> None:
 
 
 def save_untrained(model_dir: Path, name: str, image_size: int, run_id: str | None, seed: int = 0,
-                   *, zero_head: bool = False) -> str:
+                   *, zero_head: bool = False, calibration: dict | None = None, tta: str = "none") -> str:
     """Write ``model.pt`` + ``meta.json`` (docs/CONTRACTS.md) of an untrained model; return the weights' sha256.
 
     ``zero_head``: the last linear layer is all zeros, so the logits do not depend on the image and every Grad-CAM
@@ -51,16 +51,18 @@ def save_untrained(model_dir: Path, name: str, image_size: int, run_id: str | No
     write_json_atomic(model_dir / "meta.json", {
         "model": name, "image_size": image_size, "classes": CLASSES, "mlflow_run_id": run_id,
         "mlflow_tracking_uri": tracking.tracking_uri(), "model_sha256": digest, "epochs_run": 0, "seed": seed,
-        "batch_norm": False,
+        "batch_norm": False, "tta": tta, **({"calibration": calibration} if calibration else {}),
     })
     return digest
 
 
 def save_fold_models(model_dir: Path, name: str, image_size: int, folds: list[int], *, parent_run: str | None = None,
-                     fold_runs: dict[int, str] | None = None, zero_head: bool = False) -> dict[str, str]:
+                     fold_runs: dict[int, str] | None = None, zero_head: bool = False,
+                     calibration: dict | None = None, tta: str = "none") -> dict[str, str]:
     """``models/<m>/fold<k>/`` for every fold (a different seed each) and ``models/<m>/meta.json``."""
     digests = {str(k): save_untrained(evaluate.fold_dir(model_dir, k), name, image_size,
-                                      (fold_runs or {}).get(k), seed=k, zero_head=zero_head) for k in folds}
+                                      (fold_runs or {}).get(k), seed=k, zero_head=zero_head,
+                                      calibration=calibration, tta=tta) for k in folds}
     write_json_atomic(model_dir / "meta.json", {"model": name, "mlflow_run_id": parent_run, "variant": name,
                                                 "folds": folds})
     return digests
@@ -192,6 +194,7 @@ def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mlflow_store: str) 
     (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
     apply_profile(tmp_path / "params.yaml", REPO / "profiles" / "tiny.yaml")
     write_cohort(tmp_path)
+    write_external_cohort(tmp_path)
     monkeypatch.chdir(tmp_path)
     return tmp_path
 
@@ -199,10 +202,13 @@ def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mlflow_store: str) 
 def expected_record_keys(extra: set[str]) -> set[str]:
     """Every key of the pooled out-of-fold record (docs/CONTRACTS.md, reports/metrics/<model>.json)."""
     keys = {k + s for k in metrics.METRIC_KEYS for s in ("", "_ci_low", "_ci_high", "_ci_skipped")}
-    keys |= {"tp", "fp", "tn", "fn", "n_test", "n_test_patients", "threshold", "bootstrap_resamples", "bootstrap_seed"}
+    keys |= {"tp", "fp", "tn", "fn", "confusion", "n_test", "n_test_patients", "threshold", "bootstrap_resamples",
+             "bootstrap_seed"}
     keys |= {f"{k}_fold_{s}" for k in metrics.METRIC_KEYS for s in ("mean", "sd")} | {"n_folds"}
     keys |= {f"patient_{k}{s}" for k in metrics.METRIC_KEYS for s in ("", "_ci_low", "_ci_high")}
     keys |= {f"patient_{k}" for k in ("tp", "fp", "tn", "fn")} | {"n_patients", "protocol", "folds"}
+    keys |= {f"external_{k}{s}" for k in metrics.METRIC_KEYS for s in ("", "_ci_low", "_ci_high", "_ci_skipped")}
+    keys |= {f"external_{k}" for k in ("tp", "fp", "tn", "fn", "confusion", "n", "patients")}
     return keys | extra
 
 
@@ -223,15 +229,17 @@ def test_stage_scores_every_scan_once_out_of_fold(project: Path) -> None:
     stage_main("evaluate")(dvc_argv("evaluate", model="cnn21"))
 
     record = json.loads((project / "reports/metrics/cnn21.json").read_text())
-    # The pooled record's keys (evaluate may add more about how the models were trained, e.g. the fast path).
-    identity = {"model", "mlflow_run_id", "model_sha256", "variant", "gradcam_degenerate"}
-    missing = expected_record_keys(identity) - set(record)
+    # The metrics file holds numbers (and the confusion matrix); identifiers live in the provenance file beside it.
+    missing = expected_record_keys({"gradcam_degenerate", "kept_epoch"}) - set(record)
     assert not missing, sorted(missing)
+    assert not {k for k, v in record.items() if isinstance(v, str) and k != "protocol"}  # no ids, commits, paths
     scans = table.drop_duplicates("source")
     assert (record["protocol"], record["folds"], record["n_folds"]) == ("kfold", 3, 3)
     assert record["n_test"] == len(scans) == record["tp"] + record["fp"] + record["tn"] + record["fn"]
     assert record["n_test_patients"] == record["n_patients"] == scans["patient_id"].nunique()
-    assert (record["model"], record["mlflow_run_id"], record["model_sha256"]) == ("cnn21", parent, digests)
+    provenance = json.loads((project / "reports/provenance/cnn21.json").read_text())
+    assert (provenance["model"], provenance["mlflow_run_id"], provenance["model_sha256"]) == ("cnn21", parent,
+                                                                                             digests)
     assert record["bootstrap_resamples"] == params.evaluate.bootstrap
     assert 0 <= record["gradcam_degenerate"] <= params.evaluate.gradcam_images
 
@@ -245,9 +253,9 @@ def test_stage_scores_every_scan_once_out_of_fold(project: Path) -> None:
     for k in folds:
         model, _ = load_trained(evaluate.fold_dir(project / "models/cnn21", k))
         items = part_items(project / "data/split/splits.csv", project / "data/ingested", k, "test", CLASSES)
-        own = predict_proba(model, "cnn21", stack_images(items, input_shape(params.train.cnn21.image_size)))
+        own = predict_proba(model, "cnn21", stack_images(items, input_shape(params.train.cnn21.image_size)))[:, 1]
         got = preds.set_index("source").loc[[it.source for it in items], "prob"].to_numpy()
-        np.testing.assert_allclose(got, own, rtol=1e-6)
+        np.testing.assert_allclose(got, own, rtol=1e-5, atol=1e-6)  # predictions are written at 6 decimals
 
     pooled = metrics.point_metrics(preds["y_true"], preds["prob"], params.evaluate.threshold)
     assert record["roc_auc"] == pytest.approx(pooled["roc_auc"])
@@ -273,11 +281,13 @@ def test_stage_scores_every_scan_once_out_of_fold(project: Path) -> None:
 
     artifacts = {a.path for a in MlflowClient().list_artifacts(parent)}
     assert {"cnn21.json", "cnn21.csv", "gradcam_cnn21.png", "roc.csv", "pr.csv", "calibration.csv"} <= artifacts
+    assert runs[parent]["metrics"]["test_external_roc_auc"] == pytest.approx(record["external_roc_auc"])
 
 
 def _paths(project: Path) -> evaluate.EvaluatePaths:
     return evaluate.EvaluatePaths(*(project / p for p in (
-        "models/cnn21", "data/split/splits.csv", "data/ingested", "m.json", "p.csv", "plots", "g.png")))
+        "models/cnn21", "data/split/splits.csv", "data/ingested", "m.json", "p.csv", "plots", "g.png",
+        "data/external", "x.csv", "prov.json")))
 
 
 def test_degenerate_grad_cam_is_counted_in_the_record(project: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -296,8 +306,9 @@ def test_without_run_ids_evaluates_and_warns(project: Path, caplog: pytest.LogCa
     params = load_params(project / "params.yaml")
     save_fold_models(project / "models/cnn21", "cnn21", params.train.cnn21.image_size, [0, 1, 2])
     with caplog.at_level(logging.WARNING):
-        record = evaluate.evaluate_model(params, "cnn21", _paths(project))
-    assert record["mlflow_run_id"] is None and "no mlflow_run_id" in caplog.text
+        evaluate.evaluate_model(params, "cnn21", _paths(project))
+    assert json.loads((project / "prov.json").read_text())["mlflow_run_id"] is None
+    assert "no mlflow_run_id" in caplog.text
     assert (project / "g.png").is_file() and (project / "m.json").is_file()
 
 
@@ -327,3 +338,100 @@ def test_unknown_run_id_fails(project: Path) -> None:
                      parent_run="0" * 32)
     with pytest.raises(tracking.RunNotFoundError, match="0" * 32):
         stage_main("evaluate")(dvc_argv("evaluate", model="cnn21"))
+
+
+# ------------------------------------------------------------------------------------------ TTA, calibration, external
+
+
+def _by_hand(model: nn.Module, images: torch.Tensor, slope: float, intercept: float) -> np.ndarray:
+    """P(positive) as every published number is made, computed by hand: softmax of the logits of each image and of
+    its mirror image, averaged (TTA hflip), then Platt scaling sigmoid(slope * logit(p) + intercept)."""
+    model.eval()
+    with torch.no_grad():
+        plain = torch.softmax(model(images), dim=1)[:, 1].double().numpy()
+        mirror = torch.softmax(model(torch.flip(images, dims=[3])), dim=1)[:, 1].double().numpy()
+    p = np.clip((plain + mirror) / 2, 1e-6, 1 - 1e-6)
+    return 1 / (1 + np.exp(-(slope * np.log(p / (1 - p)) + intercept)))
+
+
+def test_tta_and_platt_scaling_are_applied_as_recorded(project: Path) -> None:
+    """The path behind every published number: mirror-image TTA, then the fold's Platt scaling, both read from the
+    fold's meta.json; each scan's probability checked against a hand computation (issue 17)."""
+    params = load_params(project / "params.yaml")
+    calibration = {"slope": 0.7, "intercept": -0.4, "n": 12, "method": "platt_on_val"}
+    save_fold_models(project / "models/cnn21", "cnn21", params.train.cnn21.image_size, [0, 1, 2],
+                     calibration=calibration, tta="hflip")
+    evaluate.evaluate_model(params, "cnn21", _paths(project))
+    preds = metrics.read_predictions(project / "p.csv").set_index("source")
+    shape = input_shape(params.train.cnn21.image_size)
+    for k in (0, 1, 2):
+        model, _ = load_trained(evaluate.fold_dir(project / "models/cnn21", k))
+        items = part_items(project / "data/split/splits.csv", project / "data/ingested", k, "test", CLASSES)
+        expected = _by_hand(model, stack_images(items, shape), 0.7, -0.4)
+        got = preds.loc[[it.source for it in items], "prob"].to_numpy()
+        np.testing.assert_allclose(got, expected, atol=2e-6)  # 6 decimals on disk
+        np.testing.assert_allclose(preds.loc[[it.source for it in items], "prob_normal"], 1 - expected, atol=2e-6)
+        # Without the calibration the numbers differ: the test can fail.
+        assert np.abs(got - _by_hand(model, stack_images(items, shape), 1.0, 0.0)).max() > 1e-3
+
+
+def test_external_cohort_is_scored_by_the_fold_ensemble(project: Path) -> None:
+    """The external cohort's probability of each scan is the mean of the fold models' calibrated probabilities."""
+    params = load_params(project / "params.yaml")
+    calibration = {"slope": 1.3, "intercept": 0.2, "n": 12, "method": "platt_on_val"}
+    save_fold_models(project / "models/cnn21", "cnn21", params.train.cnn21.image_size, [0, 1, 2],
+                     calibration=calibration, tta="hflip")
+    record = evaluate.evaluate_model(params, "cnn21", _paths(project))
+    external = metrics.read_predictions(project / "x.csv").set_index("source")
+    manifest = pd.read_csv(project / "data/external/manifest.csv", dtype=str, keep_default_na=False)
+    items = [ImageItem(project / "data/external" / r.roi, CLASSES.index(r.label), r.source, r.patient_id)
+             for r in manifest.itertuples(index=False)]
+    images = stack_images(items, input_shape(params.train.cnn21.image_size))
+    folds = [load_trained(evaluate.fold_dir(project / "models/cnn21", k))[0] for k in (0, 1, 2)]
+    expected = np.mean([_by_hand(m, images, 1.3, 0.2) for m in folds], axis=0)
+    np.testing.assert_allclose(external.loc[[it.source for it in items], "prob"], expected, atol=2e-6)
+    assert record["external_n"] == len(items) and record["external_patients"] == manifest["patient_id"].nunique()
+    from sklearn.metrics import roc_auc_score
+
+    assert record["external_roc_auc"] == pytest.approx(
+        roc_auc_score([it.label for it in items], expected), abs=2e-6)
+
+
+def test_a_disabled_external_cohort_is_not_scored(project: Path) -> None:
+    import shutil
+
+    params = load_params(project / "params.yaml")
+    shutil.rmtree(project / "data/external")
+    write_external_cohort(project, disabled=True)
+    (project / "x.csv").write_text("stale")
+    save_fold_models(project / "models/cnn21", "cnn21", params.train.cnn21.image_size, [0, 1, 2])
+    record = evaluate.evaluate_model(params, "cnn21", _paths(project))
+    assert not any(k.startswith("external_") for k in record)
+    assert pd.read_csv(project / "x.csv").empty  # the DVC output exists, with no row
+
+
+def test_seed_repeats_are_scored_and_their_spread_recorded(project: Path) -> None:
+    """train.repeats > 1: each seed repeat's pooled out-of-fold (and external) ROC-AUC, their SD and range."""
+    from sklearn.metrics import roc_auc_score
+
+    params = load_params(project / "params.yaml")
+    size = params.train.cnn21.image_size
+    save_fold_models(project / "models/cnn21", "cnn21", size, [0, 1, 2])
+    for k in (0, 1, 2):
+        save_untrained(project / f"models/cnn21/repeat1/fold{k}", "cnn21", size, None, seed=100 + k)
+    meta = json.loads((project / "models/cnn21/meta.json").read_text())
+    write_json_atomic(project / "models/cnn21/meta.json", {**meta, "repeats": 2})
+    record = evaluate.evaluate_model(params, "cnn21", _paths(project))
+    assert record["repeats"] == 2 and record["seed_roc_auc_0"] == record["roc_auc"]
+    # Repeat 1 by hand: each fold's repeat model on that fold's test part, pooled.
+    shape, y, p = input_shape(size), [], []
+    for k in (0, 1, 2):
+        model, _ = load_trained(project / f"models/cnn21/repeat1/fold{k}")
+        items = part_items(project / "data/split/splits.csv", project / "data/ingested", k, "test", CLASSES)
+        p += list(predict_proba(model, "cnn21", stack_images(items, shape))[:, 1])
+        y += [it.label for it in items]
+    assert record["seed_roc_auc_1"] == pytest.approx(roc_auc_score(y, p), abs=1e-9)
+    values = [record["seed_roc_auc_0"], record["seed_roc_auc_1"]]
+    assert record["seed_roc_auc_sd"] == pytest.approx(np.std(values, ddof=1))
+    assert record["seed_roc_auc_range"] == pytest.approx(max(values) - min(values))
+    assert {"seed_external_roc_auc_0", "seed_external_roc_auc_1", "seed_external_roc_auc_sd"} <= set(record)

@@ -29,13 +29,14 @@ from spinedxa import deid, ingest
 from spinedxa.config import IngestConfig, load_params
 from spinedxa.contracts import png16
 from spinedxa.files import sha256_file
+from spinedxa.task import Task
 from spinedxa.ingest import MANIFEST_COLUMNS, IngestError, LabelsError, phash16, read_labels, run_ingest
 
 CLASSES = ("normal", "osteoporosis")
 REPO = Path(__file__).resolve().parents[1]
 
 
-ROI_HEIGHT = 32  # the smallest allowed ROI image: 32 x 16
+ROI_HEIGHT = 32  # the smallest allowed ROI image: 32 x 32 under ingest.roi: whole (32 x 16 when located)
 
 
 def settings(max_side: int = 24, multiframe: str = "first", **kwargs) -> IngestConfig:
@@ -87,7 +88,7 @@ def test_folder_source_manifest_contract(tmp_path: Path, workers: int) -> None:
     source = tmp_path / "source"
     expected = folder_source(source)
     out, summary_path = tmp_path / "ingested", tmp_path / "ingest.json"
-    summary = run_ingest(source, out, summary_path, classes=CLASSES, settings=settings(), workers=workers,
+    summary = run_ingest(source, out, summary_path, task=Task(CLASSES), settings=settings(), workers=workers,
                          progress=False)
     rows = read_manifest(out)
 
@@ -108,10 +109,10 @@ def test_folder_source_manifest_contract(tmp_path: Path, workers: int) -> None:
             assert int(row["max"]) == pixels.max() and abs(float(row["mean"]) - pixels.mean()) < 0.01
             assert re.fullmatch(r"[0-9a-f]{16}", row["phash"])
             assert row["label"] == row["source"].split("/")[0]
-            # ingest.roi: whole: the ROI is the whole image padded to 2:1, resized to roi_height x roi_height / 2.
+            # ingest.roi: whole: the ROI is the whole image letterboxed into a square, resized to roi_height.
             assert row["roi"] == f"roi/{row['sha256'][:16]}.png" and row["roi_method"] == "whole"
-            assert png16.read(out / row["roi"]).shape == (ROI_HEIGHT, ROI_HEIGHT // 2)
-            assert int(row["roi_height"]) == 2 * int(row["roi_width"]) >= int(row["height"])
+            assert png16.read(out / row["roi"]).shape == (ROI_HEIGHT, ROI_HEIGHT)
+            assert int(row["roi_height"]) == int(row["roi_width"]) == max(int(row["height"]), int(row["width"]))
             assert row["redacted"] == "False"
         else:
             assert row["status"] == "quarantined" and row["reason"].split(":")[0] == want
@@ -148,7 +149,7 @@ def test_outputs_are_deterministic_and_raw_input_untouched(tmp_path: Path) -> No
     digests = []
     for run in ("one", "two"):
         out = tmp_path / run
-        run_ingest(source, out, tmp_path / f"{run}.json", classes=CLASSES, settings=settings(), workers=2,
+        run_ingest(source, out, tmp_path / f"{run}.json", task=Task(CLASSES), settings=settings(), workers=2,
                    progress=False)
         digests.append({p.relative_to(out): sha256_file(p) for p in out.rglob("*") if p.is_file()})
     assert digests[0] == digests[1]
@@ -161,7 +162,7 @@ def test_output_dir_is_replaced_whole(tmp_path: Path) -> None:
     out = tmp_path / "ingested"
     (out / "images").mkdir(parents=True)
     (out / "images" / "stale.png").write_bytes(b"old")
-    run_ingest(source, out, tmp_path / "s.json", classes=CLASSES, settings=settings(), progress=False)
+    run_ingest(source, out, tmp_path / "s.json", task=Task(CLASSES), settings=settings(), progress=False)
     assert not (out / "images" / "stale.png").exists()
     assert sorted(p.name for p in out.iterdir()) == ["images", "manifest.csv", "roi"]
 
@@ -184,7 +185,7 @@ def test_labels_csv_source(tmp_path: Path) -> None:
         "missing.png,normal,PAT-C\n"
     )
     out, summary_path = tmp_path / "ingested", tmp_path / "s.json"
-    summary = run_ingest(source, out, summary_path, classes=CLASSES, settings=settings(), progress=False)
+    summary = run_ingest(source, out, summary_path, task=Task(CLASSES), settings=settings(), progress=False)
     rows = {r["source"]: r for r in read_manifest(out)}
     assert set(rows) == {"x1.png", "x2.png", "sub/x3.png", "x4.png", "x5.png", "y.dcm"}  # labels.csv is no input
     assert rows["x1.png"]["patient_id"] == rows["x2.png"]["patient_id"] == deid.patient_pseudonym("PAT-A")
@@ -222,7 +223,7 @@ def test_malformed_labels_stop_the_stage_after_the_summary(tmp_path: Path) -> No
     (source / "labels.csv").write_text("file,label\na.dcm,normal\n")
     summary_path = tmp_path / "s.json"
     with pytest.raises(LabelsError, match="header"):
-        run_ingest(source, tmp_path / "out", summary_path, classes=CLASSES, settings=settings(), progress=False)
+        run_ingest(source, tmp_path / "out", summary_path, task=Task(CLASSES), settings=settings(), progress=False)
     assert "header" in json.loads(summary_path.read_text())["error"]
     assert not (tmp_path / "out").exists()
 
@@ -253,7 +254,7 @@ def test_systemic_problems_raise_after_the_summary(tmp_path: Path, make, match: 
     source, out, summary_path = tmp_path / "source", tmp_path / "out", tmp_path / "s.json"
     make(source)
     with pytest.raises(IngestError, match=match):
-        run_ingest(source, out, summary_path, classes=CLASSES, settings=settings(), progress=False)
+        run_ingest(source, out, summary_path, task=Task(CLASSES), settings=settings(), progress=False)
     summary = json.loads(summary_path.read_text())
     assert re.search(match, summary["error"]) and summary["n_accepted"] == 0
     if manifest_rows is None:
@@ -362,7 +363,7 @@ def test_large_files_stream_to_the_same_outputs(tmp_path: Path, monkeypatch: pyt
     for limit in (ingest._IN_MEMORY_MAX, 0):
         monkeypatch.setattr(ingest, "_IN_MEMORY_MAX", limit)
         out = tmp_path / f"out_{limit}"
-        run_ingest(source, out, tmp_path / f"{limit}.json", classes=CLASSES, settings=settings(), progress=False)
+        run_ingest(source, out, tmp_path / f"{limit}.json", task=Task(CLASSES), settings=settings(), progress=False)
         digests.append({p.relative_to(out): sha256_file(p) for p in out.rglob("*") if p.is_file()})
     assert digests[0] == digests[1] and len(digests[0]) == 1 + 2 * 8  # manifest + the eight accepted images and ROIs
 
@@ -371,7 +372,7 @@ def test_large_files_stream_to_the_same_outputs(tmp_path: Path, monkeypatch: pyt
 
 def _rows_by_source(tmp_path: Path, source: Path, workers: int = 1) -> dict[str, dict[str, str]]:
     out = tmp_path / "out"
-    run_ingest(source, out, tmp_path / "s.json", classes=CLASSES, settings=settings(), workers=workers,
+    run_ingest(source, out, tmp_path / "s.json", task=Task(CLASSES), settings=settings(), workers=workers,
                progress=False)
     return {r["source"]: r for r in read_manifest(out)}
 
@@ -418,7 +419,8 @@ def _file_links(tmp_path: Path, source: Path) -> dict[str, str]:
     (source / "normal" / "gone.dcm").symlink_to(tmp_path / "nowhere.dcm")
     (source / "normal" / "cycle1.dcm").symlink_to("cycle2.dcm")
     (source / "normal" / "cycle2.dcm").symlink_to("cycle1.dcm")
-    return {"normal/a.dcm": "accepted", "normal/inside.dcm": "accepted", "normal/outside.dcm": "symlink_outside_source",
+    # inside.dcm reads a.dcm: an exact copy of a kept scan (the duplicate rule keeps the source that sorts first).
+    return {"normal/a.dcm": "accepted", "normal/inside.dcm": "duplicate", "normal/outside.dcm": "symlink_outside_source",
             "normal/etc.dcm": "symlink_outside_source", "normal/gone.dcm": "symlink_dangling",
             "normal/cycle1.dcm": "symlink_dangling", "normal/cycle2.dcm": "symlink_dangling"}
 
@@ -574,7 +576,7 @@ def test_a_killed_worker_ends_the_stage_with_a_clear_error(tmp_path: Path, monke
     started = time.monotonic()
     try:
         with pytest.raises(IngestError, match=r"a worker process died .* ingesting one of \d+ file\(s\): normal/"):
-            run_ingest(source, out, summary, classes=CLASSES, settings=settings(), workers=2, progress=False)
+            run_ingest(source, out, summary, task=Task(CLASSES), settings=settings(), workers=2, progress=False)
     finally:
         stop.set()
     assert time.monotonic() - started < 60
@@ -594,7 +596,7 @@ def test_worker_memory_cap_turns_a_consistent_bomb_into_a_quarantine_row(tmp_pat
     write_dicom(source / "osteoporosis" / "ok2.dcm", scan(2))
     cfg = dataclasses.replace(settings(), max_pixels=10**8, worker_memory_mb=64)
     out = tmp_path / "out"
-    run_ingest(source, out, tmp_path / "s.json", classes=CLASSES, settings=cfg, workers=2, progress=False)
+    run_ingest(source, out, tmp_path / "s.json", task=Task(CLASSES), settings=cfg, workers=2, progress=False)
     rows = {r["source"]: r for r in read_manifest(out)}
     assert rows["normal/big.dcm"]["reason"].startswith("too_large: decoding needs more memory than this process")
     assert rows["normal/ok.dcm"]["status"] == rows["osteoporosis/ok2.dcm"]["status"] == "accepted"
@@ -625,7 +627,7 @@ def test_ocr_out_of_memory_quarantines_the_file(tmp_path: Path, monkeypatch: pyt
     monkeypatch.setattr(burnedin, "_engine", engine)
     write_dicom(source / "normal" / "big.dcm", np.kron(scan(3), np.ones((60, 60), dtype=np.uint16)))  # 2400 x 1920
     out = tmp_path / "out"
-    run_ingest(source, out, tmp_path / "s.json", classes=CLASSES, settings=dataclasses.replace(
+    run_ingest(source, out, tmp_path / "s.json", task=Task(CLASSES), settings=dataclasses.replace(
         settings(), max_pixels=10**7), progress=False)
     rows = {r["source"]: r for r in read_manifest(out)}
     assert rows["normal/big.dcm"]["reason"].startswith("too_large: decoding needs more memory")
@@ -646,7 +648,7 @@ def hwm():  # VmHWM: ru_maxrss of an exec'd process starts at its parent's peak
         return next(int(line.split()[1]) for line in fh if line.startswith("VmHWM:"))
 
 imported = hwm()  # what the imports alone map (numpy, scipy, pandas, cv2, pydicom: ~230-270 MiB, machine-dependent)
-run_ingest(Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4]), classes=params.data.classes,
+run_ingest(Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4]), task=params.data.task,
            settings=dataclasses.replace(params.ingest, roi="whole", worker_memory_mb=int(sys.argv[5])), workers=2,
            progress=False)
 print(json.dumps({"parent_imported_kib": imported, "parent_kib": hwm(), "worker_kib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}))

@@ -267,7 +267,7 @@ def test_write_and_read_evaluation(tmp_path) -> None:
     M.write_evaluation(preds, rec, metrics_path=tmp_path / "m.json", predictions_path=tmp_path / "p.csv",
                        plots_dir=tmp_path / "plots")
     back = M.read_predictions(tmp_path / "p.csv")
-    assert list(back.columns) == list(predictions_contract.COLUMNS)
+    assert list(back.columns) == [*predictions_contract.COLUMNS, "prob_normal", "prob_osteoporosis"]
     assert (back["fold"] == 0).all()  # no folds given: one fold, 0
     assert list(back["source"]) == sorted(sources)  # written in source order
     back = back.set_index("source").loc[sources]
@@ -301,7 +301,7 @@ def _oof(n_patients: int = 30, folds: int = 3, seed: int = 11) -> pd.DataFrame:
 
 def test_predictions_frame_keeps_the_fold() -> None:
     preds = _oof()
-    assert list(preds.columns) == list(predictions_contract.COLUMNS)
+    assert list(preds.columns) == [*predictions_contract.COLUMNS, "prob_normal", "prob_osteoporosis"]
     assert sorted(preds["fold"].unique()) == [0, 1, 2]
 
 
@@ -329,7 +329,7 @@ def test_fold_summary_leaves_undefined_folds_out() -> None:
 def test_patient_level_is_the_mean_probability_per_patient() -> None:
     preds = _oof()
     patients = M.patient_level(preds, ("normal", "osteoporosis")).set_index("patient_id")
-    assert list(patients.columns) == ["n_scans", "y_true", "prob"]
+    assert list(patients.columns) == ["n_scans", "y_true", "prob", "prob_normal", "prob_osteoporosis"]
     assert len(patients) == preds["patient_id"].nunique() and patients["n_scans"].sum() == len(preds)
     for pid, group in preds.groupby("patient_id"):
         assert patients.at[pid, "prob"] == pytest.approx(group["prob"].mean())
@@ -358,3 +358,124 @@ def test_out_of_fold_record_pools_every_scan() -> None:
     assert record["patient_roc_auc"] == pytest.approx(skm.roc_auc_score(patients["y_true"], patients["prob"]))
     assert record["patient_tp"] + record["patient_fp"] + record["patient_tn"] + record["patient_fn"] == 30
     json.dumps(record, allow_nan=False)  # strict JSON: undefined values are None
+
+
+# ------------------------------------------------------------------------------------------ ordinal (three classes)
+
+WHO = ("normal", "osteopenia", "osteoporosis")
+
+
+def _three(n_patients: int = 40, images_per_patient: int = 1, seed: int = 0) -> tuple[np.ndarray, np.ndarray,
+                                                                                         np.ndarray]:
+    """Three ordered classes: a noisy ordinal score turned into class probabilities."""
+    rng = np.random.default_rng(seed)
+    y_pat = rng.integers(0, 3, n_patients)
+    score = y_pat + rng.normal(0, 0.8, n_patients)
+    logits = -((score[:, None] - np.arange(3)[None, :]) ** 2)
+    p_pat = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    y = np.repeat(y_pat, images_per_patient)
+    p = np.repeat(p_pat, images_per_patient, axis=0)
+    pids = np.repeat([f"P{i:03d}" for i in range(n_patients)], images_per_patient)
+    return y, p, pids
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_ordinal_point_metrics_equal_sklearn(seed: int) -> None:
+    y, p, _ = _three(60, seed=seed)
+    m = M.point_metrics(y, p, 0.5, WHO)
+    pred = p.argmax(axis=1)
+    assert set(m) == set(M.metric_keys(WHO))
+    assert m["accuracy"] == pytest.approx(skm.accuracy_score(y, pred))
+    assert m["balanced_accuracy"] == pytest.approx(skm.balanced_accuracy_score(y, pred))
+    assert m["f1"] == pytest.approx(skm.f1_score(y, pred, average="macro", labels=[0, 1, 2], zero_division=0))
+    assert m["mcc"] == pytest.approx(skm.matthews_corrcoef(y, pred))
+    assert m["kappa_quadratic"] == pytest.approx(skm.cohen_kappa_score(y, pred, weights="quadratic"))
+    assert m["roc_auc"] == pytest.approx(skm.roc_auc_score(y, p, multi_class="ovr", average="macro"))
+    assert m["brier"] == pytest.approx(np.mean(((p - np.eye(3)[y]) ** 2).sum(axis=1)))
+    for k, c in enumerate(WHO):
+        assert m[f"roc_auc_{c}"] == pytest.approx(skm.roc_auc_score(y == k, p[:, k]))
+        assert m[f"recall_{c}"] == pytest.approx(skm.recall_score(y == k, pred == k))
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_ordinal_weighted_metrics_equal_point_metrics_on_replicated_resamples(seed: int) -> None:
+    """A row of integer weights gives what point_metrics gives on the images repeated that many times."""
+    y, p, _ = _three(30, seed=seed)
+    rng = np.random.default_rng(seed)
+    weights = rng.integers(0, 3, size=(5, len(y))).astype(float)
+    draws = M.weighted_metrics(y, p, weights, 0.5, WHO)
+    for r, w in enumerate(weights):
+        idx = np.repeat(np.arange(len(y)), w.astype(int))
+        point = M.point_metrics(y[idx], p[idx], 0.5, WHO)
+        for key, value in point.items():
+            assert draws[key][r] == pytest.approx(value, nan_ok=True), (r, key)
+
+
+def test_ordinal_record_has_intervals_a_confusion_matrix_and_no_binary_counts() -> None:
+    y, p, pids = _three(40, images_per_patient=2, seed=5)
+    record = M.summarize(y, p, pids, threshold=0.5, n_resamples=100, seed=0, classes=WHO)
+    assert "tp" not in record
+    cm = record["confusion"]
+    assert sum(cm[a][b] for a in WHO for b in WHO) == len(y)
+    assert [sum(cm[c].values()) for c in WHO] == [int((y == k).sum()) for k in range(3)]
+    for key in M.metric_keys(WHO):
+        low, high = record[f"{key}_ci_low"], record[f"{key}_ci_high"]
+        assert low is None or low <= high, key
+    assert record["roc_auc_ci_low"] <= record["roc_auc"] <= record["roc_auc_ci_high"]
+    json.dumps(record, allow_nan=False)
+
+
+def test_ordinal_paired_bootstrap_is_zero_for_a_model_against_itself() -> None:
+    y, p, pids = _three(40, seed=2)
+    same = M.paired_bootstrap_auc(y, p, p, pids, n_resamples=50, seed=0)
+    assert same.difference == 0 and same.interval.low == 0 and same.interval.high == 0
+    worse = np.full_like(p, 1 / 3)
+    diff = M.paired_bootstrap_auc(y, p, worse, pids, n_resamples=200, seed=0)
+    assert diff.difference == pytest.approx(skm.roc_auc_score(y, p, multi_class="ovr") - 0.5)
+    assert diff.interval.low > 0
+
+
+def test_three_class_out_of_fold_record_and_patient_level() -> None:
+    y, p, pids = _three(45, seed=9)
+    sources = [f"s{i:03d}.dcm" for i in range(len(y))]
+    preds = M.predictions_frame(sources, pids, y, p, classes=WHO, threshold=0.5, folds=np.arange(len(y)) % 3)
+    assert list(preds.columns) == [*predictions_contract.COLUMNS, *(f"prob_{c}" for c in WHO)]
+    assert (preds["pred"] == p.argmax(axis=1)).all()
+    np.testing.assert_allclose(preds["prob"], p[:, 2])  # prob: the most severe class
+    record = M.out_of_fold_record(preds, WHO, protocol="kfold", threshold=0.5, n_resamples=50, seed=0)
+    for key in M.metric_keys(WHO):
+        assert {f"{key}_fold_mean", f"patient_{key}", f"patient_{key}_ci_low"} <= set(record), key
+    assert record["patient_confusion"]["osteopenia"]["osteopenia"] >= 0
+
+
+@pytest.mark.parametrize("labels, expected", [([0, 2], 2), ([1, 1, 2], 1), ([0, 1, 2], 2), ([0, 0, 2], 0)])
+def test_patient_label_is_the_majority_a_tie_to_the_more_severe(labels: list[int], expected: int) -> None:
+    p = np.tile([0.2, 0.3, 0.5], (len(labels), 1))
+    preds = M.predictions_frame([f"s{i}" for i in range(len(labels))], ["P1"] * len(labels), np.array(labels), p,
+                                classes=WHO, threshold=0.5)
+    assert M.patient_level(preds, WHO)["y_true"].tolist() == [expected]
+
+
+# ------------------------------------------------------------------------------------------ reproducibility
+
+
+def test_bootstrap_does_not_depend_on_the_pseudonyms() -> None:
+    """Two clones give every patient another pseudonym (a keyed HMAC); scans in source order give the same draws,
+    so every interval, the patient-level ones included, is identical (issue 17)."""
+    preds = _oof()
+    renamed = preds.copy()
+    mapping = {pid: f"Q{hash((pid, 'other key')) & 0xFFFFFFFF:08x}" for pid in preds["patient_id"].unique()}
+    renamed["patient_id"] = renamed["patient_id"].map(mapping)
+    one = M.out_of_fold_record(preds, ("normal", "osteoporosis"), protocol="kfold", threshold=0.5, n_resamples=200,
+                               seed=0)
+    two = M.out_of_fold_record(renamed, ("normal", "osteoporosis"), protocol="kfold", threshold=0.5,
+                               n_resamples=200, seed=0)
+    assert one == two
+
+
+def test_metrics_files_are_written_at_a_fixed_precision(tmp_path) -> None:
+    M.write_metrics(tmp_path / "m.json", {"a": 0.123456789, "b": -0.0, "c": -1e-12, "d": {"e": [1.00000049, 2]},
+                                          "f": None, "g": "x", "h": True})
+    back = json.loads((tmp_path / "m.json").read_text())
+    assert back == {"a": 0.123457, "b": 0.0, "c": 0.0, "d": {"e": [1.0, 2]}, "f": None, "g": "x", "h": True}
+    assert "-0.0" not in (tmp_path / "m.json").read_text()

@@ -1,6 +1,7 @@
 """Tests for spinedxa.models: registry, forward/backward of every model on ROI-shaped inputs (H x H/2) at its configured
-and smallest sizes, VGG BatchNorm variants, ResNet-50's zero-initialised residuals, weights handling, cnn21's layer
-count, load_trained and predict_proba, and a "can it fit" check of every model on a handful of images."""
+and smallest sizes, VGG BatchNorm variants, ResNet-50's zero-initialised residuals, the builder arguments (weights,
+transform_input), cnn21's layer count, load_trained and predict_proba, and a "can it fit" check of every model on a
+handful of images. Loading pre-trained weights: tests/test_weights.py."""
 
 from __future__ import annotations
 
@@ -23,7 +24,6 @@ from spinedxa.models import (
     load_trained,
     predict_proba,
     variant,
-    weights_file,
 )
 from spinedxa.recipe import AUX_LOSS_WEIGHT, build_optimizer
 from spinedxa.models.cnn21 import CNN21, count_layers, matlab_layers
@@ -162,46 +162,16 @@ def test_imagenet_wrapper_takes_grayscale_and_keeps_backbone_state_dict(built: d
         model(torch.rand(1, 3, 64, 64))
 
 
-@pytest.mark.parametrize("name", PRETRAINED)
-def test_imagenet_weights_missing_names_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str) -> None:
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-
-    def no_network(*args: object, **kwargs: object) -> None:
-        raise AssertionError("tried to download weights")
-
-    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
-    expected = weights_file(name)
-    assert expected.parent == tmp_path / "hub" / "checkpoints"
-    with pytest.raises(FileNotFoundError, match=re.escape(expected.name)) as info:
-        get_model(name, 2, weights="imagenet")
-    assert str(expected) in str(info.value)
-
-
-def test_imagenet_weights_read_from_local_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A weights file in the torch cache is loaded (and nothing is downloaded); the head is replaced."""
-    import torchvision
-
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    monkeypatch.setattr(torch.hub, "download_url_to_file", lambda *a, **k: pytest.fail("tried to download"))
-    torch.manual_seed(1)
-    reference = torchvision.models.resnet50(weights=None)
-    path = weights_file("resnet50")
-    path.parent.mkdir(parents=True)
-    torch.save(reference.state_dict(), path)
-
-    model = get_model("resnet50", 2, weights="imagenet")
-    assert torch.equal(model.backbone.conv1.weight, reference.conv1.weight)
-    assert torch.equal(model.backbone.layer4[-1].conv3.weight, reference.layer4[-1].conv3.weight)
-    assert model.backbone.fc.out_features == 2
-
-
 @pytest.mark.parametrize(
     ("name", "kwargs", "error", "message"),
     [
         ("alexnet", {}, ValueError, r"unknown model 'alexnet'; expected one of \['cnn21'"),
-        ("resnet50", {"weights": "IMAGENET1K_V2"}, ValueError, r"unknown weights 'IMAGENET1K_V2'.*'imagenet'"),
+        ("resnet50", {"weights": "IMAGENET1K_V2"}, ValueError, r"unknown weights 'IMAGENET1K_V2'"),
         ("resnet50", {"weights": True}, ValueError, r"unknown weights True"),
-        ("cnn21", {"weights": "imagenet"}, ValueError, r"cnn21: no ImageNet weights"),
+        # get_model never reads a file: pre-trained weights are spinedxa.weights.build_model's (test_weights.py)
+        ("resnet50", {"weights": "imagenet"}, ValueError, r"unknown weights 'imagenet'.*spinedxa.weights.build_model"),
+        ("resnet50", {"transform_input": True}, ValueError, r"resnet50: transform_input is InceptionV3's"),
+        ("vgg16", {"transform_input": True}, ValueError, r"vgg16: transform_input is InceptionV3's"),
     ],
 )
 def test_invalid_model_or_weights(name: str, kwargs: dict, error: type[Exception], message: str) -> None:
@@ -233,7 +203,6 @@ def test_vgg_batch_norm_variant(built: dict[str, nn.Module], name: str) -> None:
     assert variant(name, True) == f"{name}_bn" and variant(name, False) == variant(name) == name
     layer = get_spec(name).gradcam_layer(bn)
     assert isinstance(layer, nn.ReLU) and any(layer is m for m in bn.backbone.features)
-    assert "_bn" in weights_file(name, batch_norm=True).name and "_bn" not in weights_file(name).name
 
 
 @pytest.mark.parametrize("name", ["cnn21", "resnet50", "inception_v3"])
@@ -253,7 +222,8 @@ def test_load_trained_builds_the_variant_meta_json_names(tmp_path: Path, monkeyp
 
     asked: list[tuple[str, bool]] = []
 
-    def spy(name: str, num_classes: int, *, weights: str | None = None, batch_norm: bool = False) -> nn.Module:
+    def spy(name: str, num_classes: int, *, weights: str | None = None, batch_norm: bool = False,
+            transform_input: bool = False) -> nn.Module:
         asked.append((name, batch_norm))
         torch.manual_seed(0)
         return CNN21(num_classes=num_classes)
@@ -277,18 +247,18 @@ def test_resnet50_from_scratch_starts_every_residual_branch_at_zero(built: dict[
         assert all(float(b.bn2.weight.abs().min()) > 0.0 for b in blocks)  # only the last one of each branch
 
 
-def test_resnet50_imagenet_weights_keep_their_residual_scales(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import torchvision
-
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    monkeypatch.setattr(torch.hub, "download_url_to_file", lambda *a, **k: pytest.fail("tried to download"))
-    reference = torchvision.models.resnet50(weights=None)  # torchvision's default init: bn3 weights are 1
-    path = weights_file("resnet50")
-    path.parent.mkdir(parents=True)
-    torch.save(reference.state_dict(), path)
-    model = get_model("resnet50", 2, weights="imagenet")
-    assert torch.equal(model.backbone.layer1[0].bn3.weight, reference.layer1[0].bn3.weight)
-    assert float(model.backbone.layer1[0].bn3.weight.detach().min()) == 1.0
+@pytest.mark.parametrize("transform_input", [False, True])
+def test_inception_transform_input_is_built_and_rebuilt_by_load_trained(tmp_path: Path, transform_input: bool) -> None:
+    """transform_input is no tensor of the state dict: load_trained rebuilds it from meta.json, so the evaluated model
+    sees its input as the trained one did (torchvision's ImageNet InceptionV3 needs it on)."""
+    model = get_model("inception_v3", 2, transform_input=transform_input)
+    assert model.backbone.transform_input is transform_input
+    _save_trained(tmp_path / "inc", "inception_v3", model, transform_input=transform_input)
+    loaded, _ = load_trained(tmp_path / "inc")
+    assert loaded.backbone.transform_input is transform_input
+    x = torch.rand(1, 1, *TEST_SHAPE["inception_v3"])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model.eval()(x))
 
 
 # ------------------------------------------------------------------------------------------ can it fit
@@ -410,7 +380,7 @@ def test_load_trained_inception_round_trip(tmp_path: Path, built: dict[str, nn.M
     _save_trained(tmp_path / "inc", "inception_v3", built["inception_v3"])
     loaded, _ = load_trained(tmp_path / "inc")
     probs = predict_proba(loaded, "inception_v3", torch.rand(3, 1, *TEST_SHAPE["inception_v3"]))
-    assert probs.shape == (3,)
+    assert probs.shape == (3, 2)  # one column per class
 
 
 @pytest.mark.parametrize(
@@ -451,11 +421,14 @@ def test_predict_proba_batches_agree_and_mode_is_restored() -> None:
     images = torch.rand(7, 1, 64, 64)
     one = predict_proba(model, "cnn21", images, batch_size=1)
     many = predict_proba(model, "cnn21", images, batch_size=32)
-    assert one.shape == (7,) and one.dtype == np.float64
+    assert one.shape == (7, 2) and one.dtype == np.float64
     assert ((one >= 0) & (one <= 1)).all()
+    np.testing.assert_allclose(one.sum(axis=1), 1.0, rtol=1e-6)
     np.testing.assert_allclose(one, many, rtol=1e-5, atol=1e-7)  # eval mode: batch norm uses running stats
     assert model.training
-    assert predict_proba(model, "cnn21", torch.zeros(0, 1, 64, 64)).shape == (0,)
+    assert predict_proba(model, "cnn21", torch.zeros(0, 1, 64, 64)).shape == (0, 2)
+    three = predict_proba(get_model("cnn21", 3), "cnn21", images)
+    assert three.shape == (7, 3) and np.allclose(three.sum(axis=1), 1.0)
 
 
 @pytest.mark.parametrize(

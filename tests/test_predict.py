@@ -145,11 +145,11 @@ def test_each_file_gets_a_row(tmp_path: Path, model_dir: Path, whole, name, writ
     assert (row.file, row.status) == (str(path), status)
     assert row.error.startswith(error), row.error
     if status == "ok":
-        assert 0.0 <= row.prob_osteoporosis <= 1.0
-        assert row.predicted == ("osteoporosis" if row.prob_osteoporosis >= whole.evaluate.threshold else "normal")
+        assert 0.0 <= row.probabilities["osteoporosis"] <= 1.0
+        assert row.predicted == ("osteoporosis" if row.probabilities["osteoporosis"] >= whole.evaluate.threshold else "normal")
         assert row.redacted is False
     else:
-        assert row.prob_osteoporosis is None and row.predicted == "" and row.redacted is None
+        assert row.probabilities == {} and row.predicted == "" and row.redacted is None
 
 
 def test_bad_files_do_not_stop_the_others_and_order_is_kept(tmp_path: Path, model_dir: Path, whole) -> None:
@@ -172,10 +172,10 @@ def test_ensemble_is_the_mean_of_the_fold_models(tmp_path: Path, model_dir: Path
     per_fold = [predict.predict_files(model_dir / f"fold{k}", files, whole) for k in (0, 1)]
     assert all(r.status == "ok" for r in ensemble)
     for i, row in enumerate(ensemble):
-        folds = [rows[i].prob_osteoporosis for rows in per_fold]
-        assert row.prob_osteoporosis == pytest.approx(np.mean(folds), abs=2e-6)
+        folds = [rows[i].probabilities["osteoporosis"] for rows in per_fold]
+        assert row.probabilities["osteoporosis"] == pytest.approx(np.mean(folds), abs=2e-6)
     # the two folds really differ, so a mean of one fold alone would fail the test
-    assert max(abs(per_fold[0][i].prob_osteoporosis - per_fold[1][i].prob_osteoporosis) for i in range(3)) > 1e-4
+    assert max(abs(per_fold[0][i].probabilities["osteoporosis"] - per_fold[1][i].probabilities["osteoporosis"]) for i in range(3)) > 1e-4
 
 
 def test_ensemble_loads_every_fold_in_order(model_dir: Path) -> None:
@@ -193,7 +193,7 @@ def test_prediction_matches_the_fold_model_on_the_same_tensor(tmp_path: Path, mo
     (row,) = predict.predict_files(model_dir / "fold0", [path], whole)
     model, _ = load_trained(model_dir / "fold0")
     image = torch.from_numpy(predict.prepare_image(path, whole, SHAPE).image)[None, None]
-    assert row.prob_osteoporosis == pytest.approx(float(predict_proba(model, "cnn21", image)[0]), abs=1e-6)
+    assert row.probabilities["osteoporosis"] == pytest.approx(float(predict_proba(model, "cnn21", image)[0, 1]), abs=1e-6)
 
 
 @pytest.mark.parametrize(
@@ -227,7 +227,7 @@ def _ingest_roi(path: Path, params, tmp_path: Path) -> tuple[dict, np.ndarray | 
     (source / "normal").mkdir(parents=True)
     shutil.copy(path, source / "normal" / path.name)
     out = tmp_path / "ingested"
-    ingest.run_ingest(source, out, tmp_path / "ingest.json", classes=params.data.classes, settings=params.ingest,
+    ingest.run_ingest(source, out, tmp_path / "ingest.json", task=params.data.task, settings=params.ingest,
                       progress=False)
     (row,) = pd.read_csv(out / "manifest.csv", dtype=str, keep_default_na=False).to_dict("records")
     return row, (read_image(out / row["roi"]) if row["status"] == "accepted" else None)
@@ -271,7 +271,7 @@ def test_no_spine_gets_a_no_roi_row(model_dir: Path, params, scans) -> None:
 
 def test_a_spine_is_located_and_predicted(model_dir: Path, params, scans) -> None:
     (row,) = predict.predict_files(model_dir, [scans["clean"]], params)
-    assert row.status == "ok" and 0.0 <= row.prob_osteoporosis <= 1.0
+    assert row.status == "ok" and 0.0 <= row.probabilities["osteoporosis"] <= 1.0
 
 
 # ---------------------------------------------------------------------------------------------------- output
@@ -318,7 +318,7 @@ def test_csv_has_the_contract_columns(tmp_path: Path, model_dir: Path, whole) ->
     rows = predict.predict_files(model_dir, [_png16(tmp_path / "s.png"), tmp_path / "gone.png"], whole)
     predict.write_csv(tmp_path / "out.csv", rows)
     table = list(csv.DictReader(io.StringIO((tmp_path / "out.csv").read_text())))
-    assert list(table[0]) == ["file", "prob_osteoporosis", "predicted", "status", "error", "redacted"]
+    assert list(table[0]) == ["file", "prob_normal", "prob_osteoporosis", "predicted", "status", "error", "redacted"]
     assert [(t["status"], t["redacted"]) for t in table] == [("ok", "False"), ("error", "")]
     assert table[1]["prob_osteoporosis"] == "" and table[1]["error"].startswith("unreadable")
 

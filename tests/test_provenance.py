@@ -113,7 +113,7 @@ def test_record_and_describe(repo: Path) -> None:
 
 def test_result_paths_exist_in_this_repository(repo_root: Path) -> None:
     """A renamed package or stage folder must not silently leave the dirty check looking at nothing."""
-    assert RESULT_PATHS == ("spinedxa", "stages", "params.yaml", "dvc.yaml", "pyproject.toml")
+    assert RESULT_PATHS == ("spinedxa", "stages", "params.yaml", "dvc.yaml", "pyproject.toml", "weights")
     assert all((repo_root / p).exists() for p in RESULT_PATHS)
 
 

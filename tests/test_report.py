@@ -14,30 +14,43 @@ from conftest import REPO, dvc_argv, stage_main
 
 from spinedxa import metrics, report
 from spinedxa.config import apply_profile, load_params
+from spinedxa.contracts import predictions as predictions_contract
 
 CLASSES = ("normal", "osteoporosis")
 # How well each fake model separates the classes (logit shift); vgg16 is pure noise, so it loses to the baseline.
 SIGNAL = {"cnn21": 2.5, "resnet50": 1.2, "vgg16": 0.0, "vgg19": 0.4, "inception_v3": 1.5, "baseline": 1.0}
 
 
-def write_fake_outputs(root: Path, n_patients: int = 30, bootstrap: int = 50, folds: int = 3) -> Path:
+def write_fake_outputs(root: Path, n_patients: int = 30, bootstrap: int = 50, folds: int = 3,
+                       classes: tuple[str, ...] = CLASSES, external: bool = True,
+                       data: dict | None = None) -> Path:
     """Write, under ``root``, every input of the report stage in the dvc.yaml layout; return the params path.
 
     A k-fold split table (every scan test in exactly one fold), out-of-fold predictions of fake models whose
-    separation is :data:`SIGNAL`, their pooled metrics records, curves, summaries, a replay metrics file and a truth
-    CSV with two banner copies (one quarantined for burned-in text).
+    separation is :data:`SIGNAL`, their pooled metrics records and provenance files, curves, summaries, a replay
+    metrics file, a truth CSV with two banner copies (one quarantined for burned-in text) and, with ``external``, an
+    external cohort scored by every model (with a weaker signal: another scanner). ``classes``: the task's classes
+    (three gives the WHO task); ``data``: params ``data`` overrides (cohort words, class map).
     """
     params_path = root / "params.yaml"
     params_path.write_text((REPO / "params.yaml").read_text())
     apply_profile(params_path, REPO / "profiles" / "tiny.yaml")
+    raw = yaml.safe_load(params_path.read_text())
+    raw["data"].update({"classes": list(classes), **(data or {})})
+    if len(classes) == 3:
+        raw["data"]["class_map"] = {}
+    raw["external"]["enabled"] = external
+    params_path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    k_classes = len(classes)
     rng = np.random.default_rng(0)
     scans = []
     for p in range(n_patients * 2):
         for visit in range(2 if p % 3 == 0 else 1):
-            scans.append({"source": f"{CLASSES[p % 2]}/scan_{p:04d}_{visit}.dcm",
+            label = classes[p % k_classes]
+            scans.append({"source": f"{label}/scan_{p:04d}_{visit}.dcm",
                           "sha256": f"{p:04d}{visit}".ljust(64, "a"), "patient_id": f"P{p:012x}",
-                          "label": CLASSES[p % 2], "image": f"images/{p:04d}{visit}.png",
-                          "roi": f"roi/{p:04d}{visit}.png", "test_fold": (p // 2) % folds})
+                          "label": label, "image": f"images/{p:04d}{visit}.png",
+                          "roi": f"roi/{p:04d}{visit}.png", "test_fold": (p // k_classes) % folds})
     scans = pd.DataFrame(scans)
     rows = []
     for k in range(folds):
@@ -49,54 +62,99 @@ def write_fake_outputs(root: Path, n_patients: int = 30, bootstrap: int = 50, fo
     splits = pd.concat(rows, ignore_index=True)
     (root / "data/split").mkdir(parents=True)
     splits.to_csv(root / "data/split/splits.csv", index=False)
-    manifest = scans.assign(status="accepted", reason="", format="dicom", roi_method="pelvis", redacted="False")[
-        ["source", "sha256", "status", "reason", "label", "patient_id", "image", "roi", "roi_method", "redacted",
-         "format"]]
+    manifest = scans.assign(status="accepted", reason="", format="dicom", roi_method="pelvis", redacted="False",
+                            label_found=scans["label"], patient_from="header", orig_width=384, orig_height=512,
+                            pixel_spacing_mm=0.5, modality="BMD", photometric="MONOCHROME2", duplicate_of="")[
+        ["source", "sha256", "status", "reason", "label", "label_found", "patient_id", "patient_from", "image", "roi",
+         "roi_method", "redacted", "format", "orig_width", "orig_height", "pixel_spacing_mm", "modality",
+         "photometric", "duplicate_of"]]
     quarantined = pd.DataFrame([
         {"source": "normal/broken.dcm", "sha256": "f" * 64, "status": "quarantined",
          "reason": "truncated: pixel data ends early | <binary>", "label": "normal", "patient_id": "", "image": "",
          "roi": "", "roi_method": "", "redacted": "", "format": "dicom"},
-        {"source": "osteoporosis/scan_0001_0_sc.dcm", "sha256": "e" * 64, "status": "quarantined",
-         "reason": "burned_in_text: 3 text region(s) outside the allow-list", "label": "osteoporosis",
+        {"source": f"{classes[-1]}/scan_0001_0_sc.dcm", "sha256": "e" * 64, "status": "quarantined",
+         "reason": "burned_in_text: 3 text region(s) outside the allow-list", "label": classes[-1],
          "patient_id": "", "image": "", "roi": "", "roi_method": "", "redacted": "", "format": "dicom"},
     ])
     (root / "data/ingested").mkdir(parents=True)
-    pd.concat([manifest, quarantined]).to_csv(root / "data/ingested/manifest.csv", index=False)
+    pd.concat([manifest, quarantined]).astype(object).fillna("").to_csv(root / "data/ingested/manifest.csv", index=False)
     truth = pd.concat([scans[["source"]].assign(burned_in=False, level_labels=False),
-                       pd.DataFrame({"source": ["normal/broken.dcm", "osteoporosis/scan_0001_0_sc.dcm"],
+                       pd.DataFrame({"source": ["normal/broken.dcm", f"{classes[-1]}/scan_0001_0_sc.dcm"],
                                      "burned_in": [False, True], "level_labels": [False, False]})])
     (root / "data/truth").mkdir(parents=True)
     truth.to_csv(root / "data/truth/synthetic_truth.csv", index=False)
     reports = root / "reports"
     reports.mkdir()
-    (reports / "ingest.json").write_text(json.dumps({"n_files": len(manifest) + 2, "n_accepted": len(manifest),
-                                                      "n_quarantined": 2, "quarantine_rate": 2 / (len(manifest) + 2)}))
+    per_label = {c: {"accepted": int((scans["label"] == c).sum())} for c in classes}
+    (reports / "ingest.json").write_text(json.dumps({
+        "n_files": len(manifest) + 2, "n_accepted": len(manifest), "n_quarantined": 2, "n_dropped": 0,
+        "n_duplicates": 0, "quarantine_rate": round(2 / (len(manifest) + 2), 6), "per_label_found": per_label,
+        "per_format": {"dicom": len(manifest)}, "patient_from": {"header": len(manifest), "labels_csv": 0, "file": 0},
+        "labelling": "folders"}))
     (reports / "validation.json").write_text(json.dumps({"success": True, "blocking_failures": [],
                                                           "warnings": ["near_duplicates_within_patient"]}))
     summary = {"protocol": "kfold", "n_images": len(scans), "n_patients": int(scans["patient_id"].nunique()),
-               "folds": {str(k): {role: {**{c: int(((g["split"] == role) & (g["label"] == c)).sum()) for c in CLASSES},
+               "folds": {str(k): {role: {**{c: int(((g["split"] == role) & (g["label"] == c)).sum()) for c in classes},
                                          "total": int((g["split"] == role).sum()),
                                          "patients": int(g.loc[g["split"] == role, "patient_id"].nunique())}
                                   for role in ("train", "val", "test")}
                          for k, g in splits.groupby("fold")}}
     (reports / "split.json").write_text(json.dumps(summary))
     test = splits[splits["split"] == "test"].sort_values("source")
-    y = (test["label"] == CLASSES[1]).to_numpy().astype(int)
+    y = np.array([classes.index(c) for c in test["label"]])
     patient_noise = {pid: rng.normal(0, 1.0) for pid in test["patient_id"].unique()}
+    ext = None
+    if external:
+        ext = pd.DataFrame([{"source": f"{classes[p % k_classes]}/ext_{p:04d}.dcm", "patient_id": f"X{p:012x}",
+                             "label": classes[p % k_classes], "sha256": f"x{p:04d}".ljust(64, "b"),
+                             "image": f"images/x{p:04d}.png", "roi": f"roi/x{p:04d}.png"} for p in range(40)])
+        (root / "data/external").mkdir(parents=True)
+        ext.assign(status="accepted", reason="", format="dicom", roi_method="pelvis", label_found=ext["label"],
+                   patient_from="header", orig_width=384, orig_height=512, pixel_spacing_mm=0.6, modality="BMD",
+                   photometric="MONOCHROME1").to_csv(root / "data/external/manifest.csv", index=False)
+        (reports / "external").mkdir()
+        (reports / "external/ingest.json").write_text(json.dumps({
+            "n_files": 40, "n_accepted": 40, "n_quarantined": 0, "quarantine_rate": 0.0, "labelling": "folders",
+            "per_format": {"dicom": 40}, "per_label_found": {c: {"accepted": int((ext["label"] == c).sum())}
+                                                             for c in classes}}))
+        (reports / "external/validation.json").write_text(json.dumps({"success": True, "blocking_failures": [],
+                                                                       "warnings": []}))
+    else:
+        (reports / "external").mkdir()
+        for name in ("ingest.json", "validation.json"):
+            (reports / "external" / name).write_text(json.dumps({"enabled": False}))
+        (root / "data/external").mkdir(parents=True)
+        (root / "data/external/DISABLED.json").write_text(json.dumps({"enabled": False}))
+
+    def fake_prob(labels: np.ndarray, signal: float, noise: np.ndarray) -> np.ndarray:
+        if k_classes == 2:
+            logit = signal * (2 * labels - 1) + noise
+            return 1 / (1 + np.exp(-(logit + rng.normal(0, 0.8, len(labels)))))
+        score = (signal * labels + noise + rng.normal(0, 0.8, len(labels)))[:, None]
+        z = -((score - signal * np.arange(k_classes)[None, :]) ** 2) / 2
+        return np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
+
     for name, signal in SIGNAL.items():
-        logit = signal * (2 * y - 1) + np.array([patient_noise[p] for p in test["patient_id"]]) * 0.8
-        prob = 1 / (1 + np.exp(-(logit + rng.normal(0, 0.8, len(y)))))
-        preds = metrics.predictions_frame(test["source"], test["patient_id"], y, prob, classes=CLASSES, threshold=0.5,
+        prob = fake_prob(y, signal, np.array([patient_noise[p] for p in test["patient_id"]]) * 0.8)
+        preds = metrics.predictions_frame(test["source"], test["patient_id"], y, prob, classes=classes, threshold=0.5,
                                           folds=test["fold"].to_numpy())
-        record = metrics.out_of_fold_record(preds, CLASSES, protocol="kfold", threshold=0.5, n_resamples=bootstrap,
+        record = metrics.out_of_fold_record(preds, classes, protocol="kfold", threshold=0.5, n_resamples=bootstrap,
                                             seed=0)
         cnn = name != "baseline"
-        record.update(model=name, mlflow_run_id=f"run{name}" if cnn else None,
-                      model_sha256={str(k): f"sha{name}{k}".ljust(64, "0") for k in range(folds)} if cnn else None)
+        provenance = {"model": name, "mlflow_run_id": f"run{name}" if cnn else None,
+                      "model_sha256": {str(k): f"sha{name}{k}".ljust(64, "0") for k in range(folds)} if cnn else None}
+        if ext is not None:
+            y_ext = np.array([classes.index(c) for c in ext["label"]])
+            ext_preds = metrics.predictions_frame(ext["source"], ext["patient_id"], y_ext,
+                                                  fake_prob(y_ext, 0.6 * signal, np.zeros(len(ext))),
+                                                  classes=classes, threshold=0.5)
+            record.update(metrics.external_record(ext_preds, classes, threshold=0.5, n_resamples=bootstrap, seed=0))
+            (reports / "predictions/external").mkdir(parents=True, exist_ok=True)
+            predictions_contract.write(reports / f"predictions/external/{name}.csv", ext_preds)
         if cnn:
-            record.update(variant=name, kept_epoch={str(k): 2 for k in range(folds)}, gradcam_degenerate=0,
-                          fast_path="cpu_fp32_channels_last", threads=1, train_git_commit="c0ffee" * 6,
-                          train_git_dirty=False)
+            record.update(kept_epoch={str(k): 2 for k in range(folds)}, gradcam_degenerate=0)
+            provenance.update(variant=name, fast_path="cpu_fp32_channels_last", threads=1,
+                              train_git_commit="c0ffee" * 6, train_git_dirty=False)
             curves = pd.DataFrame([{"fold": k, "epoch": e, "train_loss": 0.7 - 0.1 * e, "val_loss": 0.7 - 0.05 * e,
                                     "val_auc": 0.6 + 0.1 * e, "val_accuracy": 0.6, "lr": 1e-3, "seconds": 1.0}
                                    for k in range(folds) for e in (1, 2)])
@@ -105,14 +163,42 @@ def write_fake_outputs(root: Path, n_patients: int = 30, bootstrap: int = 50, fo
         metrics.write_evaluation(preds, record, metrics_path=reports / f"metrics/{name}.json",
                                  predictions_path=reports / f"predictions/{name}.csv",
                                  plots_dir=reports / f"plots/{name}")
-    replay = {"enabled": True, "leaky_ablation": True, "n_images": 600, "n_test_images": 120, "n_test_scans": 80,
-              "n_test_patients": 70, "test_scans_in_train_share": 1.0}
-    for key, value in (("accuracy", 0.97), ("f1", 0.975), ("precision", 0.99), ("recall", 0.96), ("roc_auc", 0.995)):
-        replay.update({key: value, f"{key}_ci_low": value - 0.02, f"{key}_ci_high": min(1.0, value + 0.01),
-                       f"image_bootstrap_{key}_ci_low": value - 0.01, f"image_bootstrap_{key}_ci_high": value})
-    (reports / "replay").mkdir()
-    (reports / "replay/leaky_replay_metrics.json").write_text(json.dumps(replay))
+        (reports / "provenance").mkdir(exist_ok=True)
+        (reports / f"provenance/{name}.json").write_text(json.dumps(provenance))
+    write_fake_replay(reports / "replay")
     return params_path
+
+
+def write_fake_replay(directory: Path, *, inflation_ci: tuple[float | None, float | None] = (0.03, 0.15)) -> None:
+    """The replay's two records (spinedxa/contracts/replay.py): the leaky run on its test copies and on the matched
+    scans, the matched control on the same scans, and the ROC-AUC inflation with the paired interval ``inflation_ci``.
+    """
+    def metrics_of(values: dict[str, float], **extra: float) -> dict:
+        out: dict = dict(extra)
+        for key, value in values.items():
+            out.update({key: value, f"{key}_ci_low": value - 0.05, f"{key}_ci_high": min(1.0, value + 0.03)})
+        return out
+
+    leaky_copies = {"accuracy": 0.97, "f1": 0.975, "precision": 0.99, "recall": 0.96, "roc_auc": 0.995}
+    leaky_matched = {"accuracy": 0.94, "f1": 0.95, "precision": 0.96, "recall": 0.94, "roc_auc": 0.97}
+    control = {"accuracy": 0.84, "f1": 0.87, "precision": 0.9, "recall": 0.85, "roc_auc": 0.88}
+    leaky = {"enabled": True, "leaky_ablation": True, "protocol": "leaky_replay", "model": "cnn21", "n_images": 600,
+             "n_test_images": 120, "n_test_scans": 80, "n_test_patients": 70, "test_scans_in_train_share": 1.0,
+             "epochs": 15, "tta": "hflip", "val_fraction": 0.15,
+             **metrics_of(leaky_copies),
+             "matched": metrics_of(leaky_matched, n_test=37, scans_in_train_share=1.0)}
+    for key, value in leaky_copies.items():
+        leaky.update({f"image_bootstrap_{key}_ci_low": value - 0.01, f"image_bootstrap_{key}_ci_high": value})
+    inflation = {"n_scans": 37, "n_patients": 31, "bootstrap_resamples": 1000}
+    for key in leaky_matched:
+        d = leaky_matched[key] - control[key]
+        inflation.update({key: d, f"{key}_ci_low": d - 0.05, f"{key}_ci_high": d + 0.05})
+    inflation.update(roc_auc_ci_low=inflation_ci[0], roc_auc_ci_high=inflation_ci[1])
+    record = {"enabled": True, "leaky_ablation": True, "protocol": "matched_control", "n_test_patients": 31,
+              **metrics_of(control, n_test=37), "inflation": inflation}
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "leaky_replay_metrics.json").write_text(json.dumps(leaky))
+    (directory / "matched_control_metrics.json").write_text(json.dumps(record))
 
 
 @pytest.fixture(scope="module")
@@ -171,7 +257,7 @@ def test_numbers_come_from_the_inputs(rendered: dict) -> None:
 def _vs_baseline(rendered: dict) -> list[report.Comparison]:
     """Every model of the rendered fixture against the baseline, as the report compares them."""
     root, params = rendered["root"], rendered["params"]
-    results = report.load_results([*params.train.models, "baseline"], _inputs(root))
+    results = report.load_results([*params.train.models, "baseline"], _inputs(root), params.data.classes)
     return report.comparison_family(results, "baseline", root / "reports/predictions", n_resamples=50, seed=0)
 
 
@@ -184,7 +270,7 @@ def test_claims_follow_from_the_paired_interval(rendered: dict) -> None:
         wins = (low > 0 or high < 0) and c.bootstrap_p_holm < report.ALPHA
         expected = "beats" if wins else "not shown to differ"
         assert expected in c.verdict, (c.model, low, high, c.bootstrap_p_holm)
-        assert f"{c.model} vs baseline: ΔAUC" in md and c.verdict in md
+        assert f"{c.model} vs baseline: ΔROC-AUC" in md and c.verdict in md
     pure_noise = next(c for c in family if c.model == "vgg16")
     assert "baseline beats vgg16" == pure_noise.verdict  # SIGNAL: vgg16 is noise, the baseline is not
 
@@ -219,17 +305,73 @@ def test_protocol_targets_patient_level_and_curves(rendered: dict) -> None:
     assert "Training and validation loss" in md  # the curves of every model and fold
 
 
-def test_paper_section_sets_the_replay_beside_the_paper_and_the_honest_figures(rendered: dict) -> None:
+def test_paper_section_sets_the_leaky_replay_against_its_matched_control(rendered: dict) -> None:
     md = rendered["md"]
     assert "TP 104, FN 5, FP 1, TN 100" in md and "210 = 6 × 35" in md
     assert "This is a hypothesis from arithmetic, not a finding" in md
     header = next(line for line in md.splitlines() if line.startswith("| Metric | Naeem et al. 2025 (reported) |"))
-    assert "replayed here (leaky)" in header and "Honest out-of-fold cnn21" in header
+    for column in ("Leaky, its 120 test copies", "Leaky, 37 matched scans", "Control, same scans",
+                   "Inflation: leaky − control [paired 95 % CI]"):
+        assert column in header, column
     for key in ("Accuracy", "F1", "Precision (PPV)", "Recall (sensitivity)", "ROC-AUC"):
         row = next(line for line in md.splitlines() if line.startswith(f"| {key} | ") and "[" in line
-                   and line.count("|") == 5)
-        assert row.count("[") == 2, row  # the replay's and the honest interval
-    assert "it does not show" in md.lower() or "What it does not show" in md
+                   and line.count("|") == 7)
+        assert row.count("[") == 4, row  # the leaky run twice, the control, the paired inflation
+    auc_row = next(line for line in md.splitlines() if line.startswith("| ROC-AUC | ") and line.count("|") == 7)
+    assert auc_row.rstrip().endswith("| +0.090 [+0.030, +0.150] |")
+    # Words follow the numbers: the paired interval excludes 0 here.
+    assert "an inflation of +0.090 [+0.030, +0.150] whose paired interval excludes 0" in md
+    assert "not shown" not in md.split("The evidence:")[1].split("This pipeline rules")[0]
+    assert "For reference only, the pipeline's honest cnn21" in md and "What it does not show" in md
+
+
+@pytest.mark.parametrize("interval, words", [
+    ((-0.02, 0.2), "its paired interval includes 0, so an inflation of ROC-AUC by augmenting before splitting is "
+                   "not shown on these 37 scans"),
+    ((0.01, 0.2), "whose paired interval excludes 0."),
+    ((-0.2, -0.01), "on this cohort the leak does not inflate ROC-AUC"),
+], ids=["includes_0", "above_0", "below_0"])
+def test_replay_words_follow_the_paired_interval(tmp_path: Path, interval: tuple[float, float], words: str) -> None:
+    params = load_params(write_fake_outputs(tmp_path, bootstrap=10))
+    write_fake_replay(tmp_path / "reports/replay", inflation_ci=interval)
+    markdown, _ = report.render(report.build_context(params, _inputs(tmp_path)))
+    assert words in markdown
+
+
+@pytest.mark.parametrize("interval, verdict", [
+    ((-0.02, 0.2), "not shown"), ((0.0, 0.2), "not shown"), ((0.01, 0.2), "inflates"), ((-0.2, -0.01), "lowers"),
+    ((None, None), "not shown"),
+], ids=["includes_0", "touches_0", "above_0", "below_0", "undefined"])
+def test_load_replay_reads_both_runs_and_judges_the_inflation_by_its_interval(tmp_path: Path, interval,
+                                                                              verdict: str) -> None:
+    write_fake_replay(tmp_path, inflation_ci=interval)
+    loaded = report.load_replay(tmp_path)
+    assert loaded.enabled and loaded.verdict == verdict
+    assert loaded.leaky["n_test_images"] == 120 and loaded.matched["roc_auc"] == 0.97
+    assert loaded.control["roc_auc"] == 0.88 and loaded.inflation["roc_auc"] == pytest.approx(0.09)
+
+
+def test_load_replay_disabled_missing_and_mismatched(tmp_path: Path) -> None:
+    assert report.load_replay(tmp_path) is None  # no replay stage
+    (tmp_path / "leaky_replay_metrics.json").write_text(json.dumps({"enabled": False}))
+    assert report.load_replay(tmp_path) == report.Replay(False, {"enabled": False})
+    write_fake_replay(tmp_path)
+    path = tmp_path / "matched_control_metrics.json"
+    record = json.loads(path.read_text())
+    record["n_test"] = 36  # the control scored other scans than the leaky run
+    path.write_text(json.dumps(record))
+    with pytest.raises(report.ReportInputError, match="scored on different scans"):
+        report.load_replay(tmp_path)
+    path.unlink()
+    with pytest.raises(report.ReportInputError, match=r"matched_control_metrics\.json: missing.*rerun the replay"):
+        report.load_replay(tmp_path)
+
+
+def test_replay_without_its_matched_control_is_refused(tmp_path: Path) -> None:
+    params = load_params(write_fake_outputs(tmp_path, bootstrap=10))
+    (tmp_path / "reports/replay/matched_control_metrics.json").unlink()
+    with pytest.raises(report.ReportInputError, match=r"matched_control_metrics\.json: missing.*rerun the replay"):
+        report.build_context(params, _inputs(tmp_path))
 
 
 def test_data_summary_lineage_and_burned_in_text(rendered: dict) -> None:
@@ -241,6 +383,11 @@ def test_data_summary_lineage_and_burned_in_text(rendered: dict) -> None:
     assert "| train@cnn21 | `models/cnn21` | `def456.dir` |" in md and "not-lineage" not in md
     assert "| cnn21 | runcnn21 | 0: `shacnn21" in md
     assert "These results come from the embedded synthetic cohort" in md
+    # The data card: labels found -> classes, per class, formats and sizes, where patients come from.
+    card = md.split("## Data", 1)[1].split("## Lineage", 1)[0]
+    assert "| Label found | Files | → class |" in card and "| normal | " in card
+    assert "Image size (original pixels): width 384–384" in card and "pixel spacing 0.50–0.50 mm" in card
+    assert "name their patient in the DICOM header" in card
 
 
 def test_report_logs_the_data_stage_metrics_to_mlflow(rendered: dict) -> None:
@@ -297,7 +444,9 @@ def _inputs(root: Path) -> report.ReportInputs:
         root / "reports/metrics", root / "reports/predictions", root / "reports/plots", root / "reports/train",
         root / "data/ingested/manifest.csv", root / "data/split/splits.csv", root / "reports/validation.json",
         root / "reports/ingest.json", root / "reports/split.json", root / "reports/replay",
-        truth=root / "data/truth/synthetic_truth.csv", repo=root,
+        truth=root / "data/truth/synthetic_truth.csv", repo=root, provenance_dir=root / "reports/provenance",
+        external_predictions_dir=root / "reports/predictions/external", external_reports=root / "reports/external",
+        external_data=root / "data/external",
     )
 
 
@@ -357,3 +506,73 @@ def test_fmt_ci_handles_degenerate_records() -> None:
     assert report.fmt_ci({"f1": 0.5, "f1_ci_low": 0.4, "f1_ci_high": 0.6}, "f1") == "0.500 [0.400, 0.600]"
     assert report.fmt_ci({"f1": 0.5, "f1_ci_low": None, "f1_ci_high": None}, "f1") == "0.500 [n/a]"
     assert report.fmt_ci({"f1": None, "f1_ci_low": None, "f1_ci_high": None}, "f1") == "n/a [n/a]"
+
+
+# ------------------------------------------------------------------------------------------ the external cohort
+
+
+def test_external_cohort_sits_beside_the_out_of_fold_results(rendered: dict) -> None:
+    root, md = rendered["root"], rendered["md"]
+    section = md.split("## External cohort: the lockbox", 1)[1].split("\n## ", 1)[0]
+    for name in [*rendered["params"].train.models, "baseline"]:
+        record = _record(root, name)
+        row = next(line for line in section.splitlines() if line.startswith(f"| {name} | "))
+        assert report.fmt_ci(record, "roc_auc") in row and report.fmt_ci(record, "external_roc_auc") in row
+        assert f"| {record['external_n']} / {record['external_patients']} |" in row
+    # Paired comparisons on the external cohort: the same scans, a patient bootstrap.
+    a = metrics.read_predictions(root / "reports/predictions/external/cnn21.csv")
+    b = metrics.read_predictions(root / "reports/predictions/external/baseline.csv")
+    boot = metrics.paired_bootstrap_auc(a["y_true"].to_numpy(), a["prob"].to_numpy(), b["prob"].to_numpy(),
+                                        a["patient_id"].to_numpy(), n_resamples=50, seed=0)
+    row = next(line for line in section.splitlines() if line.startswith("| cnn21 | ") and "[" in line
+               and line.count("|") == 7)
+    assert f"{boot.difference:+.3f} [{boot.interval.low:+.3f}, {boot.interval.high:+.3f}]" in row
+    assert "No choice of any kind was made on it" in section
+    card = md.split("**External cohort (`", 1)[1]
+    assert "photometric MONOCHROME1 40" in card
+
+
+def test_without_an_external_cohort_the_report_says_so(tmp_path: Path) -> None:
+    params = load_params(write_fake_outputs(tmp_path, bootstrap=10, external=False))
+    markdown, _ = report.render(report.build_context(params, _inputs(tmp_path)))
+    assert "No external cohort was scored" in markdown and "External cohort (`" not in markdown
+
+
+# ------------------------------------------------------------------------------------------ other cohorts, tasks
+
+
+def test_words_follow_the_cohort(tmp_path: Path) -> None:
+    """A knee radiograph cohort is never called spine DXA; the paper's column belongs to its own (binary) task."""
+    params = load_params(write_fake_outputs(tmp_path, bootstrap=10, external=False, data={
+        "source": "data/raw/knees", "name": "public knee radiograph set", "anatomy": "knee",
+        "modality": "radiograph", "class_map": {"osteopenia": "osteoporosis"}}))
+    markdown, html = report.render(report.build_context(params, _inputs(tmp_path)))
+    assert markdown.startswith("# Osteoporosis vs normal in the public knee radiograph set: 5 CNNs")
+    assert "<title>Osteoporosis vs normal in the public knee radiograph set</title>" in html
+    assert "spine" not in markdown.lower().replace("spinedxa", "") and "dxa" not in markdown.lower().replace(
+        "spinedxa", "")
+    assert "anatomy: knee; modality: radiograph" in markdown
+    assert "osteopenia -> osteoporosis" in markdown  # the label map, in words
+    assert "These results come from public knee radiograph set" in markdown
+
+
+def test_three_who_classes_report_per_class_and_macro_results(tmp_path: Path) -> None:
+    who = ("normal", "osteopenia", "osteoporosis")
+    params = load_params(write_fake_outputs(tmp_path, bootstrap=20, classes=who))
+    context = report.build_context(params, _inputs(tmp_path))
+    markdown, html = report.render(context)
+    assert "ordinal, 3 classes: normal < osteopenia < osteoporosis" in markdown
+    table = markdown.split("## Out-of-fold metrics", 1)[1].split("###", 1)[0]
+    for label in ("ROC-AUC (macro, one-vs-rest)", "Quadratic-weighted kappa", "Balanced accuracy",
+                  "ROC-AUC, osteopenia vs rest", "Recall of osteopenia", "F1 (macro)"):
+        assert f"| {label} |" in table, label
+    assert "Naeem" not in table  # the paper's column belongs to the binary task
+    record = _record(tmp_path, "cnn21")
+    assert report.fmt_ci(record, "kappa_quadratic") in table and report.fmt_ci(record, "roc_auc_osteopenia") in table
+    confusion = markdown.split("### Confusion matrices", 1)[1].split("## ", 1)[0]
+    assert "| actual \\ predicted | normal | osteopenia | osteoporosis |" in confusion
+    assert f"| osteopenia | {record['confusion']['osteopenia']['normal']} | " in confusion
+    comparisons = markdown.split("### Against the baseline", 1)[1].split("###", 1)[0]
+    assert "macro ROC-AUC" in comparisons and "| n/a |" in comparisons  # no DeLong for a macro AUC
+    assert context["external_results"] and "External macro ROC-AUC" in markdown
+    assert "<table>" in html

@@ -19,6 +19,7 @@ from spinedxa import roi
 from spinedxa.contracts import manifest as manifest_contract, png16
 from spinedxa.imaging import decode_file, normalise
 from spinedxa.synthesize import simulate_scan, to_stored, who_class
+from spinedxa.task import Task
 
 CLASSES = ("normal", "osteoporosis")
 #: Field of view of the rendered scans (mm); the default cohort's is 512 px x 0.5 mm = 256 mm.
@@ -188,7 +189,7 @@ def test_ingest_quarantines_no_roi_with_a_reason_and_writes_the_roi(tmp_path: Pa
         Image.fromarray(pixels).save(source / rel)
     out, summary_path = tmp_path / "ingested", tmp_path / "ingest.json"
     settings = IngestConfig(max_side=256, max_pixels=10**6, roi="locate", roi_height=64)
-    run_ingest(source, out, summary_path, classes=CLASSES, settings=settings, progress=False)
+    run_ingest(source, out, summary_path, task=Task(CLASSES), settings=settings, progress=False)
     rows = manifest_contract.read(out / manifest_contract.FILE_NAME).set_index("source")
 
     spine = rows.loc["normal/spine.png"]

@@ -18,7 +18,9 @@ from conftest import REPO, stage_main
 from spinedxa.config import ConfigError, SplitConfig, params_from_dict
 from spinedxa.contracts import manifest as manifest_contract, splits as splits_contract
 from spinedxa.files import sha256_file
-from spinedxa.split import SplitError, make_splits, patient_table, require_validation_success, summarize
+from spinedxa.contracts import near_duplicates as near_duplicates_contract
+from spinedxa.split import SplitError, groups, make_splits, patient_table, require_validation_success, summarize
+from spinedxa.task import Task
 
 CLASSES = ("normal", "osteoporosis")
 ROLES = ("train", "val", "test")
@@ -99,8 +101,9 @@ def test_kfold_scores_every_scan_once_and_keeps_patients_apart(shape, seed, fold
     # The test parts partition the patients, stratified: per class, fold sizes differ by at most one patient.
     test_rows = splits[splits["split"] == "test"].drop_duplicates("patient_id")
     assert sorted(test_rows["patient_id"]) == sorted(accepted["patient_id"].unique())
-    labels = patient_table(accepted, CLASSES).set_index("patient_id")["label"]
-    per_fold = pd.crosstab(test_rows["fold"], test_rows["patient_id"].map(labels))
+    labels = patient_table(accepted, CLASSES).set_index("group")["label"]
+    group_of = dict(zip(accepted["patient_id"], groups(accepted)))
+    per_fold = pd.crosstab(test_rows["fold"], test_rows["patient_id"].map(group_of).map(labels))
     assert (per_fold.max() - per_fold.min()).max() <= 1
 
 
@@ -150,7 +153,7 @@ def test_ingest_under_two_keys_gives_the_same_split(tmp_path, monkeypatch):
     for key in ("clone-one-key", "clone-two-key"):
         monkeypatch.setenv("SPINEDXA_DEID_KEY", key)
         out = tmp_path / key
-        run_ingest(source, out, tmp_path / f"{key}.json", classes=CLASSES, settings=settings, progress=False)
+        run_ingest(source, out, tmp_path / f"{key}.json", task=Task(CLASSES), settings=settings, progress=False)
         manifests.append(manifest_contract.read(out / manifest_contract.FILE_NAME))
     assert (manifests[0]["status"] == "accepted").all()
     assert set(manifests[0]["patient_id"]).isdisjoint(manifests[1]["patient_id"])
@@ -179,7 +182,34 @@ def test_patient_order_is_the_smallest_raw_sha256():
     rows = pd.DataFrame({"patient_id": ["Pb", "Pb", "Pa"], "label": ["normal"] * 3,
                          "sha256": ["f" * 64, "1" * 64, "5" * 64]})
     table = patient_table(rows, CLASSES)
-    assert list(table["patient_id"]) == ["Pb", "Pa"] and list(table["order"]) == ["1" * 64, "5" * 64]
+    # A group is named by its smallest raw sha256: Pb's group is "1...", Pa's "5...".
+    assert list(table["group"]) == ["1" * 64, "5" * 64] and list(table["order"]) == ["1" * 64, "5" * 64]
+
+
+def test_near_duplicates_of_two_patients_form_one_group():
+    rows = pd.DataFrame({"patient_id": ["Pa", "Pb", "Pc", "Pd"], "label": ["normal"] * 4,
+                         "sha256": ["a" * 64, "b" * 64, "c" * 64, "d" * 64]})
+    pairs = pd.DataFrame({"sha256_a": ["b" * 64, "c" * 64], "sha256_b": ["c" * 64, "d" * 64]})
+    assert groups(rows, pairs).tolist() == ["a" * 64, "b" * 64, "b" * 64, "b" * 64]  # transitive, smallest sha
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_confirmed_near_duplicates_never_straddle_a_fold(seed):
+    """Near-identical content of two patients (validate's confirmed pairs) is never in the training part and the
+    held-out part of one fold."""
+    manifest = make_cohort(20, 30, 0.2, seed=seed)
+    accepted = manifest[manifest["status"] == "accepted"].reset_index(drop=True)
+    rng = np.random.default_rng(seed)
+    picks = rng.choice(len(accepted), size=(6, 2), replace=False)
+    pairs = pd.DataFrame({"sha256_a": accepted.loc[picks[:, 0], "sha256"].to_numpy(),
+                          "sha256_b": accepted.loc[picks[:, 1], "sha256"].to_numpy()})
+    splits = make_splits(manifest, cfg(seed=seed), CLASSES, pairs)
+    for fold, part in splits.groupby("fold"):
+        role = dict(zip(part["sha256"], part["split"].where(part["split"] == "test", "training")))
+        for a, b in zip(pairs["sha256_a"], pairs["sha256_b"]):
+            assert role[a] == role[b], (fold, a[:8], b[:8])
+    summary = summarize(splits, cfg(seed=seed), CLASSES, pairs)
+    assert summary["n_near_duplicate_groups"] >= 1 and summary["n_groups"] < summary["n_patients"]
 
 
 @pytest.mark.parametrize("scans, expected", [
@@ -191,7 +221,7 @@ def test_patient_order_is_the_smallest_raw_sha256():
 def test_patient_label_is_the_majority(scans, expected):
     rows = pd.DataFrame({"patient_id": ["P1"] * len(scans), "label": scans,
                          "sha256": [f"{i:064x}" for i in range(len(scans))]})
-    assert patient_table(rows, CLASSES).set_index("patient_id").at["P1", "label"] == expected
+    assert patient_table(rows, CLASSES).set_index("group").at["0" * 64, "label"] == expected
 
 
 @pytest.mark.parametrize("n_normal, n_osteo, config, message", [
@@ -233,11 +263,16 @@ def test_rows_validate_would_block_are_refused(column, value, message):
 
 
 def write_manifest_and_validation(tmp_path: Path, manifest: pd.DataFrame, **validation) -> tuple[Path, Path]:
+    """The manifest and the validate stage's output directory (verdict.json and no near-duplicate pair)."""
     path = tmp_path / "manifest.csv"
     manifest_contract.write(path, manifest.reindex(columns=manifest_contract.COLUMNS, fill_value=""))
+    validated = tmp_path / "validated"
+    validated.mkdir()
     summary = {"success": True, "manifest_sha256": sha256_file(path), "blocking_failures": [], **validation}
-    (tmp_path / "validation.json").write_text(json.dumps(summary))
-    return path, tmp_path / "validation.json"
+    (validated / "verdict.json").write_text(json.dumps(summary))
+    near_duplicates_contract.write(validated / near_duplicates_contract.FILE_NAME,
+                                   pd.DataFrame(columns=list(near_duplicates_contract.COLUMNS)))
+    return path, validated
 
 
 @pytest.mark.parametrize("validation, message", [
@@ -248,7 +283,7 @@ def write_manifest_and_validation(tmp_path: Path, manifest: pd.DataFrame, **vali
 def test_refuses_unless_validation_passed_on_this_manifest(tmp_path, validation, message):
     manifest, summary = write_manifest_and_validation(tmp_path, make_cohort(10, 10), **validation)
     with pytest.raises(SplitError, match=message):
-        require_validation_success(summary, manifest)
+        require_validation_success(summary / "verdict.json", manifest)
 
 
 def test_summary_counts_images_and_patients_per_fold_role_and_class():
@@ -275,8 +310,8 @@ def test_stage_writes_splits_and_summary(tmp_path, protocol):
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     manifest, validation = write_manifest_and_validation(tmp_path, make_cohort(30, 50, 0.2))
     out, summary_path = tmp_path / "data" / "split" / "splits.csv", tmp_path / "reports" / "split.json"
-    stage_main("split")(["--params", str(tmp_path / "params.yaml"), "--manifest", str(manifest), "--validation",
-                       str(validation), "--out", str(out), "--summary", str(summary_path)])
+    assert stage_main("split")(["--params", str(tmp_path / "params.yaml"), "--manifest", str(manifest),
+                                "--validated", str(validation), "--out", str(out), "--summary", str(summary_path)]) == 0
     splits = splits_contract.read(out)
     assert list(splits.columns) == list(splits_contract.COLUMNS)
     assert list(splits.sort_values(["fold", "source"])["source"]) == list(splits["source"])  # sorted on disk

@@ -71,7 +71,7 @@ def read_all(out_dir: Path) -> dict[str, pydicom.Dataset]:
 def cohort(tmp_path_factory: pytest.TempPathFactory) -> tuple[SynthesizeConfig, Path, Path, pd.DataFrame]:
     root = tmp_path_factory.mktemp("cohort")
     cfg = make_cfg()
-    truth = synthesize_cohort(cfg, root / "raw", root / "truth.csv", CLASSES)
+    truth = synthesize_cohort(cfg, root / "raw", root / "truth.csv")
     return cfg, root / "raw", root / "truth.csv", truth
 
 
@@ -87,17 +87,18 @@ def cohort(tmp_path_factory: pytest.TempPathFactory) -> tuple[SynthesizeConfig, 
     ],
 )
 def test_plan_has_exact_class_counts_and_followups(n_scans: int, n_osteo: int, followup: float, n_followups: int):
-    plans = plan_cohort(make_cfg(n_scans=n_scans, n_osteoporosis=n_osteo, followup_fraction=followup), CLASSES)
+    plans = plan_cohort(make_cfg(n_scans=n_scans, n_osteoporosis=n_osteo, followup_fraction=followup))
     assert len(plans) == n_scans
     assert sum(p.label for p in plans) == n_osteo
-    assert all(p.class_name == CLASSES[p.label] for p in plans)
+    assert all(p.class_name == who_class(p.t_score) and (p.class_name == "osteoporosis") == bool(p.label)
+               for p in plans)
     assert sum(p.visit == 2 for p in plans) == n_followups
     assert [p.index for p in plans] == list(range(1, n_scans + 1))
     assert len({p.source for p in plans}) == n_scans
 
 
 def test_followups_keep_patient_class_identity_and_anatomy():
-    plans = plan_cohort(make_cfg(n_scans=174, n_osteoporosis=114), CLASSES)
+    plans = plan_cohort(make_cfg(n_scans=174, n_osteoporosis=114))
     by_subject: dict[int, list] = {}
     for p in plans:
         by_subject.setdefault(p.subject, []).append(p)
@@ -117,7 +118,7 @@ def test_followups_keep_patient_class_identity_and_anatomy():
 
 
 def test_t_scores_follow_the_who_definition_per_class():
-    plans = plan_cohort(make_cfg(n_scans=174, n_osteoporosis=114), CLASSES)
+    plans = plan_cohort(make_cfg(n_scans=174, n_osteoporosis=114))
     t = np.array([p.t_score for p in plans])
     labels = np.array([p.label for p in plans])
     assert np.all((t <= -2.5) == (labels == 1))
@@ -146,25 +147,46 @@ def test_t_to_bmd_uses_the_reference_scale(t: float, bmd: float):
     ("fraction", "low", "high"), [(0.0, 0, 0), (1.0, 200, 200), (0.1, 8, 35), (0.5, 70, 130)]
 )
 def test_monochrome1_share_follows_params(fraction: float, low: int, high: int):
-    plans = plan_cohort(make_cfg(n_scans=200, n_osteoporosis=130, monochrome1_fraction=fraction), CLASSES)
+    plans = plan_cohort(make_cfg(n_scans=200, n_osteoporosis=130, monochrome1_fraction=fraction))
     assert low <= sum(p.photometric == "MONOCHROME1" for p in plans) <= high
 
 
 @pytest.mark.parametrize("rate", [0.0, 1.0])
 def test_confounder_rates_follow_params(rate: float):
-    plans = plan_cohort(make_cfg(osteophyte_rate=rate, fracture_rate=rate, scoliosis_rate=rate), CLASSES)
+    plans = plan_cohort(make_cfg(osteophyte_rate=rate, fracture_rate=rate, scoliosis_rate=rate))
     for flags in ([p.osteophyte for p in plans], [p.fracture for p in plans], [p.scoliosis_deg > 0 for p in plans]):
         assert all(flags) if rate == 1.0 else not any(flags)
 
 
-@pytest.mark.parametrize(
-    "classes",
-    [("normal",), ("normal", "normal"), ("normal", "osteo/porosis"), ("", "osteoporosis"), (".hidden", "x"),
-     ("a", "b", "c")],
-)
-def test_plan_rejects_bad_class_names(classes: tuple[str, ...]):
-    with pytest.raises(ValueError, match="classes"):
-        plan_cohort(make_cfg(), classes)
+def test_scans_are_filed_in_the_folder_of_their_who_class():
+    """Real cohorts come in the WHO's three folders; so does the synthetic one (the label map decides the task)."""
+    plans = plan_cohort(make_cfg(n_scans=174, n_osteoporosis=114))
+    for plan in plans:
+        assert plan.class_name == who_class(plan.t_score) and plan.source.startswith(f"{plan.class_name}/")
+        assert (plan.class_name == "osteoporosis") == bool(plan.label)  # the binary count is exact
+    assert {p.class_name for p in plans} == {"normal", "osteopenia", "osteoporosis"}
+
+
+def test_external_cohort_has_its_own_seed_and_scanner():
+    from spinedxa.config import ExternalCohortConfig
+    from spinedxa.synthesize import DEFAULT_SCANNER, external_cohort
+
+    cfg = dataclasses.replace(make_cfg(), external=ExternalCohortConfig(
+        seed=99, n_scans=20, n_osteoporosis=12, pixel_spacing_mm=0.9, monochrome1_fraction=0.5, noise_scale=2.0,
+        psf_sigma_mm=1.0, display_gamma=(0.9, 2.0), display_span=(0.05, 0.4)))
+    cohort, scanner = external_cohort(cfg)
+    assert (cohort.seed, cohort.n_scans, cohort.n_osteoporosis, cohort.pixel_spacing_mm) == (99, 20, 12, 0.9)
+    assert cohort.external is None and cohort.height == cfg.height
+    assert scanner != DEFAULT_SCANNER and scanner.noise_scale == 2.0 and scanner.display_gamma == (0.9, 2.0)
+    assert external_cohort(make_cfg()) is None
+    # The second scanner changes the acquisition, not the body: same plan, same anatomy seed, other pixels.
+    plan = plan_cohort(cohort)[0]
+    one = simulate_scan(np.random.default_rng(1), plan.t_score, height=96, width=72, pixel_spacing_mm=1.0,
+                        anatomy_rng=np.random.default_rng(2))
+    two = simulate_scan(np.random.default_rng(1), plan.t_score, height=96, width=72, pixel_spacing_mm=1.0,
+                        anatomy_rng=np.random.default_rng(2), scanner=scanner)
+    assert np.array_equal(one.roi_mask, two.roi_mask) and not np.array_equal(one.image, two.image)
+    assert two.noise_sd == pytest.approx(2.0 * one.noise_sd)
 
 
 # --------------------------------------------------------------------------------------------------- rendering
@@ -242,7 +264,7 @@ def test_cohort_layout_and_class_counts(cohort):
     cfg, out_dir, truth_csv, truth = cohort
     files = sorted(p.relative_to(out_dir).as_posix() for p in out_dir.rglob("*") if p.is_file())
     assert files == sorted(truth["source"])
-    assert all(re.fullmatch(rf"(normal|osteoporosis)/scan_\d{{4}}({BANNER_SUFFIX})?\.dcm", f) for f in files)
+    assert all(re.fullmatch(rf"(normal|osteopenia|osteoporosis)/scan_\d{{4}}({BANNER_SUFFIX})?\.dcm", f) for f in files)
     scans = [f for f in files if not f.endswith(f"{BANNER_SUFFIX}.dcm")]
     assert len(scans) == cfg.n_scans and sum(f.startswith("osteoporosis/") for f in scans) == 26
     copies = sorted(truth.loc[truth["burned_in"], "source"])
@@ -324,7 +346,7 @@ def test_pixels_decode_and_match_the_renderer(cohort):
     """pydicom decodes every file; after the modality LUT (and inversion for MONOCHROME1) it equals render_scan,
     except for the drawn text: level labels (small, outside the L1-L4 bodies) and the banner copies' banner."""
     cfg, out_dir, _, _ = cohort
-    plans = plan_cohort(cfg, CLASSES)
+    plans = plan_cohort(cfg)
     assert any(p.level_labels for p in plans) and any(not p.level_labels for p in plans)
     for plan in plans:
         modality = modality_image(pydicom.dcmread(out_dir / plan.source))
@@ -351,7 +373,7 @@ def test_overlays_change_no_other_draw(tmp_path: Path):
     field and the scans without labels have the same bytes."""
     plain, busy = make_cfg(burned_in_fraction=0.0, level_label_fraction=0.0), make_cfg(level_label_fraction=0.5,
                                                                                       burned_in_fraction=0.5)
-    a, b = plan_cohort(plain, CLASSES), plan_cohort(busy, CLASSES)
+    a, b = plan_cohort(plain), plan_cohort(busy)
     overlay = {"level_labels", "burned_in"}
 
     def fields(plan) -> dict:  # SeedSequences compare by identity: compare their entropy and spawn key instead
@@ -361,8 +383,8 @@ def test_overlays_change_no_other_draw(tmp_path: Path):
     assert [fields(p) for p in a] == [fields(p) for p in b]
     assert sum(p.level_labels for p in b) == sum(p.burned_in for p in b) == 20
     assert not any(p.level_labels or p.burned_in for p in a)
-    ta = synthesize_cohort(plain, tmp_path / "a", tmp_path / "a.csv", CLASSES)
-    tb = synthesize_cohort(busy, tmp_path / "b", tmp_path / "b.csv", CLASSES)
+    ta = synthesize_cohort(plain, tmp_path / "a", tmp_path / "a.csv")
+    tb = synthesize_cohort(busy, tmp_path / "b", tmp_path / "b.csv")
     assert len(ta) == 40 and len(tb) == 60
     for plan in b:
         same = (tmp_path / "a" / plan.source).read_bytes() == (tmp_path / "b" / plan.source).read_bytes()
@@ -407,7 +429,7 @@ def test_same_seed_same_bytes_any_worker_count(tmp_path: Path):
     cfg = make_cfg(n_scans=8, n_osteoporosis=5, followup_fraction=0.5)
     outputs = {}
     for name, c, workers in (("serial", cfg, 1), ("parallel", cfg, 2), ("other_seed", dataclasses.replace(cfg, seed=8), 1)):
-        synthesize_cohort(c, tmp_path / name / "raw", tmp_path / name / "truth.csv", CLASSES, workers=workers)
+        synthesize_cohort(c, tmp_path / name / "raw", tmp_path / name / "truth.csv", workers=workers)
         files = sorted((tmp_path / name / "raw").rglob("*.dcm"))
         outputs[name] = {p.relative_to(tmp_path / name).as_posix(): p.read_bytes() for p in files}
         outputs[name]["truth.csv"] = (tmp_path / name / "truth.csv").read_bytes()
@@ -419,9 +441,9 @@ def test_same_seed_same_bytes_any_worker_count(tmp_path: Path):
 
 def test_rerun_replaces_the_cohort_whole(tmp_path: Path):
     out = tmp_path / "raw"
-    synthesize_cohort(make_cfg(n_scans=6, n_osteoporosis=3), out, tmp_path / "truth.csv", CLASSES)
+    synthesize_cohort(make_cfg(n_scans=6, n_osteoporosis=3), out, tmp_path / "truth.csv")
     (out / "normal" / "stray.dcm").write_bytes(b"left over")
-    truth = synthesize_cohort(make_cfg(n_scans=4, n_osteoporosis=2), out, tmp_path / "truth.csv", CLASSES)
+    truth = synthesize_cohort(make_cfg(n_scans=4, n_osteoporosis=2), out, tmp_path / "truth.csv")
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.dcm")) == sorted(truth["source"])
     assert len(pd.read_csv(tmp_path / "truth.csv")) == 4
 
@@ -432,7 +454,7 @@ def test_rerun_replaces_the_cohort_whole(tmp_path: Path):
 def audit_truth(tmp_path_factory: pytest.TempPathFactory) -> pd.DataFrame:
     root = tmp_path_factory.mktemp("audit")
     cfg = make_cfg(seed=2025, n_scans=120, n_osteoporosis=80, height=128, width=96, pixel_spacing_mm=2.0)
-    return synthesize_cohort(cfg, root / "raw", root / "truth.csv", CLASSES)
+    return synthesize_cohort(cfg, root / "raw", root / "truth.csv")
 
 
 def test_no_intensity_shortcut_but_a_real_bone_signal(audit_truth: pd.DataFrame):
@@ -470,6 +492,7 @@ def test_stage_cli_writes_cohort_truth_and_figure(tmp_path: Path):
     params = apply_profile(tmp_path / "params.yaml", REPO / "profiles" / "tiny.yaml")
     cmd = [sys.executable, str(REPO / "stages" / "synthesize.py"), "--params", "params.yaml",
            "--out", "data/raw/synthetic", "--truth", "data/truth/synthetic_truth.csv",
+           "--external-out", "data/raw/external", "--external-truth", "data/truth/external_truth.csv",
            "--figure", "reports/figures/synthetic_examples.png"]
     proc = run(cmd, cwd=tmp_path, env={"PYTHONPATH": str(REPO)})
     assert "shortcut audit" in proc.stderr
@@ -483,3 +506,9 @@ def test_stage_cli_writes_cohort_truth_and_figure(tmp_path: Path):
     assert (ds.Rows, ds.Columns) == (cfg.height, cfg.width)
     figure = (tmp_path / "reports/figures/synthetic_examples.png").read_bytes()
     assert figure[:8] == b"\x89PNG\r\n\x1a\n" and len(figure) > 10_000
+    external = pd.read_csv(tmp_path / "data/truth/external_truth.csv")
+    ext = load_params(tmp_path / "params.yaml").synthesize.external
+    assert (~external["burned_in"]).sum() == ext.n_scans and external.loc[~external["burned_in"], "label"].sum() == \
+        ext.n_osteoporosis
+    ds = pydicom.dcmread(tmp_path / "data/raw/external" / external["source"].iloc[0])
+    assert float(ds.PixelSpacing[0]) == ext.pixel_spacing_mm  # the second scanner's pixels

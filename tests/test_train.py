@@ -42,6 +42,7 @@ from train_factory import (
     REPO,
     Killed,
     assert_same_weights,
+    load_weights,
     kill_at_call,
     make_dataset,
     make_params,
@@ -56,14 +57,14 @@ from train_factory import (
 PATHS = paths_for("cnn21")
 #: docs/CONTRACTS.md, "train@model": the keys of models/<m>/fold<k>/meta.json and of models/<m>/meta.json.
 FOLD_META_KEYS = {
-    "model", "variant", "batch_norm", "fold", "image_size", "input_shape", "classes", "mlflow_run_id",
-    "mlflow_tracking_uri", "model_sha256", "data_digests", "params", "epochs_run", "best_epoch", "monitor",
-    "best_value", "seed", "n_train_images", "n_val_images", "git_commit", "git_dirty", "device", "fast_path",
-    "threads", "world_size",
+    "model", "variant", "batch_norm", "transform_input", "weights", "fold", "image_size", "input_shape", "classes",
+    "mlflow_run_id", "mlflow_tracking_uri", "model_sha256", "data_digests", "params", "epochs_run", "best_epoch",
+    "monitor", "best_value", "seed", "n_train_images", "n_val_images", "git_commit", "git_dirty", "device",
+    "fast_path", "threads", "world_size",
 }
 MODEL_META_KEYS = {
-    "model", "variant", "protocol", "folds", "mlflow_run_id", "mlflow_tracking_uri", "data_digests", "git_commit",
-    "git_dirty", "device", "fast_path", "threads", "world_size",
+    "model", "variant", "protocol", "folds", "weights", "mlflow_run_id", "mlflow_tracking_uri", "data_digests",
+    "git_commit", "git_dirty", "device", "fast_path", "threads", "world_size",
 }
 #: Every curve column but the wall-clock seconds: what two runs of one training must reproduce exactly.
 NUMERIC = [c for c in CURVE_COLUMNS if c != "seconds"]
@@ -149,6 +150,7 @@ def test_training_writes_contract_outputs(workdir: Path) -> None:
         meta = read_json(out / "meta.json")
         assert FOLD_META_KEYS <= meta.keys()
         assert meta["model"] == meta["variant"] == "cnn21" and meta["batch_norm"] is False and meta["fold"] == k
+        assert meta["weights"]["kind"] == "none" and meta["transform_input"] is False  # trained from scratch
         assert meta["image_size"] == 64 and meta["input_shape"] == [64, 32]
         assert meta["classes"] == ["normal", "osteoporosis"]
         assert meta["model_sha256"] == sha256_file(out / "model.pt") and meta["data_digests"] == digests
@@ -571,3 +573,30 @@ def test_data_digests_equal_dvc_lock_after_dvc_repro(tiny_repo: Path) -> None:
     (parent,) = [r for r in runs if r["parent_run_id"] is None]
     assert parent["run_id"] == top["mlflow_run_id"] and len(runs) == 1 + len(top["folds"])
     assert {d["digest"] for d in parent["datasets"]} == set(top["data_digests"].values())
+
+
+def test_seed_repeats_train_each_fold_again_with_their_own_seed(workdir: Path) -> None:
+    """train.repeats: every fold trains again with seed + 1000 r (models/<m>/repeat<r>/fold<k>/); the first training
+    stays the result (fold<k>/, the curves); the repeats differ from it only by the seed."""
+    params = make_params(repeats=2)
+    result = train_model(params, "cnn21", PATHS)
+    assert [(r.repeat, r.fold) for r in result.folds] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    top = read_json(workdir / "models/cnn21/meta.json")
+    assert (top["folds"], top["repeats"], top["repeat_seeds"]) == ([0, 1], 2, [params.train.seed,
+                                                                             params.train.seed + 1000])
+    for k in (0, 1):
+        first, again = read_json(workdir / f"models/cnn21/fold{k}/meta.json"), read_json(
+            workdir / f"models/cnn21/repeat1/fold{k}/meta.json")
+        assert (first["seed"], first["repeat"], again["seed"], again["repeat"]) == (params.train.seed, 0,
+                                                                                     params.train.seed + 1000, 1)
+        assert first["fold"] == again["fold"] == k and first["data_digests"] == again["data_digests"]
+        assert first["model_sha256"] != again["model_sha256"]  # another seed, other weights
+    curves = pd.read_csv(workdir / "reports/train/cnn21.csv")
+    assert curves["fold"].tolist() == [0, 0, 0, 1, 1, 1]  # the first training's curves only
+    names = sorted(r["run_name"] for r in tracking.find_runs(EXPERIMENT))
+    assert names == ["cnn21", "cnn21/fold0", "cnn21/fold1", "cnn21/repeat1/fold0", "cnn21/repeat1/fold1"]
+    # The result (repeat 0) is the same as a run without repeats: repeats add, they change nothing.
+    single = load_weights(workdir / "models/cnn21/fold0")
+    train_model(make_params(), "cnn21", PATHS)
+    assert_same_weights(single, load_weights(workdir / "models/cnn21/fold0"))
+    assert not (workdir / "models/cnn21/repeat1").exists()

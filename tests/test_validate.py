@@ -22,6 +22,7 @@ from PIL import Image
 
 from conftest import REPO, run, stage_main
 from spinedxa.config import Params, params_from_dict
+from spinedxa.files import sha256_file
 from spinedxa.validate import (
     MANIFEST_COLUMNS,
     ManifestError,
@@ -82,8 +83,11 @@ def make_manifest(n_per_class: int = 6, n_quarantined: int = 1, seed: int = 0) -
             "std": round(float(rng.uniform(5e3, 9e3)), 6) if ok else "",
             "min": 0 if ok else "", "max": 65535 if ok else "",
             "phash": f"{int(rng.integers(0, 2**63)) * 2 + int(rng.integers(0, 2)):016x}" if ok else "",
+            "label_found": row["label"], "patient_from": "header" if ok else "",
+            "pixel_sha256": hashlib.sha256(f"pixels:{sha}".encode()).hexdigest() if ok else "",
         })
-    return pd.DataFrame(out, columns=list(MANIFEST_COLUMNS))
+    frame = pd.DataFrame(out, columns=list(MANIFEST_COLUMNS)).astype(object)
+    return frame.where(frame.notna(), "")
 
 
 MISSING_IMAGE = "images/0000000000000000.png"  # write_case never writes this one: an image file ingest lost
@@ -163,8 +167,9 @@ BAD_CASES = {
     "bad_label": (set_cell("label", "osteopenia"), {"label_in_classes"}, set(), {S0}, None),
     "bad_status": (set_cell("status", "pending"), {"status_known"}, set(), {S0}, None),
     "duplicate_sha256": (duplicate_sha, {"sha256_unique"}, set(), {S0, S1}, None),
+    # Grouped by the split (never straddling a fold), so a warning: the data is usable as it comes.
     "near_duplicate_across_patients": (
-        near_duplicate(same_patient=False), {"no_near_duplicates_across_patients"}, set(), {S2, S3}, None),
+        near_duplicate(same_patient=False), set(), {"no_near_duplicates_across_patients"}, {S2, S3}, None),
     "near_duplicate_within_patient": (
         near_duplicate(same_patient=True), set(), {"no_near_duplicates_within_patient"}, {S2, S3}, None),
     "phash_false_positive": (near_duplicate(same_patient=False, same_image=False), set(), set(), set(), None),
@@ -190,9 +195,13 @@ def write_params(path: Path, **validate: float) -> Path:
 def test_good_manifest_passes_and_writes_docs(tmp_path):
     manifest = write_case(tmp_path, make_manifest())
     docs, summary_path = tmp_path / "reports" / "validation", tmp_path / "reports" / "validation.json"
-    stage_main("validate")(["--params", str(write_params(tmp_path / "params.yaml")), "--manifest", str(manifest),
-                "--docs", str(docs), "--summary", str(summary_path)])
+    assert stage_main("validate")(["--params", str(write_params(tmp_path / "params.yaml")), "--manifest",
+                                   str(manifest), "--docs", str(docs), "--summary", str(summary_path),
+                                   "--out", str(tmp_path / "validated")]) == 0
     summary = json.loads(summary_path.read_text())
+    verdict = json.loads((tmp_path / "validated" / "verdict.json").read_text())
+    assert verdict["success"] is True and verdict["manifest_sha256"] == sha256_file(manifest)
+    assert "manifest_sha256" not in summary  # keyed pseudonyms make it differ between clones: not a metric
     assert summary["success"] is True
     assert summary["blocking_failures"] == [] and summary["warnings"] == []
     assert (summary["n_rows"], summary["n_accepted"], summary["n_quarantined"]) == (13, 12, 1)
@@ -378,10 +387,12 @@ def test_stage_exits_non_zero_after_writing_the_summary(tmp_path):
     manifest = write_case(tmp_path / "data", duplicate_sha(make_manifest()))
     params = write_params(tmp_path / "params.yaml")
     proc = run([sys.executable, str(REPO / "stages" / "validate.py"), "--params", str(params), "--manifest",
-                str(manifest), "--docs", "reports/validation", "--summary", "reports/validation.json"],
-               cwd=tmp_path, env={"PYTHONHASHSEED": "1"}, check=False, timeout=300)
-    assert proc.returncode != 0
-    assert "ValidationFailed" in proc.stderr and "sha256_unique" in proc.stderr
+                str(manifest), "--docs", "reports/validation", "--summary", "reports/validation.json",
+                "--out", "data/validated"], cwd=tmp_path, env={"PYTHONHASHSEED": "1"}, check=False, timeout=300)
+    assert proc.returncode == 1
+    # One message naming the expectation, its rows and what to change; no traceback for a data problem.
+    assert "Traceback" not in proc.stderr and "ERROR validate:" in proc.stderr and "sha256_unique" in proc.stderr
+    assert "what to change: re-run ingest" in proc.stderr
     assert "normal/scan_0000.dcm" in proc.stderr and "normal/scan_0001.dcm" in proc.stderr
     assert "Calculating Metrics" not in proc.stderr and "INFO great_expectations" not in proc.stderr  # quiet GE
     summary = json.loads((tmp_path / "reports" / "validation.json").read_text())
@@ -458,3 +469,19 @@ def test_vendored_web_assets_match_their_manifest():
     assert all(url.startswith("https://") for url in web_asset_urls())
     for licence in licences:
         assert "permission" in (WEB_ASSETS / licence).read_text().lower(), licence
+
+
+def test_dropped_files_do_not_count_in_the_quarantine_rate_and_duplicates_are_known(tmp_path):
+    """Files the label map drops are not inputs of the task; exact copies of kept scans are not quarantines."""
+    m = make_manifest()  # 12 accepted, 1 quarantined
+    dropped = make_manifest(n_per_class=0, n_quarantined=4).assign(
+        source=lambda d: "osteopenia/" + d["source"].str.split("/").str[-1], status="dropped",
+        reason="dropped: data.class_map maps the folder label 'osteopenia' to drop", label="")
+    copy = m.iloc[[0]].assign(source="normal/copy_of_0.dcm", status="duplicate", image="", roi="",
+                              reason="duplicate: same raw bytes as normal/scan_0000.dcm (kept)")
+    manifest = write_case(tmp_path, pd.concat([m, dropped, copy], ignore_index=True))
+    summary = validate_manifest(manifest, make_params(max_quarantine_rate=0.1), tmp_path / "docs",
+                                tmp_path / "v.json")
+    assert summary["success"] is True
+    assert (summary["n_dropped"], summary["n_duplicates"], summary["n_quarantined"]) == (4, 1, 1)
+    assert summary["quarantine_rate"] == round(1 / 14, 6)  # 1 of the 14 files the task wanted (fixed precision)

@@ -437,7 +437,7 @@ def test_snakemake_report_has_captions(mini_ran: Path) -> None:
 def test_both_engines_list_the_same_stages(project_copy: Path) -> None:
     dvc_names = run([DVC, "stage", "list", "--name-only"], project_copy).stdout.split()
     rules = snakemake(["--list-rules"], project_copy).stdout.split()
-    assert len(dvc_names) == len(MODEL_NAMES) * 2 + 8  # 8 single stages + train/evaluate per model
+    assert len(dvc_names) == len(MODEL_NAMES) * 2 + 9  # 9 single stages + train/evaluate per model
     assert sorted(rules) == sorted([dag.rule_name(n) for n in dvc_names] + ["all"])
 
 
@@ -458,8 +458,17 @@ def test_both_engines_run_the_same_commands_on_the_same_files(project_copy: Path
         dvc_stages = {s.name: s for s in repo.index.stages}  # `addressing` would be relative to the cwd
         dir_outs = [o.def_path for s in dvc_stages.values() for o in s.outs if "." not in Path(o.def_path).name]
 
-        def as_input(path: str) -> str:  # Snakemake names a file inside a directory output by that directory
-            return next((d for d in dir_outs if path.startswith(d + "/")), path)
+        all_outs = [o.def_path for s in dvc_stages.values() for o in s.outs]
+
+        def as_inputs(path: str, stage: str) -> set[str]:
+            """Snakemake names a file inside a directory output by that directory, and a directory dep that
+            collects other stages' files (the report's reports/metrics) by those files."""
+            inside = next((d for d in dir_outs if path.startswith(d + "/")), None)
+            if inside is not None or path in all_outs:
+                return {inside or path}
+            own = {o.def_path for o in dvc_stages[stage].outs}
+            collected = {o for o in all_outs if o.startswith(path + "/") and o not in own}
+            return collected or {path}
 
         dry = snakemake(["-n", "--printshellcmds", "--cores", "10", "--profile", "workflow/profiles/local"],
                         project_copy)
@@ -470,7 +479,7 @@ def test_both_engines_run_the_same_commands_on_the_same_files(project_copy: Path
             assert job["shell"] == st.cmd, name
             assert job["output"] and sorted(job["output"]) == sorted(o.def_path for o in st.outs), name
             file_deps = [d.def_path for d in st.deps if d.def_path != "params.yaml"]
-            assert sorted(job["input"]) == sorted({as_input(d) for d in file_deps}), name
+            assert sorted(job["input"]) == sorted({i for d in file_deps for i in as_inputs(d, name)}), name
         # Every training occupies runtime.train_processes x train.threads cores (spinedxa.dag.rule_threads).
         params = yaml.safe_load((project_copy / "params.yaml").read_text())
         expected = params["runtime"]["train_processes"] * max(1, params["train"]["threads"])
@@ -478,12 +487,19 @@ def test_both_engines_run_the_same_commands_on_the_same_files(project_copy: Path
 
 
 def test_report_stage_reads_every_model(repo_root: Path) -> None:
-    """dvc.yaml lists the report's deps one by one (both engines need exact files): none may be missing."""
+    """The report depends on every model's outputs through directory deps, which DVC links to each stage writing a
+    file there and Snakemake gets as those files (spinedxa.dag.snakemake_inputs): none may be missing."""
     spec = yaml.safe_load((repo_root / "dvc.yaml").read_text())
     models = yaml.safe_load((repo_root / "params.yaml").read_text())["train"]["models"]
-    deps = set(spec["stages"]["report"]["deps"])
+    stages = dag.load_stages(repo_root)
+    report = dag.get_stage(stages, "report")
+    inputs = set(dag.snakemake_inputs(report, stages))
     for model in [*models, "baseline"]:
-        assert {f"reports/metrics/{model}.json", f"reports/predictions/{model}.csv", f"reports/plots/{model}"} <= deps
+        assert {f"reports/metrics/{model}.json", f"reports/predictions/{model}.csv", f"reports/plots/{model}",
+                f"reports/provenance/{model}.json", f"reports/predictions/external/{model}.csv"} <= inputs, model
+    for model in models:
+        assert f"reports/train/{model}.csv" in inputs
+    assert {s.name for s in dag.upstream(stages, "report")} >= {f"evaluate@{m}" for m in models} | {"baseline"}
     for plot in spec["plots"]:
         ((name, body),) = plot.items()
         shown = {m for m in models for p in body["y"] if m in Path(p).parts or Path(p).stem == m}

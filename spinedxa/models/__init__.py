@@ -11,8 +11,9 @@ ImageNet weights usable unchanged (a replicated gray image is what an RGB networ
 of three times the first layer's compute, which is negligible beside the rest of the network. cnn21 takes one channel
 natively.
 
-Weights never download: ``weights="imagenet"`` reads torchvision's file from the local torch cache
-(``torch.hub.get_dir()/checkpoints``) and raises :class:`FileNotFoundError` naming the file when it is not there.
+Pre-trained weights: ``get_model`` builds randomly initialised networks; :mod:`spinedxa.weights` (the one owner of
+where pre-trained weights come from) loads a verified state dict into one, skipping the layers this registry builds
+new for the task (:attr:`ModelSpec.head`). Nothing here reads a weights file or downloads.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torchvision.models.inception import InceptionAux, InceptionOutputs
 
+from spinedxa.calibration import Calibration
 from spinedxa.config import MODEL_NAMES
 from spinedxa.models.cnn21 import CNN21
 from spinedxa.models.cnn21 import MIN_SIZE as CNN21_MIN_SIZE
@@ -44,11 +46,12 @@ __all__ = [
     "load_trained",
     "variant",
     "predict_proba",
-    "weights_file",
+    "score",
 ]
 
-#: Accepted values of ``weights`` (``train.<model>.weights`` in params.yaml).
-WEIGHTS_OPTIONS: tuple[str | None, ...] = (None, "none", "imagenet")
+#: Accepted values of ``get_model(weights=...)``: random initialisation. Pre-trained weights (``train.<model>.weights``)
+#: are loaded by :func:`spinedxa.weights.build_model`.
+WEIGHTS_OPTIONS: tuple[str | None, ...] = (None, "none")
 
 # ImageNet channel statistics used by every torchvision classification weight (torchvision ImageClassification preset).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -107,49 +110,38 @@ def _inception_unwrap(output: Tensor | InceptionOutputs) -> tuple[Tensor, Tensor
 # ----------------------------------------------------------------------------------------------- builders
 
 
-def _build_cnn21(num_classes: int, weights: str | None, batch_norm: bool) -> nn.Module:
-    _no_variant("cnn21", batch_norm)
-    if weights is not None:
-        raise ValueError("cnn21: no ImageNet weights exist for this model (trained from scratch); use weights=None")
+def _build_cnn21(num_classes: int, batch_norm: bool, transform_input: bool) -> nn.Module:
+    _no_variant("cnn21", batch_norm, transform_input)
     return CNN21(num_classes=num_classes)
 
 
-def _no_variant(name: str, batch_norm: bool) -> None:
+def _no_variant(name: str, batch_norm: bool, transform_input: bool) -> None:
     if batch_norm:
         raise ValueError(f"{name}: batch_norm selects the BatchNorm variant of VGG only; set it false for {name}")
+    if transform_input and name != "inception_v3":
+        raise ValueError(f"{name}: transform_input is InceptionV3's input scaling only; set it false for {name}")
 
 
-def _torchvision_backbone(name: str, weights: str | None, batch_norm: bool = False, **kwargs: Any) -> nn.Module:
-    """Build a torchvision classifier (its ``_bn`` variant when ``batch_norm``), with ImageNet weights read from the
-    local cache when asked for."""
-    arch = variant(name, batch_norm)
-    if weights is None:
-        return torchvision.models.get_model(arch, weights=None, **kwargs)
-    enum = _imagenet_weights(name, batch_norm)
-    path = weights_file(name, batch_norm=batch_norm)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{name}: ImageNet weights file {path.name!r} not found in {path.parent} (nothing is downloaded). "
-            f"Copy {enum.url} to {path}, or set TORCH_HOME to a directory whose hub/checkpoints holds it."
-        )
-    # The file is in the cache, so torchvision's loader reads it rather than downloading.
-    return torchvision.models.get_model(arch, weights=enum, **kwargs)
+def _torchvision_backbone(name: str, batch_norm: bool = False, **kwargs: Any) -> nn.Module:
+    """Build a randomly initialised torchvision classifier (its ``_bn`` variant when ``batch_norm``)."""
+    return torchvision.models.get_model(variant(name, batch_norm), weights=None, **kwargs)
 
 
-def _build_resnet50(num_classes: int, weights: str | None, batch_norm: bool) -> nn.Module:
-    _no_variant("resnet50", batch_norm)
+def _build_resnet50(num_classes: int, batch_norm: bool, transform_input: bool) -> nn.Module:
+    _no_variant("resnet50", batch_norm, transform_input)
     # From scratch, the last BatchNorm of every residual branch starts at zero, so each block starts as the identity
     # (Goyal et al. 2017, "Accurate, large minibatch SGD", section 5.1; torchvision's zero_init_residual): measured
     # here, ResNet-50 from scratch on ~100 ROI images trains without the early loss blow-ups it had without it.
-    extra = {"zero_init_residual": True} if weights is None else {}
-    net = _torchvision_backbone("resnet50", weights, **extra)
+    # Pre-trained weights overwrite these scales (spinedxa.weights loads every BatchNorm of the file).
+    net = _torchvision_backbone("resnet50", zero_init_residual=True)
     net.fc = nn.Linear(net.fc.in_features, num_classes)
     return ImageNetInput(net)
 
 
-def _build_vgg(name: str) -> Callable[[int, str | None, bool], nn.Module]:
-    def build(num_classes: int, weights: str | None, batch_norm: bool) -> nn.Module:
-        net = _torchvision_backbone(name, weights, batch_norm)
+def _build_vgg(name: str) -> Callable[[int, bool, bool], nn.Module]:
+    def build(num_classes: int, batch_norm: bool, transform_input: bool) -> nn.Module:
+        _no_variant(name, False, transform_input)
+        net = _torchvision_backbone(name, batch_norm)
         # The classifier reads the 512 globally average-pooled channels, not torchvision's 7 x 7 grid (25088 inputs):
         # at this pipeline's inputs (80 x 40 px) the last feature map is 2 x 1, which the 7 x 7 adaptive pool only
         # interpolates, so 103 M first-layer weights would carry 1024 distinct values. Measured (one core, bf16,
@@ -165,15 +157,13 @@ def _build_vgg(name: str) -> Callable[[int, str | None, bool], nn.Module]:
     return build
 
 
-def _build_inception_v3(num_classes: int, weights: str | None, batch_norm: bool) -> nn.Module:
-    _no_variant("inception_v3", batch_norm)
+def _build_inception_v3(num_classes: int, batch_norm: bool, transform_input: bool) -> nn.Module:
+    _no_variant("inception_v3", batch_norm, False)
     # init_weights=True: torchvision's own truncated-normal init (and silences its FutureWarning about the default).
-    kwargs: dict[str, Any] = {"aux_logits": True}
-    if weights is None:
-        kwargs["init_weights"] = True
-    # With ImageNet weights torchvision sets transform_input=True, which re-maps ImageNet-normalised input to the
-    # [-1, 1] scaling those weights were trained with; ImageNetInput feeds it exactly that ImageNet normalisation.
-    net = _torchvision_backbone("inception_v3", weights, **kwargs)
+    # transform_input: torchvision sets it with its ImageNet weights, re-mapping ImageNet-normalised input to the
+    # [-1, 1] scaling those weights were trained with (ImageNetInput feeds exactly that ImageNet normalisation). It is
+    # no tensor of the state dict, so a trained model records it (meta.json) and load_trained rebuilds it.
+    net = _torchvision_backbone("inception_v3", aux_logits=True, init_weights=True, transform_input=transform_input)
     net.fc = nn.Linear(net.fc.in_features, num_classes)
     aux = _SizeRobustInceptionAux(net.AuxLogits.fc.in_features, num_classes)
     aux.conv0, aux.conv1 = net.AuxLogits.conv0, net.AuxLogits.conv1
@@ -192,10 +182,12 @@ class ModelSpec:
         name: registry name (``spinedxa.config.MODEL_NAMES``).
         input_size: native input size in pixels (224; InceptionV3 299).
         min_size: smallest input the network accepts, in pixels (in both training and eval mode).
-        build: ``build(num_classes, weights, batch_norm)`` with ``weights`` None or "imagenet"; use :func:`get_model`.
+        build: ``build(num_classes, batch_norm, transform_input)``; use :func:`get_model`.
         gradcam_layer: ``gradcam_layer(model)`` the module whose activations Grad-CAM explains (last conv block).
         unwrap: ``unwrap(output)`` returns ``(logits, aux_logits or None)``.
-        imagenet_weights: torchvision weights enum member for ``weights="imagenet"`` (None: no pretrained weights).
+        imagenet_weights: torchvision weights enum member for ``weights: imagenet`` (None: no ImageNet weights).
+        head: state-dict key prefixes (of the backbone: no ``backbone.``) of the layers built new for the task, which
+            pre-trained weights never fill (:mod:`spinedxa.weights` skips them in a file, whatever their shape).
     """
 
     name: str
@@ -205,6 +197,7 @@ class ModelSpec:
     gradcam_layer: Callable[[nn.Module], nn.Module]
     unwrap: Callable[[Any], tuple[Tensor, Tensor | None]]
     imagenet_weights: str | None = None
+    head: tuple[str, ...] = ()
 
 
 def _last_relu(features: nn.Module) -> nn.Module:
@@ -212,27 +205,32 @@ def _last_relu(features: nn.Module) -> nn.Module:
     return [m for m in features if isinstance(m, nn.ReLU)][-1]
 
 
+# VGG's first classifier layer reads the 512 pooled channels (not the 7 x 7 grid) and its last one the task's classes:
+# both are new (_build_vgg).
+_VGG_HEAD = ("classifier.0.", "classifier.6.")
+
 _REGISTRY: dict[str, ModelSpec] = {
     spec.name: spec
     for spec in (
-        ModelSpec("cnn21", 224, CNN21_MIN_SIZE, _build_cnn21, lambda m: m.last_conv_block, _plain_unwrap),
+        ModelSpec("cnn21", 224, CNN21_MIN_SIZE, _build_cnn21, lambda m: m.last_conv_block, _plain_unwrap,
+                  head=("fc.",)),
         # min_size 32: torchvision's documented minimum for ResNet/VGG weights (weights.meta["min_size"]).
         ModelSpec(
             "resnet50", 224, 32, _build_resnet50, lambda m: m.backbone.layer4[-1], _plain_unwrap,
-            "ResNet50_Weights.IMAGENET1K_V1",
+            "ResNet50_Weights.IMAGENET1K_V1", head=("fc.",),
         ),
         ModelSpec(
             "vgg16", 224, 32, _build_vgg("vgg16"), lambda m: _last_relu(m.backbone.features), _plain_unwrap,
-            "VGG16_Weights.IMAGENET1K_V1",
+            "VGG16_Weights.IMAGENET1K_V1", head=_VGG_HEAD,
         ),
         ModelSpec(
             "vgg19", 224, 32, _build_vgg("vgg19"), lambda m: _last_relu(m.backbone.features), _plain_unwrap,
-            "VGG19_Weights.IMAGENET1K_V1",
+            "VGG19_Weights.IMAGENET1K_V1", head=_VGG_HEAD,
         ),
         # min_size 75: torchvision's Inception_V3_Weights.meta["min_size"]; the aux head is made size-robust above.
         ModelSpec(
             "inception_v3", 299, 75, _build_inception_v3, lambda m: m.backbone.Mixed_7c, _inception_unwrap,
-            "Inception_V3_Weights.IMAGENET1K_V1",
+            "Inception_V3_Weights.IMAGENET1K_V1", head=("fc.", "AuxLogits.fc."),
         ),
     )
 }
@@ -257,10 +255,10 @@ def get_spec(name: str) -> ModelSpec:
         raise ValueError(f"unknown model {name!r}; expected one of {list_models()}") from None
 
 
-def _normalise_weights(name: str, weights: str | None) -> str | None:
+def _check_weights(name: str, weights: str | None) -> None:
     if weights not in WEIGHTS_OPTIONS:
-        raise ValueError(f"{name}: unknown weights {weights!r}; expected one of {list(WEIGHTS_OPTIONS)}")
-    return None if weights in (None, "none") else weights
+        raise ValueError(f"{name}: unknown weights {weights!r}; expected one of {list(WEIGHTS_OPTIONS)} (get_model "
+                         "initialises at random; spinedxa.weights.build_model starts from train.<model>.weights)")
 
 
 def variant(name: str, batch_norm: bool = False) -> str:
@@ -268,46 +266,28 @@ def variant(name: str, batch_norm: bool = False) -> str:
     return f"{name}_bn" if batch_norm else name
 
 
-def _imagenet_weights(name: str, batch_norm: bool = False) -> torchvision.models.WeightsEnum:
-    spec = get_spec(name)
-    if spec.imagenet_weights is None:
-        raise ValueError(f"{name}: no ImageNet weights exist for this model; use weights=None")
-    enum = spec.imagenet_weights
-    if batch_norm:  # VGG16_Weights.IMAGENET1K_V1 -> VGG16_BN_Weights.IMAGENET1K_V1
-        enum = enum.replace("_Weights.", "_BN_Weights.")
-    return torchvision.models.get_weight(enum)
-
-
-def weights_file(name: str, *, batch_norm: bool = False) -> Path:
-    """Where the ImageNet weights of ``name`` must lie: ``torch.hub.get_dir()/checkpoints/<file name of the url>``.
-
-    Raises:
-        ValueError: unknown model, or a model without ImageNet weights (cnn21).
-    """
-    url = _imagenet_weights(name, batch_norm).url
-    return Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name
-
-
-def get_model(name: str, num_classes: int, *, weights: str | None = None, batch_norm: bool = False) -> nn.Module:
-    """Build a registered model with a ``num_classes``-way head for ``N x 1 x H x W`` input in [0, 1].
+def get_model(name: str, num_classes: int, *, weights: str | None = None, batch_norm: bool = False,
+              transform_input: bool = False) -> nn.Module:
+    """Build a registered model, randomly initialised, with a ``num_classes``-way head for ``N x 1 x H x W`` input in
+    [0, 1]. Pre-trained weights: :func:`spinedxa.weights.build_model`.
 
     Args:
         name: one of :func:`list_models`.
-        num_classes: number of output classes (2 here).
-        weights: None or "none" (random init) or "imagenet" (torchvision's ImageNet weights from the local cache;
-            the classification head is replaced, so it is always freshly initialised).
+        num_classes: number of output classes (``len(data.classes)``).
+        weights: None or "none" (random initialisation; the only values: see above).
         batch_norm: VGG only: torchvision's BatchNorm variant (``vgg16_bn``, ``vgg19_bn``; Simonyan & Zisserman's
             plain VGG does not train from scratch on this cohort, measured: README "Recipes").
+        transform_input: InceptionV3 only: torchvision's ``transform_input`` (what its ImageNet weights expect).
 
     Raises:
-        ValueError: unknown model or weights value, ``num_classes < 1``, "imagenet" for cnn21, or ``batch_norm`` for
-            a network other than VGG.
-        FileNotFoundError: "imagenet" asked for and the weights file is not in the torch cache (the message names it).
+        ValueError: unknown model or weights value, ``num_classes < 1``, ``batch_norm`` for a network other than VGG,
+            or ``transform_input`` for one other than InceptionV3.
     """
     spec = get_spec(name)
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"{name}: num_classes must be a positive integer, got {num_classes!r}")
-    return spec.build(num_classes, _normalise_weights(name, weights), batch_norm)
+    _check_weights(name, weights)
+    return spec.build(num_classes, batch_norm, transform_input)
 
 
 def load_trained(model_dir: str | Path, *, map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
@@ -330,7 +310,8 @@ def load_trained(model_dir: str | Path, *, map_location: str | torch.device = "c
     missing = [key for key in ("model", "classes") if key not in meta]
     if missing:
         raise ValueError(f"{meta_path}: missing key(s) {missing}")
-    model = get_model(meta["model"], len(meta["classes"]), batch_norm=bool(meta.get("batch_norm", False)))
+    model = get_model(meta["model"], len(meta["classes"]), batch_norm=bool(meta.get("batch_norm", False)),
+                      transform_input=bool(meta.get("transform_input", False)))
     state = torch.load(weights_path, map_location=map_location, weights_only=True)
     try:
         model.load_state_dict(state)
@@ -348,7 +329,7 @@ def predict_proba(
     model: nn.Module, name: str, images: Tensor, *, batch_size: int = 32, device: str | torch.device = "cpu",
     tta: str = "none",
 ) -> np.ndarray:
-    """Probability of class 1 (osteoporosis) for each image, by softmax over the logits.
+    """Class probabilities of each image, by softmax over the logits (``N x K``; column ``k`` is class ``k``).
 
     The model is run in eval mode (its previous mode is restored afterwards) without gradients. ``tta="hflip"``
     averages the probabilities of each image and its left-right mirror: a mirrored AP spine scan is a plausible scan
@@ -363,7 +344,7 @@ def predict_proba(
         tta: one of :data:`TTA_OPTIONS`.
 
     Returns:
-        float64 array of shape ``(N,)``.
+        float64 array of shape ``(N, K)`` (rows sum to 1).
 
     Raises:
         ValueError: bad shape, batch size or ``tta``.
@@ -383,10 +364,23 @@ def predict_proba(
         for start in range(0, images.shape[0], batch_size):
             batch = images[start : start + batch_size].to(device, dtype=torch.float32)
             views = [batch, torch.flip(batch, dims=[3])] if tta == "hflip" else [batch]
-            p = sum(torch.softmax(spec.unwrap(model(v))[0].float(), dim=1)[:, 1] for v in views) / len(views)
+            p = sum(torch.softmax(spec.unwrap(model(v))[0].float(), dim=1) for v in views) / len(views)
             probs.append(p.cpu())
     finally:
         model.train(was_training)
     if not probs:
-        return np.zeros(0, dtype=np.float64)
+        return np.zeros((0, _num_classes(model)), dtype=np.float64)
     return torch.cat(probs).double().numpy()
+
+
+def score(model: nn.Module, name: str, images: Tensor, calibration: "Calibration", *, tta: str = "none",
+          device: str | torch.device = "cpu", batch_size: int = 32) -> np.ndarray:
+    """A fold model's calibrated class probabilities (``N x K``) with its test-time augmentation: the one scoring
+    path of evaluate (held-out part and external cohort) and ``spinedxa predict``."""
+    return calibration.apply(predict_proba(model, name, images, batch_size=batch_size, device=device, tta=tta))
+
+
+def _num_classes(model: nn.Module) -> int:
+    """The number of outputs of a model's last linear layer (its classes)."""
+    linear = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    return int(linear[-1].out_features) if linear else 2
