@@ -713,5 +713,5 @@ def test_snakemakes_directory_marker_is_not_an_input(tmp_path: Path) -> None:
                          ("osteoporosis/.snakemake_timestamp", b"not Snakemake's")):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_bytes(content)
-    assert [i.source for i in iter_sources(tmp_path, CLASSES, None)] == ["normal/a.png",
-                                                                         "osteoporosis/.snakemake_timestamp"]
+    assert [i.source for i in iter_sources(tmp_path, Task(CLASSES), None)] == ["normal/a.png",
+                                                                               "osteoporosis/.snakemake_timestamp"]
