@@ -10,7 +10,7 @@ export GIT_PYTHON_REFRESH := quiet
 export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR := false
 PYTEST_ARGS ?=
 
-.PHONY: install repro repro-timed repro-budget test test-all bench bench-noop snakemake dvc-commit plots plots-diff vendor mlflow-server clean-venv
+.PHONY: install repro repro-timed repro-budget test test-all cluster-test bench bench-noop snakemake dvc-commit plots plots-diff vendor mlflow-server clean-venv
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -41,6 +41,12 @@ test: install
 
 test-all: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Scale-out for real (docs/SCALE_OUT.md): the tiny DAG through a one-node Slurm cluster (Debian's packages, installed
+# when missing; needs root) logging to one MLflow server, checked against `dvc repro`, and a DVC remote round trip
+# through an S3-compatible server; every daemon on loopback, stopped by pid (workflow/cluster/down.sh) in a trap.
+cluster-test: install
+	PYTHON=$(BIN)/python workflow/cluster/cluster-test.sh $(PYTEST_ARGS)
 
 bench: install
 	$(BIN)/python bench/ingest.py

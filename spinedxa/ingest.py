@@ -1,8 +1,10 @@
 """Ingest: walk a source directory, label each file, decode and normalise it in worker processes, write the manifest.
 
 Every file under the source is an input and gets exactly one manifest row (docs/CONTRACTS.md), accepted or quarantined
-with a reason; the only exception is a top-level ``labels.csv``, which is the labelling, not an input. Hidden files
-count too (a ``.DS_Store`` is quarantined as ``not_an_image``).
+with a reason; the only exceptions are a top-level ``labels.csv``, which is the labelling, not an input, and
+Snakemake's empty ``.snakemake_timestamp`` marker, which Snakemake writes into every directory output (the default
+source is the synthesize stage's): with it counted, a Snakemake run's manifest would have one more row than
+``dvc repro``'s. Other hidden files count (a ``.DS_Store`` is quarantined as ``not_an_image``).
 
 Links and special files (docs/CONTRACTS.md): directory symlinks are followed when they lead out of the tree being
 walked (a class folder linked from another disk), each real directory once, so a loop or a second link to a folder
@@ -71,6 +73,8 @@ from spinedxa.imaging import Decoded, QuarantineError, check_regular, decode_fil
 log = logging.getLogger(__name__)
 
 LABELS_FILE = "labels.csv"
+#: Snakemake's marker in a directory output (see the module docstring; .dvcignore keeps it out of DVC's hashes).
+SNAKEMAKE_MARKER = ".snakemake_timestamp"
 MANIFEST = manifest_contract.FILE_NAME
 IMAGES_DIR = manifest_contract.IMAGES_DIR
 ROI_DIR = manifest_contract.ROI_DIR
@@ -266,6 +270,8 @@ def iter_sources(
     """Yield a labelled :class:`SourceItem` per input file (``labels`` from :func:`read_labels`; None: folders)."""
     for found in iter_files(source):
         rel = found.rel
+        if rel.rpartition("/")[2] == SNAKEMAKE_MARKER and not found.problem and (source / rel).stat().st_size == 0:
+            continue
         if found.problem:
             if rel != LABELS_FILE or labels is None:
                 yield SourceItem(rel, walk_problem=found.problem)

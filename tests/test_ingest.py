@@ -701,3 +701,17 @@ def test_peak_memory_on_hostile_files_stays_bounded(tmp_path: Path, corpus: str)
         assert peaks["worker_kib"] * 1024 < 512 * mib, peaks
     else:  # the worker's address-space cap (its size at start-up + worker_memory_mb) holds it
         assert peaks["worker_kib"] * 1024 < (cap + 256) * mib, peaks
+
+
+def test_snakemakes_directory_marker_is_not_an_input(tmp_path: Path) -> None:
+    """Snakemake writes an empty ``.snakemake_timestamp`` into every directory output (the default source is one): it
+    is not an input, or a Snakemake run's manifest would have one more row than ``dvc repro``'s (found by
+    tests/test_cluster.py). A non-empty file of that name is a file like any other."""
+    from spinedxa.ingest import iter_sources
+
+    for rel, content in ((".snakemake_timestamp", b""), ("normal/.snakemake_timestamp", b""), ("normal/a.png", b"x"),
+                         ("osteoporosis/.snakemake_timestamp", b"not Snakemake's")):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(content)
+    assert [i.source for i in iter_sources(tmp_path, Task(CLASSES), None)] == ["normal/a.png",
+                                                                               "osteoporosis/.snakemake_timestamp"]
