@@ -173,6 +173,20 @@ def tracked_files(root: Path) -> list[str]:
     return [p for p in out.split("\0") if p and (root / p).is_file()]
 
 
+def discard_after(request: pytest.FixtureRequest, path: Path) -> Path:
+    """Delete ``path`` (a whole-DAG repository: up to GBs of models, cache and MLflow artifacts) when the requesting
+    fixture's scope ends, unless a test failed meanwhile: then it stays for a look, as pytest's retention policy
+    (pyproject: ``failed``) keeps a failed test's directory. Keeps a session's peak disk use to one or two repositories."""
+    failed_before = request.session.testsfailed
+
+    def finish() -> None:
+        if request.session.testsfailed == failed_before and path.exists():
+            shutil.rmtree(path)
+
+    request.addfinalizer(finish)
+    return path
+
+
 def make_repo_copy(dest: Path, profile: str | None = "profiles/tiny.yaml") -> Path:
     """Copy the project's source (no data, models, venv) to ``dest``, apply ``profile``, and commit it to a new repo."""
     from spinedxa.config import apply_profile

@@ -29,7 +29,7 @@ from typing import Any, Iterator
 
 import pytest
 import yaml
-from conftest import REPO, VENV_BIN, make_repo_copy, run
+from conftest import REPO, VENV_BIN, discard_after, make_repo_copy, run
 
 from spinedxa import dag
 from spinedxa.config import load_params
@@ -150,9 +150,9 @@ def s3(services: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def local_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def local_run(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> dict[str, Any]:
     """The tiny DAG under `dvc repro` on this machine (the reference), committed."""
-    repo = make_repo_copy(tmp_path_factory.mktemp("local") / "repo")
+    repo = make_repo_copy(discard_after(request, tmp_path_factory.mktemp("local")) / "repo")
     proc, seconds = timed(["dvc", "repro"], repo, env={"MLFLOW_TRACKING_URI": ""}, timeout=2400)
     run(["git", "add", "-A"], repo)
     run(["git", "commit", "-qm", "results of the tiny DAG"], repo)
@@ -161,9 +161,10 @@ def local_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def slurm_run(cluster: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def slurm_run(cluster: dict[str, str], tmp_path_factory: pytest.TempPathFactory,
+              request: pytest.FixtureRequest) -> dict[str, Any]:
     """The tiny DAG through `snakemake --executor slurm` (profile slurm-local), then `dvc commit`."""
-    repo = make_repo_copy(tmp_path_factory.mktemp("slurm") / "repo")
+    repo = make_repo_copy(discard_after(request, tmp_path_factory.mktemp("slurm")) / "repo")
     cpus = run(["sinfo", "-h", "-o", "%c"], repo, env=cluster).stdout.split()
     assert cpus and cpus[0].isdigit(), cpus
     proc, seconds = timed(["snakemake", "--profile", "workflow/profiles/slurm-local", "--max-threads", cpus[0]],
@@ -323,7 +324,8 @@ def test_one_mlflow_server_holds_every_run_and_model(slurm_run: dict, cluster: d
 
 
 @pytest.fixture(scope="module")
-def shared(local_run: dict, s3: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def shared(local_run: dict, s3: dict[str, str], tmp_path_factory: pytest.TempPathFactory,
+           request: pytest.FixtureRequest) -> dict[str, Any]:
     """The lab workflow of docs/SCALE_OUT.md: the results pushed to an S3 remote (credentials in the environment
     only), then a fresh `git clone` that `dvc pull`s them."""
     import boto3
@@ -337,7 +339,7 @@ def shared(local_run: dict, s3: dict[str, str], tmp_path_factory: pytest.TempPat
     run(["dvc", "remote", "modify", "lab", "endpointurl", s3["endpoint"]], repo)
     run(["git", "commit", "-qam", "DVC remote: the lab's S3 bucket"], repo)
     push, push_s = timed(["dvc", "push", "-r", "lab"], repo, env=creds)
-    clone = tmp_path_factory.mktemp("lab") / "clone"
+    clone = discard_after(request, tmp_path_factory.mktemp("lab")) / "clone"
     run(["git", "clone", "-q", str(repo), str(clone)], clone.parent)
     pull, pull_s = timed(["dvc", "pull"], clone, env=creds)
     SUMMARY["dvc_remote"] = {"push_s": push_s, "pull_s": pull_s, "push": push.stdout.strip().splitlines()[-1:],

@@ -24,7 +24,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from conftest import REPO, make_repo_copy, run
+from conftest import REPO, discard_after, make_repo_copy, run
 from spinedxa.config import apply_profile, load_params
 
 REAL = REPO / "tests" / "fixtures" / "real" / "dicom"
@@ -79,8 +79,8 @@ def write_real_cohort(source: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def real(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    repo = make_repo_copy(tmp_path_factory.mktemp("real") / "repo")
+def real(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Path:
+    repo = make_repo_copy(discard_after(request, tmp_path_factory.mktemp("real")) / "repo")
     write_real_cohort(repo / "data" / "raw" / "cr_tiles")
     edit_params(repo, {  # the one params change a user makes: where the data is and what its labels mean
         "data.source": "data/raw/cr_tiles", "data.classes": ["chest", "lower_leg"],
@@ -135,8 +135,8 @@ def test_predict_takes_a_whole_real_dicom(real: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def who3(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    repo = make_repo_copy(tmp_path_factory.mktemp("who3") / "repo")
+def who3(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Path:
+    repo = make_repo_copy(discard_after(request, tmp_path_factory.mktemp("who3")) / "repo")
     apply_profile(repo / "params.yaml", repo / "profiles" / "who3.yaml")
     edit_params(repo, {"train.models": ["cnn21", "resnet50"], "synthesize.n_scans": 60,
                        "synthesize.n_osteoporosis": 24})

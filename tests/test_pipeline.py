@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import make_repo_copy, run
+from conftest import discard_after, make_repo_copy, run
 from spinedxa.config import load_params
 
 STAGE_RAN = re.compile(r"Running stage '([^']+)'")
@@ -41,8 +41,8 @@ def set_param(repo: Path, dotted: str, value) -> None:
 
 
 @pytest.fixture(scope="module")
-def pipeline(tmp_path_factory) -> dict:
-    repo = make_repo_copy(tmp_path_factory.mktemp("pipeline") / "repo")
+def pipeline(tmp_path_factory, request) -> dict:
+    repo = make_repo_copy(discard_after(request, tmp_path_factory.mktemp("pipeline")) / "repo")
     ran = repro(repo)
     run(["git", "add", "-A"], repo)
     run(["git", "commit", "-qm", "first run"], repo)
@@ -51,10 +51,10 @@ def pipeline(tmp_path_factory) -> dict:
 
 
 @pytest.fixture(scope="module")
-def second_clone(pipeline, tmp_path_factory) -> Path:
+def second_clone(pipeline, tmp_path_factory, request) -> Path:
     """A fresh clone of the first run's commit, reproduced from nothing with another de-identification key (its
     pseudonyms all differ), on this machine."""
-    clone = tmp_path_factory.mktemp("clone") / "repo"
+    clone = discard_after(request, tmp_path_factory.mktemp("clone")) / "repo"
     run(["git", "clone", "-q", str(pipeline["repo"]), str(clone)], clone.parent)
     run(["git", "checkout", "-q", pipeline["commit"]], clone)
     run(["dvc", "repro"], clone, env={"MLFLOW_TRACKING_URI": "", "SPINEDXA_DEID_KEY": "another-clone-another-key"})

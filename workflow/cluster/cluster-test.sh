@@ -10,7 +10,13 @@ PYTHON=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo pyth
 # Not under pytest's 0700 temporary directories: munged needs every directory above its socket traversable.
 STATE=$(mktemp -d "${TMPDIR:-/tmp}/spinedxa-cluster.XXXXXX")
 chmod 0755 "$STATE"
-trap 'workflow/cluster/down.sh "$STATE" >/dev/null || echo "cluster-test: down.sh $STATE failed" >&2' EXIT
+status=1
+finish() {
+  workflow/cluster/down.sh "$STATE" >/dev/null || { echo "cluster-test: down.sh $STATE failed" >&2; return; }
+  # Passed: free the daemons' data (S3 objects, MLflow artifacts: GBs), keep the logs.
+  if [ "$status" -eq 0 ]; then find "$STATE" -mindepth 1 -maxdepth 1 ! -name log -exec rm -rf {} +; fi
+}
+trap finish EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
