@@ -36,7 +36,7 @@ from matplotlib.figure import Figure  # the object API needs no pyplot state and
 from statsmodels.stats.multitest import multipletests
 
 from spinedxa import metrics
-from spinedxa.config import Params
+from spinedxa.config import MODEL_NAMES, Params
 from spinedxa.contracts import jsonfile, manifest as manifest_contract, replay as replay_contract
 from spinedxa.contracts import transfer as transfer_contract
 from spinedxa.contracts import splits as splits_contract, table
@@ -546,6 +546,11 @@ def load_replay(replay_dir: Path) -> Replay | None:
 # --------------------------------------------------------------------------------------------------- transfer
 
 
+def _model_order(name: str) -> int:
+    """A model's place in the registry order (unknown names last)."""
+    return MODEL_NAMES.index(name) if name in MODEL_NAMES else len(MODEL_NAMES)
+
+
 def transfer_verdict(delta: Mapping[str, Any] | None) -> str:
     """What a paired ΔAUC interval (source minus scratch) shows: ``helps`` (above 0), ``hurts`` (below 0), ``not
     shown to help`` (it includes 0), ``n/a`` (undefined)."""
@@ -586,6 +591,11 @@ class Transfer:
     rows: Sequence[TransferRow] = ()
 
     @property
+    def pretrain_cost(self) -> list[tuple[str, Mapping[str, Any]]]:
+        """``(model, cost)`` of each pretrained network, in registry order."""
+        return sorted((self.record.get("pretrain") or {}).items(), key=lambda item: _model_order(item[0]))
+
+    @property
     def pretrain_minutes(self) -> float | None:
         """Wall minutes of the pretraining, all networks together (their seconds summed: they may have run side by
         side)."""
@@ -610,7 +620,7 @@ def load_transfer(metrics_path: Path | None, details_dir: Path | None) -> Transf
         raise ReportInputError(str(exc)) from None
     rows = []
     conditions = details.get("conditions", {})
-    for model, entry in record["models"].items():
+    for model, entry in sorted(record["models"].items(), key=lambda item: _model_order(item[0])):
         scratch = entry.get(transfer_contract.SCRATCH) or {}
         for source, item in entry.items():
             if source == transfer_contract.SCRATCH:

@@ -631,7 +631,7 @@ def test_transfer_section_words_follow_each_interval(tmp_path: Path) -> None:
     assert "cnn21, imagenet: cnn21 has no ImageNet weights" in section
     assert "pretrain.seed` = 31" in section and "never saw a scan of the cohort" in section
     assert "more data from the same generator" in section  # the default cohort is the synthetic one
-    assert "**Cost** on AMD EPYC test: pretraining cnn21 1.5 min" in section and "15 fold trainings" in section
+    assert "**Cost** on AMD EPYC test: pretraining cnn21 1.50 min" in section and "15 fold trainings" in section
     assert "Transfer: does pretraining help?" in html
 
 
