@@ -376,6 +376,18 @@ class ModelTrainConfig(_Section):
     augment: Literal["full", "flip"] = "full"
     # Clip the gradients' global L2 norm to this before each step; 0 = no clipping (Pascanu et al. 2013).
     grad_clip: float = non_negative(default=0.0)
+    # Fine-tuning pre-trained weights (spinedxa.recipe.FineTune; only with weights other than none): the first
+    # freeze_epochs epochs train the layers built new for the task only (a frozen warm-up); the pre-trained layers
+    # then train at lr x backbone_lr_factor; bn_mode frozen keeps their BatchNorm running statistics as pre-trained
+    # (the layers stay in eval mode while training). The defaults are training from scratch: one rate, nothing frozen.
+    freeze_epochs: int = non_negative(default=0)
+    backbone_lr_factor: float = bounded(0, 1, low_open=True, default=1.0)
+    bn_mode: Literal["train", "frozen"] = "train"
+
+    @property
+    def fine_tunes(self) -> bool:
+        """True when a fine-tuning knob differs from training from scratch."""
+        return self.freeze_epochs > 0 or self.backbone_lr_factor != 1.0 or self.bn_mode != "train"
 
 
 @dataclass(frozen=True)
@@ -451,6 +463,67 @@ class ReplayConfig(_Section):
 
 
 @dataclass(frozen=True)
+class PretrainConfig(_Section):
+    """``pretrain``: supervised pretraining on a synthetic DXA pool, no download (see :mod:`spinedxa.pretrain`).
+
+    The pool is rendered in-process by the cohort's forward model and scanner (``synthesize``) from its own seed, so
+    it shares no scan with the cohort, the external cohort or any fold's held-out part; each network regresses the
+    pool scans' standardised T-score at its own input size, and its backbone is what ``weights: pretrained`` loads.
+    """
+
+    KEY: ClassVar[str] = "pretrain"
+
+    enabled: bool = False
+    # Networks pretrained, one after another (or side by side: runtime.train_processes); the others get a marker.
+    models: tuple[str, ...] = sized(1, unique=True, noun=f"of {list(MODEL_NAMES)}", default=MODEL_NAMES)
+    seed: int = non_negative(default=31)  # the pool's seed: not synthesize.seed nor synthesize.external.seed
+    n_scans: int = bounded(20, default=600)  # scans rendered for the pool
+    val: float = bounded(0, 0.5, low_open=True, default=0.1)  # share of the pool that keeps the best epoch
+    epochs: int = count(default=12)
+    batch_size: int = count(default=32)
+    lr: float = positive(default=0.001)  # AdamW with one-cycle, peak rate
+    weight_decay: float = non_negative(default=0.05)
+    grad_clip: float = non_negative(default=1.0)  # every network (0 = none)
+    # Online augmentation of the pool: full (every technique of the augment section) or flip (its flip only).
+    augment: Literal["full", "flip"] = "full"
+
+    def _check(self) -> None:
+        unknown = [m for m in self.models if m not in MODEL_NAMES]
+        if unknown:
+            raise ConfigError(f"pretrain.models: unknown model(s) {unknown}; allowed: a subset of {list(MODEL_NAMES)}")
+
+
+@dataclass(frozen=True)
+class TransferConfig(_Section):
+    """``transfer``: does pretraining help? Each source against training from scratch on the same folds, paired
+    patient bootstrap (see :mod:`spinedxa.transfer`)."""
+
+    KEY: ClassVar[str] = "transfer"
+
+    enabled: bool = False
+    models: tuple[str, ...] = sized(1, unique=True, noun=f"of {list(MODEL_NAMES)}", default=MODEL_NAMES)
+    # Weights sources compared with scratch: pretrained (the pretrain stage's), imagenet (when brought in).
+    sources: tuple[str, ...] = sized(1, unique=True, noun="of ['pretrained', 'imagenet']", default=("pretrained",))
+    # Small cohorts: small_draws patient-grouped, stratified subsamples of about small_size scans, each split into
+    # split.folds folds (0 draws: none).
+    small_size: int = bounded(12, default=60)
+    small_draws: int = non_negative(default=3)
+    seed: int = non_negative(default=13)  # the draws
+
+    def _check(self) -> None:
+        unknown = [m for m in self.models if m not in MODEL_NAMES]
+        if unknown:
+            raise ConfigError(f"transfer.models: unknown model(s) {unknown}; allowed: a subset of {list(MODEL_NAMES)}")
+        bad = [s for s in self.sources if s not in TRANSFER_SOURCES]
+        if bad:
+            raise ConfigError(f"transfer.sources: {bad}; allowed: a subset of {list(TRANSFER_SOURCES)}")
+
+
+#: Weights sources the transfer stage can compare with training from scratch (spinedxa.weights keywords).
+TRANSFER_SOURCES = ("pretrained", "imagenet")
+
+
+@dataclass(frozen=True)
 class RuntimeConfig(_Section):
     """``runtime``: bookkeeping that never changes a result, so no stage declares it as a DVC param.
 
@@ -478,6 +551,8 @@ class Params:
     report: ReportConfig
     replay: ReplayConfig
     external: ExternalConfig = field(default_factory=ExternalConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    transfer: TransferConfig = field(default_factory=TransferConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
 

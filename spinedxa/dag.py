@@ -25,6 +25,8 @@ from spinedxa.files import md5_file
 TRAIN_PREFIX = "train@"
 #: Stages that run ``runtime.workers`` processes (the bookkeeping ``runtime`` section of params.yaml).
 _WORKER_STAGES = ("synthesize", "ingest")
+#: Stages that train like a model's training stage (``runtime.train_processes`` processes of ``train.threads``).
+_TRAINING_STAGES = ("pretrain", "transfer")
 
 
 class DagError(ValueError):
@@ -270,7 +272,7 @@ def rule_threads(stage: Stage, runtime: Mapping[str, Any], train_threads: int) -
     count is a DVC param: Snakemake never overrides it, so both engines train bit-identical models); synthesize and
     ingest run ``runtime.workers`` processes; the rest one. Profiles may override any rule with ``set-threads``.
     """
-    if stage.name.startswith(TRAIN_PREFIX):
+    if stage.name.startswith(TRAIN_PREFIX) or stage.name in _TRAINING_STAGES:
         return max(1, int(runtime.get("train_processes", 1))) * max(1, int(train_threads))
     if stage.name in _WORKER_STAGES:
         return max(1, int(runtime.get("workers", 1)))

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from spinedxa import checkpoint
 from spinedxa.models import ModelSpec
-from spinedxa.recipe import AUX_LOSS_WEIGHT, EarlyStopping, Schedule
+from spinedxa.recipe import AUX_LOSS_WEIGHT, EarlyStopping, FineTune, Schedule
 from spinedxa.runtime import Runtime, broadcast, gather
 
 #: Training-curve columns (docs/CONTRACTS.md).
@@ -56,6 +56,7 @@ class Session:
     best_state: dict[str, Tensor] | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # e.g. the MLflow run id, kept across a resume
     grad_clip: float = 0.0  # clip the gradients' global L2 norm to this before each step (0: no clipping)
+    fine_tune: FineTune = field(default_factory=FineTune)  # frozen warm-up and BatchNorm mode (default: none)
 
     def state(self, fingerprint: str, rng: list[dict[str, Any]] | None) -> dict[str, Any]:
         """The checkpoint of the epoch just finished (``rng``: every rank's RNG states, in rank order)."""
@@ -109,6 +110,7 @@ def train_one_epoch(model: nn.Module, spec: ModelSpec, batches: DataLoader, loss
                     rt: Runtime) -> tuple[float, int]:
     """One pass over the training batches; returns (sum of per-image losses, number of images) on this process."""
     model.train()
+    session.fine_tune.set_modes()
     total, count = 0.0, 0
     for x, y in batches:
         x, y = rt.fast.to_input(x, rt.device), y.to(rt.device, non_blocking=True)
@@ -120,6 +122,7 @@ def train_one_epoch(model: nn.Module, spec: ModelSpec, batches: DataLoader, loss
         session.optimizer.zero_grad(set_to_none=True)
         if session.scaler is not None:
             session.scaler.scale(loss).backward()
+            session.fine_tune.drop_frozen_grads(session.epoch)
             if session.grad_clip > 0:
                 session.scaler.unscale_(session.optimizer)  # clip the true gradients, not the scaled ones
                 nn.utils.clip_grad_norm_(session.model.parameters(), session.grad_clip)
@@ -127,6 +130,7 @@ def train_one_epoch(model: nn.Module, spec: ModelSpec, batches: DataLoader, loss
             session.scaler.update()
         else:
             loss.backward()
+            session.fine_tune.drop_frozen_grads(session.epoch)
             if session.grad_clip > 0:
                 nn.utils.clip_grad_norm_(session.model.parameters(), session.grad_clip)
             session.optimizer.step()
@@ -168,25 +172,33 @@ def validation_auc(y: np.ndarray, prob: np.ndarray) -> float:
     return float(np.mean(per_class)) if per_class else math.nan
 
 
-def fit(model: nn.Module, spec: ModelSpec, data: Batches, loss_fn: nn.CrossEntropyLoss, session: Session,
-        rt: Runtime, plan: FitPlan, on_epoch: Callable[[Session, dict[str, float]], None] | None = None) -> Session:
+#: ``evaluate(model, spec, val batches, loss_fn, rt)``: the validation metrics of one epoch (``plan.monitor`` among them).
+Evaluate = Callable[[nn.Module, ModelSpec, DataLoader, nn.Module, Runtime], dict[str, float]]
+
+
+def fit(model: nn.Module, spec: ModelSpec, data: Batches, loss_fn: nn.Module, session: Session,
+        rt: Runtime, plan: FitPlan, on_epoch: Callable[[Session, dict[str, float]], None] | None = None,
+        evaluate: Evaluate | None = None) -> Session:
     """Train until ``plan.epochs`` or early stopping, keeping the best epoch's weights in ``session.best_state``.
 
     ``model`` is what runs the batches (a DDP wrapper under torchrun); ``session.model`` the bare module. A
     checkpoint is written after every epoch (rank 0), so a killed fit resumes where it stopped (see
     :meth:`Session.restore`). ``on_epoch(session, row)`` runs after each epoch's checkpoint, on every rank.
+    ``evaluate`` scores the validation batches (default :func:`evaluate_epoch`, the classifiers'; the pretraining's
+    regression passes its own).
     """
+    evaluate = evaluate or evaluate_epoch
     while session.epoch < plan.epochs and not session.stopper.should_stop:
         session.epoch += 1
         started = time.perf_counter()
         data.sampler.set_epoch(session.epoch)
-        lr = session.optimizer.param_groups[0]["lr"]
+        lr = session.optimizer.param_groups[-1]["lr"]  # the head's: the recipe's rate (one group from scratch)
         loss_sum, count = train_one_epoch(model, spec, data.train, loss_fn, session, rt)
         if rt.dist.enabled:
             totals = torch.tensor([loss_sum, count], dtype=torch.float64, device=rt.device)
             dist.all_reduce(totals)
             loss_sum, count = totals.tolist()
-        metrics = evaluate_epoch(session.model, spec, data.val, loss_fn, rt) if rt.dist.is_main else None
+        metrics = evaluate(session.model, spec, data.val, loss_fn, rt) if rt.dist.is_main else None
         metrics = broadcast(rt.dist, metrics)  # every rank takes the same schedule and stopping decisions
         if session.stopper.update(metrics[plan.monitor], session.epoch):
             session.best_state = cpu_state(session.model)

@@ -1,7 +1,12 @@
-"""The recipe of one training: loss, optimiser, learning-rate schedule, early stopping.
+"""The recipe of one training: loss, optimiser, learning-rate schedule, early stopping, and how pre-trained layers
+are fine-tuned.
 
 Which recipe each network gets is in params.yaml (``train.<model>``); the choices and their measurements are in the
 README ("Recipes"). InceptionV3's auxiliary classifier adds 0.4 x its loss (:data:`AUX_LOSS_WEIGHT`).
+
+Fine-tuning (``train.<model>.freeze_epochs``, ``backbone_lr_factor``, ``bn_mode``; :class:`FineTune`): which layers are
+pre-trained and which are new is the head rule of :mod:`spinedxa.weights`. With the defaults (training from scratch)
+the optimiser gets one parameter group, exactly as before these knobs existed.
 """
 
 from __future__ import annotations
@@ -46,10 +51,23 @@ def class_weights(labels: Sequence[int], n_classes: int) -> Tensor:
     return torch.tensor(weights, dtype=torch.float32)
 
 
+#: Key of an optimiser parameter group holding its learning rate as a multiple of ``cfg.lr`` (the schedule's peak).
+LR_FACTOR = "lr_factor"
+
+
+def parameter_groups(backbone: Sequence[nn.Parameter], head: Sequence[nn.Parameter],
+                     cfg: ModelTrainConfig) -> list[dict[str, Any]]:
+    """The optimiser's groups: the pre-trained layers at ``cfg.lr * cfg.backbone_lr_factor``, the new head at
+    ``cfg.lr`` (each group's factor under :data:`LR_FACTOR`, which the schedule follows)."""
+    return [{"params": list(backbone), "lr": cfg.lr * cfg.backbone_lr_factor, LR_FACTOR: cfg.backbone_lr_factor},
+            {"params": list(head), "lr": cfg.lr, LR_FACTOR: 1.0}]
+
+
 def build_optimizer(parameters: Any, cfg: ModelTrainConfig, *, fused: bool = False) -> torch.optim.Optimizer:
     """Adam, AdamW or SGD (momentum 0.9, Nesterov) with ``cfg.lr`` and ``cfg.weight_decay``.
 
     Args:
+        parameters: the parameters, or groups from :func:`parameter_groups` (each at its own rate).
         fused: use the fused kernel (CPU and CUDA; see :class:`FastPath`); None leaves PyTorch's default.
     """
     common = {"lr": cfg.lr, "weight_decay": cfg.weight_decay, "fused": fused or None}
@@ -104,7 +122,9 @@ def build_scheduler(
     """
     if cfg.scheduler == "onecycle":
         total = max(1, cfg.epochs * steps_per_epoch)
-        return Schedule(torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=total,
+        factors = [g.get(LR_FACTOR, 1.0) for g in optimizer.param_groups]
+        peak = cfg.lr if all(f == 1.0 for f in factors) else [cfg.lr * f for f in factors]
+        return Schedule(torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=peak, total_steps=total,
                                                            pct_start=ONECYCLE_WARMUP), True)
     if cfg.scheduler == "cosine":
         return Schedule(torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, cfg.epochs)))
@@ -180,3 +200,38 @@ class EarlyStopping:
     @property
     def should_stop(self) -> bool:
         return self.patience > 0 and self.bad_epochs >= self.patience
+
+
+@dataclass(frozen=True)
+class FineTune:
+    """How a training treats its pre-trained layers (``train.<model>``: ``freeze_epochs``, ``bn_mode``; the
+    learning-rate factor is in the optimiser's groups, :func:`parameter_groups`).
+
+    Attributes:
+        backbone: the pre-trained layers' parameters (:func:`spinedxa.weights.split_parameters`).
+        norms: their BatchNorm layers (:func:`spinedxa.weights.backbone_norms`).
+        freeze_epochs: epochs ``1..freeze_epochs`` step the new head only: the backbone's gradients are dropped
+            before each step (AdamW then skips those parameters, weight decay included), which works the same under
+            DDP, where toggling ``requires_grad`` after wrapping does not.
+        bn_frozen: the backbone's BatchNorm layers stay in eval mode while training: they normalise with the
+            pre-trained running statistics and never update them (their affine weights still train).
+
+    The default (nothing) is training from scratch: both hooks do nothing.
+    """
+
+    backbone: tuple[nn.Parameter, ...] = ()
+    norms: tuple[nn.Module, ...] = ()
+    freeze_epochs: int = 0
+    bn_frozen: bool = False
+
+    def set_modes(self) -> None:
+        """After ``model.train()``: put the frozen BatchNorm layers back in eval mode."""
+        if self.bn_frozen:
+            for module in self.norms:
+                module.eval()
+
+    def drop_frozen_grads(self, epoch: int) -> None:
+        """After the backward pass of epoch ``epoch``: drop the backbone's gradients during the frozen warm-up."""
+        if epoch <= self.freeze_epochs:
+            for param in self.backbone:
+                param.grad = None

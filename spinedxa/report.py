@@ -36,8 +36,9 @@ from matplotlib.figure import Figure  # the object API needs no pyplot state and
 from statsmodels.stats.multitest import multipletests
 
 from spinedxa import metrics
-from spinedxa.config import Params
+from spinedxa.config import MODEL_NAMES, Params
 from spinedxa.contracts import jsonfile, manifest as manifest_contract, replay as replay_contract
+from spinedxa.contracts import transfer as transfer_contract
 from spinedxa.contracts import splits as splits_contract, table
 from spinedxa.contracts.manifest import model_input_shape, roi_aspect
 from spinedxa.errors import UserError
@@ -131,6 +132,8 @@ class ReportInputs:
     external_predictions_dir: Path | None = None  # reports/predictions/external/<model>.csv
     external_reports: Path | None = None  # reports/external (ingest.json, validation.json)
     external_data: Path | None = None  # data/external (its manifest)
+    transfer: Path | None = None  # reports/transfer.json (pre-trained vs scratch)
+    transfer_details: Path | None = None  # reports/transfer (details.json: the words the numbers need)
 
 
 # --------------------------------------------------------------------------------------------------- loading
@@ -540,6 +543,103 @@ def load_replay(replay_dir: Path) -> Replay | None:
     return Replay(True, leaky, matched, control, inflation, verdict)
 
 
+# --------------------------------------------------------------------------------------------------- transfer
+
+
+def _model_order(name: str) -> int:
+    """A model's place in the registry order (unknown names last)."""
+    return MODEL_NAMES.index(name) if name in MODEL_NAMES else len(MODEL_NAMES)
+
+
+def transfer_verdict(delta: Mapping[str, Any] | None) -> str:
+    """What a paired ΔAUC interval (source minus scratch) shows: ``helps`` (above 0), ``hurts`` (below 0), ``not
+    shown to help`` (it includes 0), ``n/a`` (undefined)."""
+    if not delta or delta.get("ci_low") is None or delta.get("ci_high") is None:
+        return "n/a"
+    if delta["ci_low"] > 0.0:
+        return "helps"
+    if delta["ci_high"] < 0.0:
+        return "hurts"
+    return "not shown to help"
+
+
+@dataclass(frozen=True)
+class TransferRow:
+    """One network and weights source of the transfer comparison.
+
+    Attributes:
+        cells: per cohort of :data:`spinedxa.contracts.transfer.COHORTS`, the paired ΔAUC entry (None: not measured)
+            with its ``verdict`` and both conditions' ROC-AUCs (``scratch_auc``, ``source_auc``).
+        reason: why the source is not available here (empty when it is).
+    """
+
+    model: str
+    source: str
+    available: bool
+    cells: Mapping[str, Mapping[str, Any] | None] = field(default_factory=dict)
+    reason: str = ""
+    weights: Mapping[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """The transfer stage's results (``reports/transfer.json`` and ``reports/transfer/details.json``)."""
+
+    enabled: bool
+    record: Mapping[str, Any] = field(default_factory=dict)
+    details: Mapping[str, Any] = field(default_factory=dict)
+    rows: Sequence[TransferRow] = ()
+
+    @property
+    def pretrain_cost(self) -> list[tuple[str, Mapping[str, Any]]]:
+        """``(model, cost)`` of each pretrained network, in registry order."""
+        return sorted((self.record.get("pretrain") or {}).items(), key=lambda item: _model_order(item[0]))
+
+    @property
+    def pretrain_minutes(self) -> float | None:
+        """Wall minutes of the pretraining, all networks together (their seconds summed: they may have run side by
+        side)."""
+        seconds = [v.get("wall_seconds") for v in (self.record.get("pretrain") or {}).values()]
+        return sum(seconds) / 60.0 if seconds and None not in seconds else None
+
+
+def load_transfer(metrics_path: Path | None, details_dir: Path | None) -> Transfer | None:
+    """The transfer comparison, or None without its files (a pipeline without the transfer stage).
+
+    Raises:
+        ReportInputError: a record lacks keys, or a source's entry lacks its cohorts.
+    """
+    if metrics_path is None or not Path(metrics_path).is_file():
+        return None
+    try:
+        record = transfer_contract.read(metrics_path)
+        if not record["enabled"]:
+            return Transfer(False, record)
+        details = transfer_contract.read_details(details_dir) if details_dir is not None else {}
+    except jsonfile.RecordError as exc:
+        raise ReportInputError(str(exc)) from None
+    rows = []
+    conditions = details.get("conditions", {})
+    for model, entry in sorted(record["models"].items(), key=lambda item: _model_order(item[0])):
+        scratch = entry.get(transfer_contract.SCRATCH) or {}
+        for source, item in entry.items():
+            if source == transfer_contract.SCRATCH:
+                continue
+            words = conditions.get(model, {}).get(source, {})
+            if not item.get("available"):
+                rows.append(TransferRow(model, source, False, reason=str(words.get("reason") or "not available")))
+                continue
+            delta = item.get("delta") or {}
+            cells = {}
+            for cohort in transfer_contract.COHORTS:
+                d = delta.get(cohort)
+                cells[cohort] = None if d is None else {
+                    **d, "verdict": transfer_verdict(d), "scratch_auc": scratch.get(f"{cohort}_roc_auc"),
+                    "source_auc": item.get(f"{cohort}_roc_auc")}
+            rows.append(TransferRow(model, source, True, cells, weights=words.get("weights")))
+    return Transfer(True, record, details, rows)
+
+
 # --------------------------------------------------------------------------------------------------- data, lineage
 
 
@@ -928,6 +1028,7 @@ def build_context(params: Params, inputs: ReportInputs) -> dict[str, Any]:
         "targets": {"auc": TARGET_AUC, "half_width": TARGET_HALF_WIDTH, "stretch": STRETCH_AUC,
                     "mean_auc": float(np.mean(aucs)) if aucs else None, "all_met": all(c.met for c in checks)},
         "replay": load_replay(inputs.replay_dir),
+        "transfer": load_transfer(inputs.transfer, inputs.transfer_details),
         "data": data_summary(inputs, task),
         "synthetic": Path(params.data.source).as_posix().rstrip("/") == SYNTHETIC_SOURCE,
         "synthetic_external": Path(params.external.source).as_posix().rstrip("/") == SYNTHETIC_EXTERNAL,
@@ -985,7 +1086,7 @@ def log_data_metrics(params: Params, inputs: ReportInputs) -> str:
         sources += [("external.ingest", inputs.external_reports / "ingest.json"),
                     ("external.validation", inputs.external_reports / "validation.json")]
     for prefix, path in sources:
-        _flatten(prefix, jsonfile.read(path), numbers)
+        tracking.flatten_metrics(prefix, jsonfile.read(path), numbers)
     prov = provenance(inputs.repo)
     experiment = tracking.experiment_name(params.runtime.mlflow_experiment)
     with tracking.training_run(experiment, "data", params={"data.source": params.data.source,
@@ -995,15 +1096,3 @@ def log_data_metrics(params: Params, inputs: ReportInputs) -> str:
                                      "dvc_stage": "ingest,validate,split"}) as run_id:
         tracking.log_epoch(numbers, 0)
     return run_id
-
-
-def _flatten(prefix: str, value: Any, out: dict[str, float]) -> None:
-    """Numeric leaves of a JSON value under dotted keys (MLflow metric names allow letters, digits, ``._-/``)."""
-    if isinstance(value, Mapping):
-        for key, item in value.items():
-            safe = "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in str(key))
-            _flatten(f"{prefix}.{safe}", item, out)
-    elif isinstance(value, bool):
-        out[prefix] = float(value)
-    elif isinstance(value, (int, float)) and math.isfinite(value):
-        out[prefix] = float(value)

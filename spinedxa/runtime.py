@@ -260,3 +260,47 @@ class Runtime:
         """The facts that change numerics, for meta.json, MLflow tags and the checkpoint fingerprint."""
         return {"device": self.device.type, "fast_path": self.fast.name, "threads": self.threads,
                 "world_size": self.dist.world_size}
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``; the platform's processor string elsewhere), for costs in reports."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch, numpy and Python's RNGs and ask for deterministic algorithms (every training's first step)."""
+    import random
+
+    import numpy as np
+
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
+
+
+def init_worker(level: int) -> None:
+    """A spawned training process logs like the stage (its progress lines reach the stage's stderr) and dies with it.
+
+    Without the parent-death signal, killing the stage (Ctrl-C, ``kill``, the OOM killer) would leave its training
+    processes running on as orphans (measured: they ran to the end of their epochs).
+    """
+    import logging
+    import sys
+
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", force=True)  # mlflow adds a handler
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        PR_SET_PDEATHSIG = 1  # prctl(2)
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -337,3 +338,19 @@ def find_runs(experiment: str, *, uri: str | None = None) -> list[dict[str, Any]
             }
         )
     return out
+
+
+def flatten_metrics(prefix: str, value: Any, out: dict[str, float]) -> None:
+    """Numeric leaves of a JSON value into ``out`` under dotted keys (``split.folds.0.test.total``; list items by
+    index), as MLflow metric names allow (letters, digits, ``._-/``); booleans as 0/1, nulls and NaN left out."""
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            safe = "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in str(key))
+            flatten_metrics(f"{prefix}.{safe}", item, out)
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            flatten_metrics(f"{prefix}.{i}", item, out)
+    elif isinstance(value, bool):
+        out[prefix] = float(value)
+    elif isinstance(value, (int, float)) and math.isfinite(value):
+        out[prefix] = float(value)

@@ -15,7 +15,9 @@ other with DDP (gloo on CPU, NCCL on CUDA); rank 0 writes every output.
 
 Initial weights (``train.<model>.weights``) come from :mod:`spinedxa.weights`: resolved and verified before any fold
 starts (a missing file stops the stage with a message naming the command that brings it in), verified again by each
-fold that loads them, and named in every fold's meta.json, MLflow params and checkpoint fingerprint.
+fold that loads them, and named in every fold's meta.json, MLflow params and checkpoint fingerprint. How pre-trained
+layers are tuned (a frozen warm-up, a lower backbone rate, frozen BatchNorm statistics) is the recipe's
+(:class:`spinedxa.recipe.FineTune`), chosen on the folds' validation parts only.
 
 MLflow: one parent run per model (its pooled out-of-fold metrics are added by ``evaluate``) with one nested run per
 fold (params, per-epoch metrics, the fold's model with its signature, the training data as dataset inputs whose
@@ -30,9 +32,7 @@ import contextlib
 import dataclasses
 import logging
 import multiprocessing
-import random
 import shutil
-import sys
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,8 +56,9 @@ from spinedxa.files import atomic_dir, sha256_file
 from spinedxa.loop import CURVE_COLUMNS, Batches, FitPlan, Session, fit
 from spinedxa.models import get_model, get_spec, predict_proba, variant
 from spinedxa.provenance import dvc_digests, provenance
-from spinedxa.recipe import EarlyStopping, build_optimizer, build_scheduler, criterion, first_candidate_epoch
-from spinedxa.runtime import Runtime, process_group
+from spinedxa.recipe import (EarlyStopping, FineTune, build_optimizer, build_scheduler, criterion,
+                             first_candidate_epoch, parameter_groups)
+from spinedxa.runtime import Runtime, init_worker, process_group, seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +95,7 @@ class TrainPaths:
     curves: Path
     checkpoints: Path
     weights: Path | None = None  # weights/<model>: the files train.<model>.weights may name (None: that default)
+    pretrained: Path | None = None  # models/pretrained/<model>: the pretrain stage's backbone (None: that default)
 
 
 @dataclass(frozen=True)
@@ -149,19 +151,18 @@ def check_config(params: Params, name: str, world_size: int = 1) -> None:
     if cfg.batch_size % world_size:
         raise ConfigError(f"train.{name}.batch_size: {cfg.batch_size} is not divisible by the DDP world size "
                           f"{world_size}")
+    if cfg.fine_tunes and cfg.weights == pretrained.NONE:
+        raise ConfigError(f"train.{name}: freeze_epochs {cfg.freeze_epochs}, backbone_lr_factor "
+                          f"{cfg.backbone_lr_factor}, bn_mode {cfg.bn_mode} tune pre-trained layers, but weights is "
+                          "none; allowed with weights: none: freeze_epochs 0, backbone_lr_factor 1.0, bn_mode train")
+    if cfg.freeze_epochs >= cfg.epochs:
+        raise ConfigError(f"train.{name}.freeze_epochs: {cfg.freeze_epochs} leaves no epoch to tune the pre-trained "
+                          f"layers; allowed: < epochs ({cfg.epochs})")
     # batch_norm on a non-VGG: ValueError
     get_model(name, len(params.data.classes), **pretrained.architecture(name, cfg))
 
 
 # ------------------------------------------------------------------------------------------- one fold
-
-
-def _seed(seed: int) -> None:
-    torch.manual_seed(seed)
-    np.random.seed(seed)
-    random.seed(seed)
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.backends.cudnn.benchmark = False
 
 
 @dataclass
@@ -190,7 +191,7 @@ def prepare(params: Params, name: str, cfg: ModelTrainConfig, items: tuple[Seque
         raise ValueError(f"{name}: {len(train_items)} training and {len(val_items)} validation images; both must be "
                          "> 0")
     train, seed = params.train, params.train.seed
-    _seed(seed)  # before anything random (the model's initial weights): every fold and rank alike
+    seed_everything(seed)  # before anything random (the model's initial weights): every fold and rank alike
     shape = model_input_shape(cfg.image_size, params.ingest.roi)
     augment = params.augment if cfg.augment == "full" else flip_only(params.augment)
     transform = build_transform(augment) if params.augment.online else None
@@ -210,14 +211,27 @@ def prepare(params: Params, name: str, cfg: ModelTrainConfig, items: tuple[Seque
     model, bare = _network(params, name, cfg, rt, init or pretrained.resolve(name, cfg))
     loss_fn = criterion(train_ds.labels, len(params.data.classes), class_weighting=train.class_weighting,
                         label_smoothing=cfg.label_smoothing, device=rt.device)
-    optimizer = build_optimizer(bare.parameters(), cfg, fused=rt.fast.fused_optimizer)
+    parameters, fine_tune = fine_tuning(bare, name, cfg)
+    optimizer = build_optimizer(parameters, cfg, fused=rt.fast.fused_optimizer)
     schedule = build_scheduler(optimizer, cfg, monitor=train.monitor, patience=train.patience,
                                steps_per_epoch=len(loader))
     scaler = torch.amp.GradScaler(rt.device.type) if rt.fast.grad_scaler else None
     stopper = EarlyStopping(train.monitor, train.patience, first_candidate_epoch(cfg))
     torch.manual_seed(seed + rt.dist.rank)  # dropout and online augmentation differ per rank
     return Prepared(model, data, loss_fn, Session(bare, optimizer, schedule, scaler, stopper,
-                                                 grad_clip=cfg.grad_clip))
+                                                 grad_clip=cfg.grad_clip, fine_tune=fine_tune))
+
+
+def fine_tuning(model: nn.Module, name: str, cfg: ModelTrainConfig) -> tuple[Any, FineTune]:
+    """The optimiser's parameters and the :class:`~spinedxa.recipe.FineTune` of ``cfg``: from scratch (the default
+    knobs) all parameters in one group and no fine-tuning; else the pre-trained layers and the new head (the head
+    rule of :mod:`spinedxa.weights`) in their own groups when the backbone's rate differs."""
+    if not cfg.fine_tunes:
+        return model.parameters(), FineTune()
+    backbone, head = pretrained.split_parameters(model, name)
+    groups = parameter_groups(backbone, head, cfg) if cfg.backbone_lr_factor != 1.0 else model.parameters()
+    return groups, FineTune(tuple(backbone), tuple(pretrained.backbone_norms(model, name)), cfg.freeze_epochs,
+                            cfg.bn_mode == "frozen")
 
 
 def _network(params: Params, name: str, cfg: ModelTrainConfig, rt: Runtime,
@@ -248,7 +262,7 @@ def train_fold(job: FoldJob, on_epoch_end: Callable[[int], None] | None = None) 
     params, train = job.params, job.params.train
     cfg, spec = train.model(job.model), get_spec(job.model)
     rt = Runtime.setup(train.device, train.fast, train.threads)
-    init = job.init or pretrained.resolve(job.model, cfg, job.paths.weights)
+    init = job.init or pretrained.resolve(job.model, cfg, job.paths.weights, job.paths.pretrained)
     fp = checkpoint.fingerprint(params, job.model, job.fold, {**job.digests, **init.digest()}, rt.record())
     fold_dir = job.paths.checkpoints / repeat_dir(job.fold, job.repeat)
     done = checkpoint.load(fold_dir / DONE, fp)
@@ -345,7 +359,7 @@ def train_model(params: Params, name: str, paths: TrainPaths, *, processes: int 
     """
     rt_env = Runtime.setup(params.train.device, params.train.fast, params.train.threads)
     check_config(params, name, rt_env.dist.world_size)
-    init = pretrained.resolve(name, params.train.model(name), paths.weights)
+    init = pretrained.resolve(name, params.train.model(name), paths.weights, paths.pretrained)
     if init.pretrained:
         pretrained.verify(init)  # before any work; each fold verifies again when it loads the file
     folds = splits_contract.folds(splits_contract.read(paths.splits))
@@ -359,7 +373,7 @@ def train_model(params: Params, name: str, paths: TrainPaths, *, processes: int 
            else contextlib.nullcontext(None))
     with run as parent:
         results = []
-        for result in _run_folds(jobs, n, on_epoch_end):
+        for result in run_folds(jobs, n, on_epoch_end):
             if main:
                 _log_fold(params, name, paths, experiment, parent, result, init)
             results.append(result)
@@ -370,7 +384,7 @@ def train_model(params: Params, name: str, paths: TrainPaths, *, processes: int 
     return TrainResult(name, results, parent)
 
 
-def _run_folds(jobs: Sequence[FoldJob], processes: int, on_epoch_end: Callable[[int], None] | None):
+def run_folds(jobs: Sequence[FoldJob], processes: int, on_epoch_end: Callable[[int], None] | None):
     """Yield each fold's result as it finishes (in one process, in fold order)."""
     if processes <= 1 or len(jobs) == 1:
         for job in jobs:
@@ -378,7 +392,7 @@ def _run_folds(jobs: Sequence[FoldJob], processes: int, on_epoch_end: Callable[[
         return
     # spawn: a fresh interpreter per worker (a forked torch runtime may hold locks of the parent's threads).
     with concurrent.futures.ProcessPoolExecutor(min(processes, len(jobs)), mp_context=multiprocessing.get_context(
-            "spawn"), initializer=_init_worker, initargs=(logging.getLogger().getEffectiveLevel(),)) as pool:
+            "spawn"), initializer=init_worker, initargs=(logging.getLogger().getEffectiveLevel(),)) as pool:
         futures = {pool.submit(train_fold, job): job for job in jobs}
         try:
             for future in concurrent.futures.as_completed(futures):
@@ -388,21 +402,6 @@ def _run_folds(jobs: Sequence[FoldJob], processes: int, on_epoch_end: Callable[[
             raise RuntimeError(f"{jobs[0].model}: a training process died (killed, e.g. for memory) while training "
                                f"fold(s) {pending}; finished folds are kept in {jobs[0].paths.checkpoints}: rerun "
                                "the stage to continue") from exc
-
-
-def _init_worker(level: int) -> None:
-    """A spawned training process logs like the stage (its progress lines reach the stage's stderr) and dies with it.
-
-    Without the parent-death signal, killing the stage (Ctrl-C, ``kill``, the OOM killer) would leave its fold
-    processes training on as orphans (measured: they ran to the end of their epochs).
-    """
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", force=True)  # mlflow adds a handler
-    if sys.platform.startswith("linux"):
-        import ctypes
-        import signal
-
-        PR_SET_PDEATHSIG = 1  # prctl(2)
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def _mlflow_params(params: Params, name: str, init: pretrained.WeightsSource) -> dict[str, Any]:

@@ -7,6 +7,11 @@ Sources (the value of ``train.<model>.weights``):
   ``vgg16`` with ``batch_norm: true``), at ``weights/<model>/<torchvision's file name>``.
 - a path ``weights/<model>/<file>``: any compatible state dict imported with ``spinedxa weights import`` (RadImageNet,
   a lab's own).
+- ``pretrained``: the pretrain stage's backbone, ``models/pretrained/<model>/model.pt`` (:mod:`spinedxa.pretrain`,
+  supervised on a synthetic DXA pool from seeds disjoint from the cohort's), a DVC output with its record
+  ``model.pt.json`` beside it; the train stage depends on ``models/pretrained/<model>``, so a fine-tune re-runs when
+  its weights change. With ``pretrain.enabled: false`` (or the model not in ``pretrain.models``) the directory holds
+  only :data:`PRETRAINED_MARKER`, and asking for the weights stops training with a message naming what to set.
 
 Nothing here downloads during a pipeline run. A file enters the project once, explicitly:
 ``spinedxa weights fetch <model>`` (ImageNet) or ``spinedxa weights import <model> <path>`` writes it to
@@ -27,8 +32,8 @@ downloaded from; for an import, the ``--origin`` given or null), plus for ImageN
 ``published_sha256_prefix``, ``weights_enum`` and ``torchvision`` (version); for an import ``source_name`` (the file
 name it was imported from, never its absolute path).
 
-Adding a source (e.g. the pretraining stage's ``models/pretrained/<model>/model.pt``) is one resolver in
-:data:`_KEYWORDS` returning a :class:`WeightsSource`: loading, verification, lineage and the head rule are shared.
+Adding a source is one resolver in :data:`_KEYWORDS` returning a :class:`WeightsSource` (``pretrained`` is one):
+loading, verification, lineage and the head rule (:func:`split_parameters`, used by fine-tuning too) are shared.
 
 Torch-free at import (the audit reads records without loading torch); torch, torchvision and the model registry are
 imported by the functions that load or build.
@@ -45,7 +50,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 from urllib.parse import urlparse
 
 from spinedxa.config import ConfigError, ModelTrainConfig
@@ -57,9 +62,15 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-NONE, IMAGENET, IMPORTED = "none", "imagenet", "imported"
+NONE, IMAGENET, IMPORTED, PRETRAINED = "none", "imagenet", "imported", "pretrained"
 #: Project directory holding one sub-directory of weights per model (``weights/<model>/``), relative to the repo root.
 WEIGHTS_ROOT = Path("weights")
+#: The pretrain stage's output: one sub-directory per model (``models/pretrained/<model>/``), relative to the repo root.
+PRETRAINED_ROOT = Path("models/pretrained")
+#: The pretrained backbone's file in its directory (its record is ``model.pt.json`` beside it) ...
+PRETRAINED_FILE = "model.pt"
+#: ... or, for a model the stage did not pretrain, this marker alone (``{"enabled": false, "model": <model>}``).
+PRETRAINED_MARKER = "not_pretrained.json"
 #: Keys every record holds.
 RECORD_KEYS = ("kind", "model", "variant", "file", "sha256", "size", "url")
 #: Builder arguments torchvision's own builder sets with its ImageNet weights (torchvision.models.inception_v3:
@@ -89,7 +100,7 @@ class WeightsSource:
     """Where one model's initial weights come from.
 
     Attributes:
-        kind: ``none`` | ``imagenet`` | ``imported``.
+        kind: ``none`` | ``imagenet`` | ``imported`` | ``pretrained``.
         model: registry name.
         variant: the architecture that runs (``vgg16_bn``).
         path: the file, relative to the repo root (None for ``none``).
@@ -139,6 +150,11 @@ def model_dir(model: str, root: str | Path = ".") -> Path:
     return Path(root) / WEIGHTS_ROOT / model
 
 
+def pretrained_dir(model: str, root: str | Path = ".") -> Path:
+    """``<root>/models/pretrained/<model>``: where the pretrain stage writes that model's backbone and record."""
+    return Path(root) / PRETRAINED_ROOT / model
+
+
 def record_path(file: str | Path) -> Path:
     """The record of a weights file: ``<file>.json`` beside it."""
     file = Path(file)
@@ -171,11 +187,11 @@ def architecture(model: str, cfg: ModelTrainConfig) -> dict[str, bool]:
     return {"batch_norm": cfg.batch_norm, "transform_input": bool(transform)}
 
 
-def _none(model: str, cfg: ModelTrainConfig, directory: Path) -> WeightsSource:
+def _none(model: str, cfg: ModelTrainConfig, directory: Path, pretrained: Path) -> WeightsSource:
     return WeightsSource(NONE, model, _variant(model, cfg.batch_norm))
 
 
-def _imagenet(model: str, cfg: ModelTrainConfig, directory: Path) -> WeightsSource:
+def _imagenet(model: str, cfg: ModelTrainConfig, directory: Path, pretrained: Path) -> WeightsSource:
     try:
         published = imagenet_file(model, cfg.batch_norm)
     except ValueError as exc:
@@ -207,6 +223,12 @@ def _recorded(model: str, cfg: ModelTrainConfig, file: Path, command: str, kind:
         raise WeightsNotFoundError(
             f"{shown}: missing from the workspace, but its record {record_path(file).as_posix()} is committed: run "
             f"`dvc pull {shown}` (or `{command}` again)")
+    return _checked(model, cfg, file, command, kind)
+
+
+def _checked(model: str, cfg: ModelTrainConfig, file: Path, command: str, kind: str) -> WeightsSource:
+    """The source of ``file`` once its record says it holds ``kind`` weights of the variant ``cfg`` trains."""
+    shown = file.as_posix()
     record = read_record(file)
     want = _variant(model, cfg.batch_norm)
     if record["model"] != model or record["variant"] != want or record["kind"] != kind:
@@ -217,17 +239,38 @@ def _recorded(model: str, cfg: ModelTrainConfig, file: Path, command: str, kind:
     return WeightsSource(kind, model, want, shown, str(record["sha256"]), record.get("url"))
 
 
-#: Keyword values of ``train.<model>.weights`` and their resolvers; any other value is a path to an imported file.
-_KEYWORDS: dict[str, Callable[[str, ModelTrainConfig, Path], WeightsSource]] = {NONE: _none, IMAGENET: _imagenet}
+def _pretrained(model: str, cfg: ModelTrainConfig, directory: Path, pretrained: Path) -> WeightsSource:
+    """The pretrain stage's backbone of ``model`` (``models/pretrained/<model>/model.pt``), checked against its
+    record."""
+    file = pretrained / PRETRAINED_FILE
+    command = "dvc repro pretrain"
+    if not record_path(file).is_file() or not file.is_file():
+        why = (f"the pretrain stage did not pretrain {model} ({(pretrained / PRETRAINED_MARKER).as_posix()}: "
+               f"pretrain.enabled is false, or {model} is not in pretrain.models)"
+               if (pretrained / PRETRAINED_MARKER).is_file() else "the pretrain stage has not run")
+        raise WeightsNotFoundError(
+            f"{file.as_posix()}: no pretrained weights: {why}, but train.{model}.weights asks for them; set "
+            f"pretrain.enabled: true with {model} in pretrain.models (profiles/pretrained.yaml does) and run "
+            f"`{command}`, or set train.{model}.weights: none")
+    return _checked(model, cfg, file, command, PRETRAINED)
 
 
-def resolve(model: str, cfg: ModelTrainConfig, directory: str | Path | None = None) -> WeightsSource:
+#: Keyword values of ``train.<model>.weights`` and their resolvers ``(model, cfg, weights directory, pretrained
+#: directory)``; any other value is a path to an imported file.
+_KEYWORDS: dict[str, Callable[[str, ModelTrainConfig, Path, Path], WeightsSource]] = {
+    NONE: _none, IMAGENET: _imagenet, PRETRAINED: _pretrained}
+
+
+def resolve(model: str, cfg: ModelTrainConfig, directory: str | Path | None = None,
+            pretrained: str | Path | None = None) -> WeightsSource:
     """The source ``train.<model>.weights`` names, checked against its record (its hash is checked by :func:`verify`).
 
     Args:
         model: registry name.
         cfg: the model's ``train.<model>`` block.
         directory: the model's weights directory as the stage receives it (default ``weights/<model>``).
+        pretrained: the model's pretrain output directory as the stage receives it (default
+            ``models/pretrained/<model>``).
 
     Raises:
         ConfigError: a value that names no source for this model (``imagenet`` for cnn21, a path outside the
@@ -235,8 +278,9 @@ def resolve(model: str, cfg: ModelTrainConfig, directory: str | Path | None = No
         WeightsNotFoundError: the file or its record is missing (the message names the command that brings it in).
     """
     directory = model_dir(model) if directory is None else Path(directory)
+    pretrained = pretrained_dir(model) if pretrained is None else Path(pretrained)
     resolver = _KEYWORDS.get(cfg.weights)
-    return resolver(model, cfg, directory) if resolver else _imported(model, cfg, cfg.weights, directory)
+    return resolver(model, cfg, directory, pretrained) if resolver else _imported(model, cfg, cfg.weights, directory)
 
 
 def verify(source: WeightsSource, root: str | Path = ".") -> Path:
@@ -313,6 +357,29 @@ def _backbone(model: nn.Module) -> nn.Module:
     from spinedxa.models import ImageNetInput
 
     return model.backbone if isinstance(model, ImageNetInput) else model
+
+
+def split_parameters(model: nn.Module, name: str) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """``(pre-trained layers, layers built new for the task)`` of a network from :func:`spinedxa.models.get_model`,
+    by the head rule (:attr:`spinedxa.models.ModelSpec.head`), each in ``named_parameters`` order."""
+    from spinedxa.models import get_spec
+
+    head = get_spec(name).head
+    body, new = [], []
+    for key, param in _backbone(model).named_parameters():
+        (new if key.startswith(head) else body).append(param)
+    return body, new
+
+
+def backbone_norms(model: nn.Module, name: str) -> list[nn.Module]:
+    """The BatchNorm layers of the pre-trained part (outside the head) of a network, in ``named_modules`` order."""
+    from torch import nn as torch_nn
+
+    from spinedxa.models import get_spec
+
+    head = tuple(h.rstrip(".") for h in get_spec(name).head)
+    return [m for key, m in _backbone(model).named_modules()
+            if isinstance(m, torch_nn.modules.batchnorm._BatchNorm) and not key.startswith(head)]
 
 
 def mismatches(expected: Mapping[str, tuple[int, ...]], state: Mapping[str, Tensor],
@@ -396,6 +463,54 @@ def build_model(name: str, num_classes: int, cfg: ModelTrainConfig, source: Weig
     if source.pretrained:
         load_into(model, name, load_state(source, root), str(source.path), arch=source.variant)
     return model
+
+
+def backbone_state(model: nn.Module) -> dict[str, Tensor]:
+    """The state dict of a network's backbone (no ``backbone.`` prefix: the layout torchvision's files have), as CPU
+    copies."""
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in _backbone(model).state_dict().items()}
+
+
+# --------------------------------------------------------------------------------------------- the pretrain stage's files
+
+
+def write_pretrained(directory: str | Path, model: str, variant: str, state: Mapping[str, Tensor],
+                     extra: Mapping[str, Any]) -> WeightsSource:
+    """Write the pretrain stage's backbone of ``model`` to ``<directory>/model.pt`` and its record beside it
+    (:data:`RECORD_KEYS` with ``kind`` pretrained and ``url`` null, plus ``extra``: what the pretraining saw and cost).
+
+    Returns:
+        Its source (path as given, under ``directory``).
+    """
+    import torch
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    file = directory / PRETRAINED_FILE
+    torch.save(dict(state), file)
+    record = {"kind": PRETRAINED, "model": model, "variant": variant, "file": PRETRAINED_FILE,
+              "sha256": sha256_file(file), "size": file.stat().st_size, "url": None, **extra}
+    jsonfile.write(record_path(file), record)
+    return WeightsSource(PRETRAINED, model, variant, file.as_posix(), record["sha256"], None)
+
+
+def write_pretrained_marker(directory: str | Path, model: str) -> None:
+    """``<directory>/not_pretrained.json``: the pretrain stage did not pretrain ``model`` (the directory exists, so
+    the train stage's dependency on it holds)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    jsonfile.write(directory / PRETRAINED_MARKER, {"enabled": False, "model": model})
+
+
+def pretrained_records(root: str | Path, models: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """The records of the pretrain stage's backbones under ``root`` (``models/pretrained``), by model; a model with
+    only a marker is left out."""
+    out = {}
+    for name in models:
+        file = Path(root) / name / PRETRAINED_FILE
+        if record_path(file).is_file():
+            out[name] = read_record(file)
+    return out
 
 
 # --------------------------------------------------------------------------------------------- bringing files in

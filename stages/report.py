@@ -4,7 +4,8 @@ Reads:  --metrics (reports/metrics/<model>.json), --provenance (reports/provenan
         (reports/predictions/<model>.csv), --external-predictions (reports/predictions/external/<model>.csv),
         --plots (reports/plots/<model>/{roc,pr,calibration}.csv), --curves (reports/train/<model>.csv) for every
         model in train.models and the baseline; --replay (reports/replay: the leaky ablation and its matched
-        control); --manifest (data/ingested/manifest.csv), --splits (data/split/splits.csv), --validation
+        control); --transfer (reports/transfer.json) and --transfer-details (reports/transfer: pre-trained vs
+        scratch); --manifest (data/ingested/manifest.csv), --splits (data/split/splits.csv), --validation
         (reports/validation.json), --ingest-summary (reports/ingest.json), --split-summary (reports/split.json),
         --external (reports/external: the external cohort's ingest and validation summaries), --external-data
         (data/external: its manifest), --truth (the synthetic cohort's ground truth, read only when data.source is
@@ -12,7 +13,8 @@ Reads:  --metrics (reports/metrics/<model>.json), --provenance (reports/provenan
         provenance and lineage blocks.
 Writes: --out-md (reports/comparison.md) and --out-html (reports/comparison.html: figures embedded as base64 PNG,
         no external references); one MLflow run "data" mirroring the data stages' DVC metrics.
-Params: data (classes, map, words), external, ingest.roi, split, train, evaluate, report, replay;
+Params: data (classes, map, words), external, ingest.roi, split, train, evaluate, report, replay, pretrain,
+        transfer;
         runtime.mlflow_experiment (bookkeeping).
 """
 
@@ -40,6 +42,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--curves", type=Path, required=True)
     parser.add_argument("--replay", type=Path, required=True)
     parser.add_argument("--truth", type=Path, required=True)
+    parser.add_argument("--transfer", type=Path, required=True)
+    parser.add_argument("--transfer-details", type=Path, required=True)
     parser.add_argument("--manifest", type=Path, required=True)
     parser.add_argument("--splits", type=Path, required=True)
     parser.add_argument("--validation", type=Path, required=True)
@@ -71,6 +75,8 @@ def main(argv: list[str] | None = None) -> None:
         external_predictions_dir=args.external_predictions,
         external_reports=args.external,
         external_data=args.external_data,
+        transfer=args.transfer,
+        transfer_details=args.transfer_details,
     )
     write_report(params, inputs, args.out_md, args.out_html)
     log_data_metrics(params, inputs)

@@ -80,7 +80,8 @@ def changed(pipeline, rerun) -> set[str]:
 
 def test_first_repro_runs_every_stage(pipeline):
     repo, params = pipeline["repo"], pipeline["params"]
-    expected = {"synthesize", "ingest", "validate", "external", "split", "augment", "baseline", "replay", "report"}
+    expected = {"synthesize", "ingest", "validate", "external", "split", "augment", "baseline", "replay", "pretrain",
+                "transfer", "report"}
     expected |= {f"train@{m}" for m in params.train.models} | {f"evaluate@{m}" for m in params.train.models}
     assert pipeline["first"] == expected
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
@@ -156,7 +157,7 @@ def test_mlflow_has_a_parent_run_per_model_with_a_nested_run_per_fold(pipeline):
 
 
 def test_changing_one_learning_rate_reruns_only_that_model(changed):
-    assert changed == {"train@vgg16", "evaluate@vgg16", "report"}
+    assert changed == {"train@vgg16", "evaluate@vgg16", "transfer", "report"}  # transfer: off, a second
 
 
 def test_metrics_and_plots_diff_across_commits(pipeline, changed):

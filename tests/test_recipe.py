@@ -201,3 +201,59 @@ def _bypass(cfg, **overrides):
     for key, value in overrides.items():
         object.__setattr__(out, key, value)
     return out
+
+
+# ------------------------------------------------------------------------------------------- fine-tuning
+
+
+def _fine_tuned(**knobs):
+    """cnn21 with pre-trained-like weights (random, but the network has BatchNorm statistics to keep), its optimiser
+    and schedule as the train stage builds them for ``knobs``, and one batch."""
+    from spinedxa.models import get_model
+    from spinedxa.recipe import build_optimizer, build_scheduler
+    from spinedxa.train import fine_tuning
+
+    torch.manual_seed(0)
+    cfg = _cfg(weights="pretrained", scheduler="onecycle", epochs=4, **knobs)
+    model = get_model("cnn21", 2)
+    parameters, tune = fine_tuning(model, "cnn21", cfg)
+    optimizer = build_optimizer(parameters, cfg)
+    return model, cfg, tune, optimizer, build_scheduler(optimizer, cfg, monitor="val_auc", patience=0,
+                                                        steps_per_epoch=1)
+
+
+def test_the_backbone_trains_at_its_factor_of_the_rate() -> None:
+    model, cfg, _, optimizer, _ = _fine_tuned(backbone_lr_factor=0.1)
+    backbone, head = optimizer.param_groups
+    assert {id(p) for p in head["params"]} == {id(p) for p in model.fc.parameters()}  # the head rule's layers
+    assert len(backbone["params"]) + len(head["params"]) == len(list(model.parameters()))
+    # One-cycle peaks at lr x factor for the backbone, lr for the head (warm-up starts at a 25th of each).
+    assert backbone["max_lr"] == pytest.approx(cfg.lr * 0.1) and head["max_lr"] == pytest.approx(cfg.lr)
+    assert backbone["lr"] == pytest.approx(head["lr"] * 0.1)
+    _, _, tune, default, _ = _fine_tuned()
+    assert len(default.param_groups) == 1 and not tune.backbone  # defaults: one group, nothing frozen
+
+
+def test_frozen_warm_up_steps_the_head_only_and_frozen_batchnorm_keeps_its_statistics() -> None:
+    from spinedxa.loop import Session, train_one_epoch
+    from spinedxa.models import get_spec
+    from spinedxa.recipe import EarlyStopping
+    from spinedxa.runtime import FastPath, Runtime, Distributed
+
+    model, cfg, tune, optimizer, schedule = _fine_tuned(freeze_epochs=1, bn_mode="frozen")
+    rt = Runtime(torch.device("cpu"), FastPath("fp32"), 1, Distributed())
+    batches = [(torch.rand(4, 1, 64, 32), torch.tensor([0, 1, 0, 1]))]
+    session = Session(model, optimizer, schedule, None, EarlyStopping("val_auc", 0), fine_tune=tune)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def changed() -> set[str]:
+        return {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+
+    session.epoch = 1  # the frozen warm-up
+    train_one_epoch(model, get_spec("cnn21"), batches, torch.nn.CrossEntropyLoss(), session, rt)
+    assert changed() == {"fc.weight", "fc.bias"}  # no backbone weight, no BatchNorm statistic moved
+    session.epoch = 2
+    train_one_epoch(model, get_spec("cnn21"), batches, torch.nn.CrossEntropyLoss(), session, rt)
+    moved = changed()
+    assert any(k.endswith(".weight") and not k.startswith("fc.") for k in moved)  # now the backbone tunes
+    assert not any(k.endswith(("running_mean", "running_var")) for k in moved)  # with its statistics kept

@@ -576,3 +576,80 @@ def test_three_who_classes_report_per_class_and_macro_results(tmp_path: Path) ->
     assert "macro ROC-AUC" in comparisons and "| n/a |" in comparisons  # no DeLong for a macro AUC
     assert context["external_results"] and "External macro ROC-AUC" in markdown
     assert "<table>" in html
+
+
+# ------------------------------------------------------------------------------------------- transfer
+
+
+def write_fake_transfer(root: Path, intervals: dict[str, tuple[float, float]]) -> None:
+    """reports/transfer.json and reports/transfer/details.json (spinedxa/contracts/transfer.py): cnn21 pre-trained
+    against scratch with the given ΔAUC interval per cohort; ImageNet not available."""
+    def delta(low: float, high: float) -> dict:
+        return {"roc_auc": (low + high) / 2, "ci_low": low, "ci_high": high, "ci_skipped": 0, "se": 0.02,
+                "p_value": 0.5, "n_scans": 60, "n_patients": 50}
+
+    record = {"enabled": True, "bootstrap_resamples": 50, "bootstrap_seed": 0, "trainings": 15, "wall_seconds": 600.0,
+              "small": {"size": 60, "draws": 3, "n_scans": [60, 61, 59], "n_patients": [52, 50, 51]},
+              "pretrain": {"cnn21": {"wall_seconds": 90.0, "cpu_seconds": 60.0, "pool_scans": 600, "epochs": 12,
+                                     "val_r": 0.86, "val_auc_osteoporosis": 0.96}},
+              "models": {"cnn21": {
+                  "scratch": {"available": True, "full_roc_auc": 0.91, "small_roc_auc": 0.8, "small_draw_roc_auc": [],
+                              "external_roc_auc": 0.85},
+                  "pretrained": {"available": True, "full_roc_auc": 0.93, "small_roc_auc": 0.86,
+                                 "small_draw_roc_auc": [], "external_roc_auc": 0.84,
+                                 "delta": {c: delta(*i) for c, i in intervals.items()}},
+                  "imagenet": {"available": False}}}}
+    (root / "reports/transfer").mkdir(parents=True, exist_ok=True)
+    (root / "reports/transfer.json").write_text(json.dumps(record))
+    details = {"enabled": True, "cpu": "AMD EPYC test", "conditions": {"cnn21": {
+        "scratch": {"available": True, "reason": ""}, "pretrained": {"available": True, "reason": ""},
+        "imagenet": {"available": False, "reason": "cnn21 has no ImageNet weights (torchvision publishes none)"}}},
+        "pretraining_saw": {"cnn21": {"pool_seed": 31, "pool_scanner": "the training cohort's scanner (synthesize)",
+                                      "pool_disjoint_from": {"synthesize.seed": 20251712,
+                                                             "synthesize.external.seed": 20261206},
+                                      "target": "t_score", "cpu": "AMD EPYC test", "fast_path": "fp32"}}}
+    (root / "reports/transfer/details.json").write_text(json.dumps(details))
+
+
+def _transfer_inputs(root: Path) -> report.ReportInputs:
+    import dataclasses
+
+    return dataclasses.replace(_inputs(root), transfer=root / "reports/transfer.json",
+                               transfer_details=root / "reports/transfer")
+
+
+def test_transfer_section_words_follow_each_interval(tmp_path: Path) -> None:
+    params = load_params(write_fake_outputs(tmp_path, bootstrap=10))
+    write_fake_transfer(tmp_path, {"full": (0.01, 0.05), "small": (-0.02, 0.1), "external": (-0.08, -0.01)})
+    markdown, html = report.render(report.build_context(params, _transfer_inputs(tmp_path)))
+    section = markdown[markdown.index("## Transfer"):markdown.index("## The paper's figures")]
+    row = next(line for line in section.splitlines() if line.startswith("| cnn21 | pretrained |"))
+    assert "+0.030 [+0.010, +0.050] **helps** (0.910 → 0.930)" in row
+    assert "+0.040 [-0.020, +0.100] *not shown to help* (0.800 → 0.860)" in row
+    assert "-0.045 [-0.080, -0.010] **hurts** (0.850 → 0.840)" in row
+    assert "| cnn21 | imagenet | not available here |" in section
+    assert "cnn21, imagenet: cnn21 has no ImageNet weights" in section
+    assert "pretrain.seed` = 31" in section and "never saw a scan of the cohort" in section
+    assert "more data from the same generator" in section  # the default cohort is the synthetic one
+    assert "**Cost** on AMD EPYC test: pretraining cnn21 1.50 min" in section and "15 fold trainings" in section
+    assert "Transfer: does pretraining help?" in html
+
+
+@pytest.mark.parametrize("delta, verdict", [
+    ({"ci_low": 0.001, "ci_high": 0.1}, "helps"), ({"ci_low": 0.0, "ci_high": 0.1}, "not shown to help"),
+    ({"ci_low": -0.1, "ci_high": -0.001}, "hurts"), ({"ci_low": None, "ci_high": None}, "n/a"), (None, "n/a"),
+])
+def test_transfer_verdict(delta: dict | None, verdict: str) -> None:
+    assert report.transfer_verdict(delta) == verdict
+
+
+def test_transfer_disabled_or_absent(tmp_path: Path) -> None:
+    params = load_params(write_fake_outputs(tmp_path, bootstrap=10))
+    markdown, _ = report.render(report.build_context(params, _inputs(tmp_path)))
+    assert "## Transfer" not in markdown  # no transfer stage: no section
+    (tmp_path / "reports/transfer.json").write_text(json.dumps({"enabled": False}))
+    markdown, _ = report.render(report.build_context(params, _transfer_inputs(tmp_path)))
+    assert "Not run here (`transfer.enabled: false`" in markdown
+    (tmp_path / "reports/transfer.json").write_text(json.dumps({"enabled": True}))
+    with pytest.raises(report.ReportInputError, match=r"transfer.json: missing key"):
+        report.build_context(params, _transfer_inputs(tmp_path))

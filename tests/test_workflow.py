@@ -437,7 +437,7 @@ def test_snakemake_report_has_captions(mini_ran: Path) -> None:
 def test_both_engines_list_the_same_stages(project_copy: Path) -> None:
     dvc_names = run([DVC, "stage", "list", "--name-only"], project_copy).stdout.split()
     rules = snakemake(["--list-rules"], project_copy).stdout.split()
-    assert len(dvc_names) == len(MODEL_NAMES) * 2 + 9  # 9 single stages + train/evaluate per model
+    assert len(dvc_names) == len(MODEL_NAMES) * 2 + 11  # 11 single stages + train/evaluate per model
     assert sorted(rules) == sorted([dag.rule_name(n) for n in dvc_names] + ["all"])
 
 
