@@ -398,7 +398,8 @@ def target_checks(results: Sequence[ModelResult], vs_baseline: Sequence[Comparis
             notes.append(f"{r.record['gradcam_degenerate']} of its Grad-CAM maps are degenerate (no contrast)")
         if cfg.weights == "none":
             notes.append(f"trained from scratch (`train.{r.name}.weights: none`)")
-        checks.append(TargetCheck(r.name, str(r.record.get("variant") or r.name), r.record, auc, half,
+        variant = r.provenance.get("variant") or r.record.get("variant") or r.name  # the variant sits in provenance
+        checks.append(TargetCheck(r.name, str(variant), r.record, auc, half,
                                   by_model[r.name],
                                   auc is not None and auc >= TARGET_AUC,
                                   half is not None and half <= TARGET_HALF_WIDTH, notes))

@@ -153,7 +153,7 @@ def write_fake_outputs(root: Path, n_patients: int = 30, bootstrap: int = 50, fo
             predictions_contract.write(reports / f"predictions/external/{name}.csv", ext_preds)
         if cnn:
             record.update(kept_epoch={str(k): 2 for k in range(folds)}, gradcam_degenerate=0)
-            provenance.update(variant=name, fast_path="cpu_fp32_channels_last", threads=1,
+            provenance.update(variant=f"{name}_bn" if name.startswith("vgg") else name, fast_path="cpu_fp32_channels_last", threads=1,
                               train_git_commit="c0ffee" * 6, train_git_dirty=False)
             curves = pd.DataFrame([{"fold": k, "epoch": e, "train_loss": 0.7 - 0.1 * e, "val_loss": 0.7 - 0.05 * e,
                                     "val_auc": 0.6 + 0.1 * e, "val_accuracy": 0.6, "lr": 1e-3, "seconds": 1.0}
@@ -301,6 +301,7 @@ def test_protocol_targets_patient_level_and_curves(rendered: dict) -> None:
     assert "## Targets: does every CNN learn" in md
     target_rows = [line for line in md.splitlines() if line.startswith("| cnn21 (`cnn21`) |")]
     assert target_rows and target_rows[0].rstrip().endswith(("| met |", "| **not met** |"))
+    assert any(line.startswith("| vgg16 (`vgg16_bn`) |") for line in md.splitlines())  # the variant that ran
     assert "ROC-AUC per fold, mean ± SD" in md
     assert "Training and validation loss" in md  # the curves of every model and fold
 
