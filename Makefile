@@ -9,6 +9,8 @@ export DVC_NO_ANALYTICS := 1
 export GIT_PYTHON_REFRESH := quiet
 export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR := false
 PYTEST_ARGS ?=
+# make test runs test files on this many workers (pytest-xdist); 0 = in this process, one after another.
+TEST_WORKERS ?= 2
 
 .PHONY: install repro repro-timed repro-budget test test-all cluster-test bench bench-noop snakemake dvc-commit plots plots-diff vendor mlflow-server clean-venv
 
@@ -37,7 +39,7 @@ repro-budget: install
 	$(BIN)/python bench/repro_timing.py --clone $(CURDIR)/.bench/avx2 --avx2
 
 test: install
-	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not slow" -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 test-all: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
