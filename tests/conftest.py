@@ -9,6 +9,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Callable
@@ -171,6 +172,20 @@ def tracked_files(root: Path) -> list[str]:
         cwd=root, capture_output=True, text=True, check=True,
     ).stdout
     return [p for p in out.split("\0") if p and (root / p).is_file()]
+
+
+def run_stage_main_in_fresh_interpreter(stage: str, argv_code: str, cwd: Path) -> tuple[int, bool, float]:
+    """Run ``stages/<stage>.py``'s ``main(argv)`` in a fresh interpreter in ``cwd``; ``argv_code`` is Python that binds
+    ``argv``. Returns its exit code, whether torch got imported, and the wall seconds (disabled stages must stay cheap)."""
+    script = (f"import sys; sys.path.insert(0, {str(REPO / 'stages')!r}); import {stage}; {argv_code}; "
+              f"code = {stage}.main(argv); print(code, 'torch' in sys.modules)")
+    started = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", script], cwd=cwd, capture_output=True, text=True, check=True,
+                          env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+    seconds = time.perf_counter() - started
+    code, torch_imported = proc.stdout.split()
+    assert torch_imported in ("True", "False"), proc.stderr
+    return int(code), torch_imported == "True", seconds
 
 
 def discard_after(request: pytest.FixtureRequest, path: Path) -> Path:

@@ -11,8 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -20,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO
+from conftest import REPO, run_stage_main_in_fresh_interpreter
 from spinedxa import tracking, weights
 from spinedxa.config import ConfigError, MODEL_NAMES, Params, deep_merge, params_from_dict
 from spinedxa.contracts import png16
@@ -180,14 +178,11 @@ def test_training_from_pretrained_weights_names_them_in_meta_json_and_mlflow(sta
 
 def test_the_disabled_stage_writes_markers_in_a_moment_without_torch(tmp_path: Path) -> None:
     """The default (pretrain.enabled false): every model's marker and {"enabled": false}, torch never imported."""
-    script = (f"import sys; sys.path.insert(0, {str(REPO / 'stages')!r}); import pretrain; "
-              f"code = pretrain.main(['--params', {str(REPO / 'params.yaml')!r}, '--out', 'models/pretrained', "
-              f"'--summary', 'reports/pretrain.json']); print(code, 'torch' in sys.modules)")
-    started = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, check=True,
-                          env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
-    assert proc.stdout.split() == ["0", "False"], proc.stderr
-    assert time.perf_counter() - started < 20  # ~2 s on 2 shared cores: the interpreter and pandas, no torch
+    code, torch_imported, seconds = run_stage_main_in_fresh_interpreter(
+        "pretrain", f"argv = ['--params', {str(REPO / 'params.yaml')!r}, '--out', 'models/pretrained', "
+        f"'--summary', 'reports/pretrain.json']", tmp_path)
+    assert (code, torch_imported) == (0, False)
+    assert seconds < 20  # ~2 s on 2 shared cores: the interpreter and pandas, no torch
     assert json.loads((tmp_path / "reports/pretrain.json").read_text())["enabled"] is False
     for name in MODEL_NAMES:
         marker = tmp_path / "models/pretrained" / name / weights.PRETRAINED_MARKER

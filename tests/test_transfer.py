@@ -7,9 +7,6 @@ external cohort, reports/transfer.json and MLflow.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +16,8 @@ import torch
 import yaml
 from sklearn.metrics import roc_auc_score
 
-from conftest import REPO, dvc_argv, stage_main, write_cohort, write_external_cohort, write_split_cohort
+from conftest import (REPO, dvc_argv, run_stage_main_in_fresh_interpreter, stage_main, write_cohort,
+                      write_external_cohort, write_split_cohort)
 from spinedxa import metrics, tracking, weights
 from spinedxa.config import MODEL_NAMES, deep_merge, params_from_dict
 from spinedxa.contracts import augmented as augmented_contract, predictions as predictions_contract
@@ -94,14 +92,10 @@ def test_small_draws_are_patient_grouped_stratified_folds_that_ignore_the_pseudo
 
 def test_the_disabled_stage_writes_enabled_false_in_a_moment_without_torch(tmp_path: Path) -> None:
     argv = dvc_argv("transfer")
-    script = (f"import sys; sys.path.insert(0, {str(REPO / 'stages')!r}); import transfer; "
-              f"argv = {argv!r}; argv[argv.index('--params') + 1] = {str(REPO / 'params.yaml')!r}; "
-              f"code = transfer.main(argv); print(code, 'torch' in sys.modules)")
-    started = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, check=True,
-                          env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
-    assert proc.stdout.split() == ["0", "False"], proc.stderr
-    assert time.perf_counter() - started < 20  # ~2 s on 2 shared cores
+    code, torch_imported, seconds = run_stage_main_in_fresh_interpreter(
+        "transfer", f"argv = {argv!r}; argv[argv.index('--params') + 1] = {str(REPO / 'params.yaml')!r}", tmp_path)
+    assert (code, torch_imported) == (0, False)
+    assert seconds < 20  # ~2 s on 2 shared cores
     assert json.loads((tmp_path / "reports/transfer.json").read_text()) == {"enabled": False}
     assert json.loads((tmp_path / "reports/transfer" / contract.DETAILS).read_text()) == {"enabled": False}
 
