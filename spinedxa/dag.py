@@ -26,7 +26,7 @@ TRAIN_PREFIX = "train@"
 #: Stages that run ``runtime.workers`` processes (the bookkeeping ``runtime`` section of params.yaml).
 _WORKER_STAGES = ("synthesize", "ingest")
 #: Stages that train like a model's training stage (``runtime.train_processes`` processes of ``train.threads``).
-_TRAINING_STAGES = ("pretrain", "transfer")
+_TRAINING_STAGES = ("pretrain", "transfer", "replay")  # stages that train in runtime.train_processes processes
 
 
 class DagError(ValueError):
@@ -268,7 +268,8 @@ def param_value(stage: Stage, key: str) -> Any:
 def rule_threads(stage: Stage, runtime: Mapping[str, Any], train_threads: int) -> int:
     """The cores a stage's job occupies, for Snakemake's scheduler (``threads:``); it changes no numerics.
 
-    A training job runs ``runtime.train_processes`` fold processes of ``train.threads`` threads each (the thread
+    A training job (train, replay, pretrain, transfer) runs up to ``runtime.train_processes`` processes of
+    ``train.threads`` threads each (the thread
     count is a DVC param: Snakemake never overrides it, so both engines train bit-identical models); synthesize and
     ingest run ``runtime.workers`` processes; the rest one. Profiles may override any rule with ``set-threads``.
     """

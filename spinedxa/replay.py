@@ -53,8 +53,10 @@ probability is the ``N x K`` class matrix.
 the matched scans are ordered by their patient's smallest raw sha256, then by source (:func:`matched_order`), the
 leaky test copies by source, and the control's splitter orders patients by their smallest raw sha256.
 
-**Cost.** Two trainings of about 700 images for ``replay.epochs`` epochs each, one after the other (measured on the
-project's 2-core CPU: see README "Replay").
+**Cost.** Two trainings of about 700 images for ``replay.epochs`` epochs each, side by side in two one-thread
+processes when ``runtime.train_processes`` >= 2 (as the train stage's folds; each process seeds and trains exactly as
+one process would, so the records do not depend on how many: tests/test_replay.py), else one after the other
+(measured on the project's 2-core CPU: see README "Replay").
 
 Everything it writes says *leaky* or *control* (file names in :mod:`spinedxa.contracts.replay`, keys, the MLflow run
 ``replay_leaky_ablation`` tagged ``leaky_ablation=true``); its metrics are DVC ``outs``, not ``metrics``, so
@@ -63,8 +65,10 @@ Everything it writes says *leaky* or *control* (file names in :mod:`spinedxa.con
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import logging
+import multiprocessing
 import tempfile
 import time
 from dataclasses import dataclass
@@ -88,7 +92,7 @@ from spinedxa.files import atomic_dir
 from spinedxa.loop import FitPlan, Session, fit
 from spinedxa.models import get_spec, predict_proba, variant
 from spinedxa.provenance import dvc_digests, provenance
-from spinedxa.runtime import Runtime
+from spinedxa.runtime import Runtime, init_worker
 from spinedxa.split import SplitError, assign
 from spinedxa.train import calibrate, prepare
 
@@ -406,6 +410,51 @@ def train_run(params: Params, name: str, items: Mapping[str, list[ImageItem]],
                model_input_shape(fitted.cfg.image_size, params.ingest.roi))
 
 
+def _log_epoch_line(name: str, epochs: int, row: Mapping[str, float]) -> None:
+    log.info("replay %s %s epoch %d/%d: train_loss %.4f val_loss %.4f val_auc %.4f (%.1f s)", name, MODEL,
+             row["epoch"], epochs, row["train_loss"], row["val_loss"], row["val_auc"], row["seconds"])
+
+
+def _log_epoch_mlflow(name: str, row: Mapping[str, float]) -> None:
+    tracking.log_epoch({f"{name}_{k}": v for k, v in row.items() if k not in ("epoch", "fold")}, int(row["epoch"]))
+
+
+def _train_run_job(params: Params, name: str, items: Mapping[str, list[ImageItem]]) -> Run:
+    """One run in a worker process: its progress goes to the log; the parent logs its epochs to MLflow."""
+    return train_run(params, name, items,
+                     on_epoch=lambda _session, row: _log_epoch_line(name, params.replay.epochs, row))
+
+
+def train_runs(params: Params, items: Mapping[str, Mapping[str, list[ImageItem]]], processes: int) -> dict[str, Run]:
+    """Both runs (:data:`RUNS`), side by side in ``min(processes, 2)`` spawned processes, else one after the other;
+    every epoch is logged to the active MLflow run under the run's prefix either way.
+
+    Each run seeds and sets up its process as :func:`fit_cnn21` does, so the fitted networks are the same for any
+    ``processes``. Afterwards this process is set up like a run's (threads, fast path) for the predictions.
+    """
+    runs: dict[str, Run] = {}
+    if min(processes, len(RUNS)) <= 1:
+        for name in RUNS:
+            def report(_session: Session, row: dict[str, float], name: str = name) -> None:
+                _log_epoch_line(name, params.replay.epochs, row)
+                _log_epoch_mlflow(name, row)
+
+            runs[name] = train_run(params, name, items[name], on_epoch=report)
+        return runs
+    # spawn: a fresh interpreter per worker (a forked torch runtime may hold locks of the parent's threads).
+    with concurrent.futures.ProcessPoolExecutor(len(RUNS), mp_context=multiprocessing.get_context("spawn"),
+                                                initializer=init_worker,
+                                                initargs=(logging.getLogger().getEffectiveLevel(),)) as pool:
+        futures = {name: pool.submit(_train_run_job, params, name, items[name]) for name in RUNS}
+        for name in RUNS:
+            runs[name] = futures[name].result()
+    for name in RUNS:
+        for row in runs[name].fitted.history:
+            _log_epoch_mlflow(name, row)
+    Runtime.setup(params.train.device, params.train.fast, params.train.threads)  # predict as the runs' processes do
+    return runs
+
+
 # ------------------------------------------------------------------------------------------- score
 
 
@@ -543,9 +592,9 @@ def _run_items(split: pd.DataFrame, bases: Mapping[str, Path], csv: Path, classe
     return {role: part_items(csv, bases[role], 0, role, classes, table=split) for role in splits_contract.ROLES}
 
 
-def run_replay(params: Params, paths: ReplayPaths) -> ReplayRecords:
-    """The whole ablation: expand, split both ways, train both runs, score; write ``paths.out``, ``paths.reports``
-    and one MLflow run.
+def run_replay(params: Params, paths: ReplayPaths, *, processes: int | None = None) -> ReplayRecords:
+    """The whole ablation: expand, split both ways, train both runs (:func:`train_runs`, in ``processes`` processes,
+    default ``runtime.train_processes``), score; write ``paths.out``, ``paths.reports`` and one MLflow run.
 
     Returns:
         The two records written to ``reports/replay`` (:mod:`spinedxa.contracts.replay`).
@@ -590,15 +639,7 @@ def run_replay(params: Params, paths: ReplayPaths) -> ReplayRecords:
                                tags={k: str(v) for k, v in tags.items()}) as run_id:
         for path, digest in dvc_digests([Path(paths.images)]).items():
             tracking.log_dataset(Path(path).name, digest, path, context="training")
-        runs: dict[str, Run] = {}
-        for name in RUNS:
-            def report(session: Session, row: dict[str, float], name: str = name) -> None:
-                log.info("replay %s %s epoch %d/%d: train_loss %.4f val_loss %.4f val_auc %.4f (%.1f s)", name, MODEL,
-                         row["epoch"], cfg.epochs, row["train_loss"], row["val_loss"], row["val_auc"], row["seconds"])
-                tracking.log_epoch({f"{name}_{k}": v for k, v in row.items() if k not in ("epoch", "fold")},
-                                   int(row["epoch"]))
-
-            runs[name] = train_run(params, name, items[name], on_epoch=report)
+        runs = train_runs(params, items, params.runtime.train_processes if processes is None else processes)
         tracking.log_tags({k: str(v) for k, v in runs["leaky"].fitted.runtime.items()})
 
         # 1. the leaky run on its own random test set of copies (the paper-like figure)

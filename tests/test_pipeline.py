@@ -9,6 +9,7 @@ only that model, committed) -> `dvc metrics/plots diff`, `dvc exp run -S`, the a
 
 from __future__ import annotations
 
+import io
 import json
 import re
 from pathlib import Path
@@ -207,7 +208,10 @@ def test_a_second_clone_with_another_key_gives_byte_identical_metrics(pipeline, 
         assert (second_clone / path).read_text() == committed[path], path
     assert run(["dvc", "metrics", "diff", "--json"], second_clone).stdout.strip() in ("{}", "")
     # The pseudonyms are keyed by design (README): they differ, and so does nothing else in the predictions.
-    ours = pd.read_csv(repo / "reports/predictions/cnn21.csv")
+    # The first run's committed predictions, not its workspace: `dvc exp run` (a test above) applies its experiment
+    # there.
+    ours = pd.read_csv(io.StringIO(run(["git", "show", f"{pipeline['commit']}:reports/predictions/cnn21.csv"],
+                                       repo).stdout))
     theirs = pd.read_csv(second_clone / "reports/predictions/cnn21.csv")
     assert set(ours["patient_id"]).isdisjoint(theirs["patient_id"])
     pd.testing.assert_frame_equal(ours.drop(columns="patient_id"), theirs.drop(columns="patient_id"))

@@ -460,3 +460,28 @@ def test_replay_follows_the_task_classes(tmp_path: Path, mlflow_store: str, monk
         frame = predictions_contract.read(paths.reports / name)
         assert predictions_contract.classes_of(frame) == list(who)
         assert sorted(frame["source"]) == sorted(held_out["source"])
+
+
+def test_replay_runs_side_by_side_give_what_one_process_gives(ingested: Path, tmp_path: Path, mlflow_store: str,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """The two trainings in two spawned processes (runtime.train_processes >= 2) and one after the other in this
+    process: the same records (but the timings and the MLflow run) and byte-identical tables; every epoch of both
+    runs reaches MLflow either way."""
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "replay-processes")
+    params = tiny_params(enabled=True, copies=2, epochs=2)
+    out: dict[int, tuple[replay.ReplayRecords, Path]] = {}
+    for processes in (1, 2):
+        paths = replay.ReplayPaths(ingested, tmp_path / f"p{processes}" / "data", tmp_path / f"p{processes}" / "reports")
+        out[processes] = replay.run_replay(params, paths, processes=processes), paths.reports
+    varying = {"cpu_seconds", "wall_seconds", "mlflow_run_id", "train_cpu_seconds", "train_wall_seconds"}
+    for run in ("leaky", "control"):
+        one, two = (getattr(out[p][0], run) for p in (1, 2))
+        assert {k: v for k, v in one.items() if k not in varying} == {k: v for k, v in two.items() if k not in varying}
+    for name in replay_contract.FILES:
+        if name.endswith(".csv"):
+            assert (out[1][1] / name).read_bytes() == (out[2][1] / name).read_bytes(), name
+    runs = {r["run_id"]: r for r in tracking.find_runs("replay-processes")}
+    for record, _ in out.values():
+        history = runs[record.leaky["mlflow_run_id"]]["history"]
+        for key in ("leaky_train_loss", "control_train_loss", "leaky_val_auc", "control_val_auc"):
+            assert [step for step, _ in history[key]] == [1, 2], key
