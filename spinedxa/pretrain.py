@@ -39,7 +39,6 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import logging
-import multiprocessing
 import tempfile
 import time
 from dataclasses import dataclass
@@ -374,7 +373,7 @@ def run_pretrain(params: Params, out: Path, summary: Path, *, processes: int | N
         return write_disabled(params, Path(out), Path(summary))
     from spinedxa.config import MODEL_NAMES
     from spinedxa.models import variant
-    from spinedxa.runtime import cpu_model, init_worker
+    from spinedxa.runtime import cpu_model, training_pool
 
     names = [m for m in MODEL_NAMES if m in params.pretrain.models]
     for name in names:
@@ -386,10 +385,8 @@ def run_pretrain(params: Params, out: Path, summary: Path, *, processes: int | N
     if n <= 1:
         for name in names:
             results[name] = pretrain_model(params, name, pool)
-    else:  # spawn: a fresh interpreter per worker (a forked torch runtime may hold the parent's thread locks)
-        with concurrent.futures.ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn"),
-                                                    initializer=init_worker,
-                                                    initargs=(logging.getLogger().getEffectiveLevel(),)) as ex:
+    else:
+        with training_pool(n, __name__) as ex:
             futures = [ex.submit(_pretrain_job, params, name, pool) for name in names]
             for future in concurrent.futures.as_completed(futures):
                 name, state, done = future.result()

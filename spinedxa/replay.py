@@ -54,7 +54,7 @@ the matched scans are ordered by their patient's smallest raw sha256, then by so
 leaky test copies by source, and the control's splitter orders patients by their smallest raw sha256.
 
 **Cost.** Two trainings of about 700 images for ``replay.epochs`` epochs each, side by side in two one-thread
-processes when ``runtime.train_processes`` >= 2 (as the train stage's folds; each process seeds and trains exactly as
+processes (:func:`spinedxa.runtime.training_pool`) when ``runtime.train_processes`` >= 2 (as the train stage's folds; each process seeds and trains exactly as
 one process would, so the records do not depend on how many: tests/test_replay.py), else one after the other
 (measured on the project's 2-core CPU: see README "Replay").
 
@@ -65,10 +65,8 @@ Everything it writes says *leaky* or *control* (file names in :mod:`spinedxa.con
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import logging
-import multiprocessing
 import tempfile
 import time
 from dataclasses import dataclass
@@ -92,7 +90,7 @@ from spinedxa.files import atomic_dir
 from spinedxa.loop import FitPlan, Session, fit
 from spinedxa.models import get_spec, predict_proba, variant
 from spinedxa.provenance import dvc_digests, provenance
-from spinedxa.runtime import Runtime, init_worker
+from spinedxa.runtime import Runtime, training_pool
 from spinedxa.split import SplitError, assign
 from spinedxa.train import calibrate, prepare
 
@@ -426,7 +424,7 @@ def _train_run_job(params: Params, name: str, items: Mapping[str, list[ImageItem
 
 
 def train_runs(params: Params, items: Mapping[str, Mapping[str, list[ImageItem]]], processes: int) -> dict[str, Run]:
-    """Both runs (:data:`RUNS`), side by side in ``min(processes, 2)`` spawned processes, else one after the other;
+    """Both runs (:data:`RUNS`), side by side in ``min(processes, 2)`` processes, else one after the other;
     every epoch is logged to the active MLflow run under the run's prefix either way.
 
     Each run seeds and sets up its process as :func:`fit_cnn21` does, so the fitted networks are the same for any
@@ -441,10 +439,7 @@ def train_runs(params: Params, items: Mapping[str, Mapping[str, list[ImageItem]]
 
             runs[name] = train_run(params, name, items[name], on_epoch=report)
         return runs
-    # spawn: a fresh interpreter per worker (a forked torch runtime may hold locks of the parent's threads).
-    with concurrent.futures.ProcessPoolExecutor(len(RUNS), mp_context=multiprocessing.get_context("spawn"),
-                                                initializer=init_worker,
-                                                initargs=(logging.getLogger().getEffectiveLevel(),)) as pool:
+    with training_pool(len(RUNS), __name__) as pool:
         futures = {name: pool.submit(_train_run_job, params, name, items[name]) for name in RUNS}
         for name in RUNS:
             runs[name] = futures[name].result()

@@ -31,7 +31,6 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import logging
-import multiprocessing
 import shutil
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -58,7 +57,7 @@ from spinedxa.models import get_model, get_spec, predict_proba, variant
 from spinedxa.provenance import dvc_digests, provenance
 from spinedxa.recipe import (EarlyStopping, FineTune, build_optimizer, build_scheduler, criterion,
                              first_candidate_epoch, parameter_groups)
-from spinedxa.runtime import Runtime, init_worker, process_group, seed_everything
+from spinedxa.runtime import Runtime, process_group, seed_everything, training_pool
 
 log = logging.getLogger(__name__)
 
@@ -390,9 +389,7 @@ def run_folds(jobs: Sequence[FoldJob], processes: int, on_epoch_end: Callable[[i
         for job in jobs:
             yield train_fold(job, on_epoch_end)
         return
-    # spawn: a fresh interpreter per worker (a forked torch runtime may hold locks of the parent's threads).
-    with concurrent.futures.ProcessPoolExecutor(min(processes, len(jobs)), mp_context=multiprocessing.get_context(
-            "spawn"), initializer=init_worker, initargs=(logging.getLogger().getEffectiveLevel(),)) as pool:
+    with training_pool(min(processes, len(jobs)), __name__) as pool:
         futures = {pool.submit(train_fold, job): job for job in jobs}
         try:
             for future in concurrent.futures.as_completed(futures):
