@@ -27,6 +27,8 @@ TRAIN_PREFIX = "train@"
 _WORKER_STAGES = ("synthesize", "ingest")
 #: Stages that train like a model's training stage (``runtime.train_processes`` processes of ``train.threads``).
 _TRAINING_STAGES = ("pretrain", "transfer", "replay")  # stages that train in runtime.train_processes processes
+#: Stages that never run more training processes than this (replay trains two networks).
+_MAX_PROCESSES = {"replay": 2}
 
 
 class DagError(ValueError):
@@ -274,7 +276,8 @@ def rule_threads(stage: Stage, runtime: Mapping[str, Any], train_threads: int) -
     ingest run ``runtime.workers`` processes; the rest one. Profiles may override any rule with ``set-threads``.
     """
     if stage.name.startswith(TRAIN_PREFIX) or stage.name in _TRAINING_STAGES:
-        return max(1, int(runtime.get("train_processes", 1))) * max(1, int(train_threads))
+        processes = min(max(1, int(runtime.get("train_processes", 1))), _MAX_PROCESSES.get(stage.name, 1 << 16))
+        return processes * max(1, int(train_threads))
     if stage.name in _WORKER_STAGES:
         return max(1, int(runtime.get("workers", 1)))
     return 1

@@ -204,6 +204,8 @@ def test_get_stage_names_the_known_stages() -> None:
         ("train@cnn21", {"train_processes": 2}, 1, 2),  # two fold processes of one thread each
         ("train@cnn21", {"train_processes": 3}, 2, 6),
         ("train@cnn21", {}, 0, 1),  # never below one
+        ("replay", {"train_processes": 3}, 1, 2),  # its two runs side by side: never more than two processes
+        ("replay", {"train_processes": 1}, 2, 2),
         ("ingest", {"workers": 4}, 1, 4),
         ("synthesize", {"workers": 3}, 1, 3),
         ("validate", {"workers": 8, "train_processes": 8}, 8, 1),
