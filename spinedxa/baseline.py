@@ -40,10 +40,11 @@ from sklearn.metrics import log_loss
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from spinedxa import calibration as calibration_policy, external as external_cohort, metrics
+from spinedxa import calibration as calibration_policy, metrics
 from spinedxa.calibration import Calibration
 from spinedxa.config import Params
-from spinedxa.contracts import jsonfile, predictions as predictions_contract, splits as splits_contract
+from spinedxa.contracts import external as external_cohort, jsonfile, predictions as predictions_contract
+from spinedxa.contracts import splits as splits_contract
 from spinedxa.provenance import provenance
 from spinedxa.contracts.splits import ROLES
 from spinedxa.data import ImageItem, part_items, read_image

@@ -41,10 +41,11 @@ from pytorch_grad_cam.utils.image import show_cam_on_image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
-from spinedxa import external as external_cohort, metrics, tracking
+from spinedxa import metrics, tracking
 from spinedxa.calibration import Calibration
 from spinedxa.config import Params
-from spinedxa.contracts import jsonfile, predictions as predictions_contract, splits as splits_contract
+from spinedxa.contracts import external as external_cohort, jsonfile, predictions as predictions_contract
+from spinedxa.contracts import splits as splits_contract
 from spinedxa.data import ImageItem, model_input_shape, part_items, stack_images
 from spinedxa.errors import UserError
 from spinedxa.files import atomic_path, sha256_file

@@ -19,27 +19,18 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
-
 from spinedxa.config import ConfigError, Params
 from spinedxa.contracts import jsonfile, manifest as manifest_contract
+from spinedxa.contracts.external import DISABLED
 from spinedxa.files import atomic_dir
 from spinedxa.ingest import run_ingest
 from spinedxa.validate import image_similarity, near_duplicate_pairs, validate_manifest
 
 log = logging.getLogger(__name__)
 
-#: Marker file of a disabled external cohort, inside data/external.
-DISABLED = "DISABLED.json"
 #: Inside data/external: the validate stage's output directory (verdict, near-duplicate pairs).
 VALIDATED_DIR = "validated"
 REASON = "in_training_cohort"
-
-
-def is_enabled(external_dir: str | Path) -> bool:
-    """Whether ``data/external`` holds an ingested external cohort (not the disabled marker)."""
-    external_dir = Path(external_dir)
-    return not (external_dir / DISABLED).is_file() and (external_dir / manifest_contract.FILE_NAME).is_file()
 
 
 def training_cohort_rule(internal_manifest: Path, params: Params):
@@ -115,13 +106,3 @@ def run_external(params: Params, source: Path, internal_manifest: Path, out_dir:
         log.warning("external cohort: %d file(s) are copies or near-duplicates of training scans: quarantined %s",
                     n_in, REASON)
     return {"enabled": True, "ingest": ingest, "validation": validation}
-
-
-def accepted_scans(external_dir: str | Path) -> pd.DataFrame:
-    """The accepted rows of the external manifest (source, sha256, patient_id, label, roi), sorted by source.
-
-    Raises:
-        FileNotFoundError: the external stage has not run.
-    """
-    frame = manifest_contract.read(Path(external_dir) / manifest_contract.FILE_NAME)
-    return frame[frame["status"] == "accepted"].sort_values("source", kind="stable").reset_index(drop=True)

@@ -148,14 +148,14 @@ def write_external_cohort(root: Path, *, n_patients: int = 10, seed: int = 99, d
     (a fresh :func:`write_split_cohort` cohort), or the disabled marker. Returns the directory."""
     import pandas as pd
 
-    from spinedxa import external
+    from spinedxa.contracts import external as external_contract
     from spinedxa.contracts import manifest as manifest_contract
     from spinedxa.contracts import jsonfile
 
     out = root / "data" / "external"
     out.mkdir(parents=True, exist_ok=True)
     if disabled:
-        jsonfile.write(out / external.DISABLED, {"enabled": False})
+        jsonfile.write(out / external_contract.DISABLED, {"enabled": False})
         return out
     table = write_split_cohort(out, root / "external_split.csv", n_patients=n_patients, seed=seed)
     rows = table.drop_duplicates("source").drop(columns=["fold", "split"]).assign(status="accepted", reason="")

@@ -12,5 +12,6 @@ into a stage's import closure.
 - :mod:`~spinedxa.contracts.splits`: ``data/split/splits.csv`` (folds and roles).
 - :mod:`~spinedxa.contracts.augmented`: ``data/augmented/index.csv``.
 - :mod:`~spinedxa.contracts.predictions`: ``reports/predictions/<model>.csv``.
+- :mod:`~spinedxa.contracts.external`: ``data/external`` (the external cohort, or its disabled marker).
 - :mod:`~spinedxa.contracts.metrics`: ``reports/metrics/<model>.json`` keys.
 """
