@@ -26,8 +26,8 @@ TRAIN_PREFIX = "train@"
 #: Stages that run ``runtime.workers`` processes (the bookkeeping ``runtime`` section of params.yaml).
 _WORKER_STAGES = ("synthesize", "ingest")
 #: Stages that train like a model's training stage (``runtime.train_processes`` processes of ``train.threads``).
-_TRAINING_STAGES = ("pretrain", "transfer", "replay")  # stages that train in runtime.train_processes processes
-#: Stages that never run more training processes than this (replay trains two networks).
+_TRAINING_STAGES = ("pretrain", "transfer", "replay")
+#: Training stages that never run more processes than this (replay trains two networks).
 _MAX_PROCESSES = {"replay": 2}
 
 
@@ -270,13 +270,15 @@ def param_value(stage: Stage, key: str) -> Any:
 def rule_threads(stage: Stage, runtime: Mapping[str, Any], train_threads: int) -> int:
     """The cores a stage's job occupies, for Snakemake's scheduler (``threads:``); it changes no numerics.
 
-    A training job (train, replay, pretrain, transfer) runs up to ``runtime.train_processes`` processes of
-    ``train.threads`` threads each (the thread
-    count is a DVC param: Snakemake never overrides it, so both engines train bit-identical models); synthesize and
-    ingest run ``runtime.workers`` processes; the rest one. Profiles may override any rule with ``set-threads``.
+    A training job (train, replay, pretrain, transfer) runs ``runtime.train_processes`` processes (replay at most
+    two) of ``train.threads`` threads each (the thread count is a DVC param: Snakemake never overrides it, so both
+    engines train bit-identical models); synthesize and ingest run ``runtime.workers`` processes; the rest one.
+    Profiles may override any rule with ``set-threads``.
     """
     if stage.name.startswith(TRAIN_PREFIX) or stage.name in _TRAINING_STAGES:
-        processes = min(max(1, int(runtime.get("train_processes", 1))), _MAX_PROCESSES.get(stage.name, 1 << 16))
+        processes = max(1, int(runtime.get("train_processes", 1)))
+        if stage.name in _MAX_PROCESSES:
+            processes = min(processes, _MAX_PROCESSES[stage.name])
         return processes * max(1, int(train_threads))
     if stage.name in _WORKER_STAGES:
         return max(1, int(runtime.get("workers", 1)))

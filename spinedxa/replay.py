@@ -53,10 +53,10 @@ probability is the ``N x K`` class matrix.
 the matched scans are ordered by their patient's smallest raw sha256, then by source (:func:`matched_order`), the
 leaky test copies by source, and the control's splitter orders patients by their smallest raw sha256.
 
-**Cost.** Two trainings of about 700 images for ``replay.epochs`` epochs each, side by side in two one-thread
-processes (:func:`spinedxa.runtime.training_pool`) when ``runtime.train_processes`` >= 2 (as the train stage's folds; each process seeds and trains exactly as
-one process would, so the records do not depend on how many: tests/test_replay.py), else one after the other
-(measured on the project's 2-core CPU: see README "Replay").
+**Cost.** Two trainings of about 700 images for ``replay.epochs`` epochs each: side by side in two one-thread
+processes (:func:`train_runs`) when ``runtime.train_processes`` >= 2, as the train stage's folds, else one after the
+other. Each process seeds and trains exactly as one process would, so the records do not depend on how many
+(tests/test_replay.py; measured on the project's 2-core CPU: see README "Replay").
 
 Everything it writes says *leaky* or *control* (file names in :mod:`spinedxa.contracts.replay`, keys, the MLflow run
 ``replay_leaky_ablation`` tagged ``leaky_ablation=true``); its metrics are DVC ``outs``, not ``metrics``, so

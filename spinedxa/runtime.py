@@ -9,7 +9,10 @@ machines is therefore not zero; the README states it.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
+import logging
+import multiprocessing
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -288,7 +291,7 @@ def seed_everything(seed: int) -> None:
     torch.backends.cudnn.benchmark = False
 
 
-def training_pool(processes: int, preload: str) -> "concurrent.futures.ProcessPoolExecutor":
+def training_pool(processes: int, preload: str) -> concurrent.futures.ProcessPoolExecutor:
     """A pool of ``processes`` training processes, forked from a fresh server process that has imported ``preload``
     (the module whose functions the pool runs) and nothing else: each process logs like the stage and dies with it
     (:func:`init_worker`).
@@ -299,10 +302,6 @@ def training_pool(processes: int, preload: str) -> "concurrent.futures.ProcessPo
     with the preloaded forkserver). The server only imports; each process then seeds and sets its own threads
     (:meth:`Runtime.setup`), so what it computes is what a spawned one computes (tests/test_train.py).
     """
-    import concurrent.futures
-    import logging
-    import multiprocessing
-
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload([preload])
     return concurrent.futures.ProcessPoolExecutor(processes, mp_context=ctx, initializer=init_worker,
@@ -315,7 +314,6 @@ def init_worker(level: int) -> None:
     Without the parent-death signal, killing the stage (Ctrl-C, ``kill``, the OOM killer) would leave its training
     processes running on as orphans (measured: they ran to the end of their epochs).
     """
-    import logging
     import sys
 
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", force=True)  # mlflow adds a handler

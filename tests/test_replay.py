@@ -471,7 +471,8 @@ def test_replay_runs_side_by_side_give_what_one_process_gives(ingested: Path, tm
     params = tiny_params(enabled=True, copies=2, epochs=2)
     out: dict[int, tuple[replay.ReplayRecords, Path]] = {}
     for processes in (1, 2):
-        paths = replay.ReplayPaths(ingested, tmp_path / f"p{processes}" / "data", tmp_path / f"p{processes}" / "reports")
+        root = tmp_path / f"p{processes}"
+        paths = replay.ReplayPaths(ingested, root / "data", root / "reports")
         out[processes] = replay.run_replay(params, paths, processes=processes), paths.reports
     varying = {"cpu_seconds", "wall_seconds", "mlflow_run_id", "train_cpu_seconds", "train_wall_seconds"}
     for run in ("leaky", "control"):
