@@ -266,7 +266,9 @@ def _data_files(root: Path, paths: Iterable[str], where: str) -> tuple[str, str]
     """The split CSV and the ingest manifest among a model's data digests (or a stage's deps)."""
     paths = list(paths)
     split_file = next((p for p in paths if p.endswith(".csv")), None)
-    ingested = next((p for p in paths if root.joinpath(p, MANIFEST_NAME).is_file()), None)
+    # the ingested directory (a model's data digests) or its checksum file (a stage's dep: data/ingested/SHA256SUMS)
+    dirs = (p if root.joinpath(p).is_dir() else PurePosixPath(p).parent.as_posix() for p in paths)
+    ingested = next((d for d in dirs if root.joinpath(d, MANIFEST_NAME).is_file()), None)
     if split_file is None or ingested is None:
         raise AuditError(f"{where}: {sorted(paths)} name no split CSV and no ingested directory with {MANIFEST_NAME}")
     return split_file, (PurePosixPath(ingested) / MANIFEST_NAME).as_posix()

@@ -535,6 +535,7 @@ class RuntimeConfig(_Section):
 
     workers: int = count(default=2)  # processes of synthesize and ingest
     train_processes: int = count(default=2)  # folds of one model trained side by side (train.threads each)
+    checkpoint_every_s: float = non_negative(default=120.0)  # a training fold's checkpoint interval (0: every epoch)
     mlflow_experiment: str = sized(1, 500, noun="characters", default="spinedxa")
 
 

@@ -22,7 +22,7 @@ from typing import Any
 from spinedxa.config import ConfigError, Params
 from spinedxa.contracts import jsonfile, manifest as manifest_contract
 from spinedxa.contracts.external import DISABLED
-from spinedxa.files import atomic_dir
+from spinedxa.files import atomic_dir, write_checksums
 from spinedxa.ingest import run_ingest
 from spinedxa.validate import image_similarity, near_duplicate_pairs, validate_manifest
 
@@ -92,6 +92,7 @@ def run_external(params: Params, source: Path, internal_manifest: Path, out_dir:
             jsonfile.write(path, {"enabled": False})
         with atomic_dir(docs_dir) as tmp:
             (tmp / "index.html").write_text("<p>No external cohort (external.enabled: false).</p>\n", encoding="utf-8")
+        write_checksums(out_dir)  # last: the docs may lie inside out_dir (data/external/docs)
         return {"enabled": False}
     if Path(source).resolve() == Path(params.data.source).resolve():
         raise ConfigError(f"external.source: {source} is data.source; an external cohort must be another folder "
@@ -105,4 +106,5 @@ def run_external(params: Params, source: Path, internal_manifest: Path, out_dir:
     if n_in:
         log.warning("external cohort: %d file(s) are copies or near-duplicates of training scans: quarantined %s",
                     n_in, REASON)
+    write_checksums(out_dir)  # last: validation added validated/ (and the docs, when docs_dir is inside out_dir)
     return {"enabled": True, "ingest": ingest, "validation": validation}

@@ -67,7 +67,7 @@ from spinedxa.config import IngestConfig
 from spinedxa.errors import UserError
 from spinedxa.task import Task
 from spinedxa.contracts import manifest as manifest_contract, png16
-from spinedxa.files import atomic_dir, write_json_atomic
+from spinedxa.files import atomic_dir, write_checksums, write_json_atomic
 from spinedxa.imaging import Decoded, QuarantineError, check_regular, decode_file, normalise
 
 log = logging.getLogger(__name__)
@@ -632,7 +632,8 @@ def run_ingest(
     source: Path, out_dir: Path, summary_path: Path, *, task: Task, settings: IngestConfig,
     workers: int = 1, progress: bool = True, extra_rule: RowRule | None = None,
 ) -> dict[str, Any]:
-    """Ingest ``source`` into ``out_dir`` (images/ + manifest.csv) and write the summary to ``summary_path``.
+    """Ingest ``source`` into ``out_dir`` (images/, roi/, manifest.csv and their SHA256SUMS) and write
+    the summary to ``summary_path``.
 
     Returns:
         The summary dict (also written to ``summary_path``).
@@ -654,6 +655,7 @@ def run_ingest(
         deid.load_key()  # create the key file once, here, rather than racing in the workers
         with atomic_dir(out_dir) as tmp:
             _ingest_into(source, tmp, task, settings, workers, labels, counts, progress, extra_rule)
+            write_checksums(tmp)
     except (IngestError, deid.DeidKeyError, burnedin.OcrUnavailableError) as exc:
         write_json_atomic(summary_path, summarise(counts, task, labelling, str(exc)))
         if isinstance(exc, IngestError):

@@ -39,7 +39,6 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import logging
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -295,10 +294,8 @@ def pretrain_model(params: Params, name: str, pool: Pool) -> tuple[dict[str, Ten
                  row["epoch"], cfg.epochs, row["train_loss"], row["val_loss"], row["val_r"], row["val_auc"],
                  row["seconds"])
 
-    with tempfile.TemporaryDirectory(prefix="spinedxa-pretrain-") as tmp:
-        fit(model, spec, data, _regression_loss(), session, rt,
-            FitPlan(cfg.epochs, "val_loss", Path(tmp) / "last.pt", f"pretrain-{name}"), on_epoch=report,
-            evaluate=regression_epoch)
+    fit(model, spec, data, _regression_loss(), session, rt, FitPlan(cfg.epochs, "val_loss", None, f"pretrain-{name}"),
+        on_epoch=report, evaluate=regression_epoch)
     if session.best_state is None:
         raise RuntimeError(f"pretrain: no epoch of {name} was trained (pretrain.epochs)")
     model.load_state_dict(session.best_state)

@@ -67,7 +67,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -354,9 +353,7 @@ def fit_cnn21(params: Params, train_items: list[ImageItem], val_items: list[Imag
     cpu0, wall0 = time.process_time(), time.perf_counter()
     prepared = prepare(params, MODEL, cfg, (train_items, val_items), rt)  # the train stage's set-up of a fold
     model, data, loss_fn, session = prepared.model, prepared.data, prepared.loss_fn, prepared.session
-    with tempfile.TemporaryDirectory(prefix="spinedxa-replay-") as tmp:
-        fit(model, spec, data, loss_fn, session, rt, FitPlan(cfg.epochs, train.monitor, Path(tmp) / "last.pt",
-                                                             PROTOCOL), on_epoch=on_epoch)
+    fit(model, spec, data, loss_fn, session, rt, FitPlan(cfg.epochs, train.monitor, None, PROTOCOL), on_epoch=on_epoch)
     if session.best_state is None:
         raise RuntimeError(f"replay: no epoch of {MODEL} was trained (replay.epochs)")
     model.load_state_dict(session.best_state)

@@ -253,7 +253,8 @@ def train_fold(job: FoldJob, on_epoch_end: Callable[[int], None] | None = None) 
 
     Args:
         job: the fold and its inputs.
-        on_epoch_end: called with the epoch number after each epoch's checkpoint (tests use it to kill a fit).
+        on_epoch_end: called with the epoch number after each epoch and its checkpoint, if one is due (tests use it
+            to kill a fit).
 
     Raises:
         ConfigError, FileNotFoundError, ValueError: unusable params or input data (the message names the key/file).
@@ -294,7 +295,8 @@ def train_fold(job: FoldJob, on_epoch_end: Callable[[int], None] | None = None) 
                 on_epoch_end(s.epoch)
 
         fit(model, spec, data, loss_fn, session, rt,
-            FitPlan(cfg.epochs, train.monitor, fold_dir / LAST, fp, job.fold), on_epoch=report)
+            FitPlan(cfg.epochs, train.monitor, fold_dir / LAST, fp, job.fold, params.runtime.checkpoint_every_s),
+            on_epoch=report)
         if session.best_state is None:
             raise RuntimeError(f"{job.model} fold {job.fold}: no epoch was trained (train.{job.model}.epochs)")
         calibration = _calibrate(job, session.best_state, data.val.dataset.items)
@@ -346,7 +348,7 @@ def train_model(params: Params, name: str, paths: TrainPaths, *, processes: int 
     Args:
         processes: folds trained side by side (default ``runtime.train_processes``; 1 under torchrun and when a
             test passes ``on_epoch_end``).
-        on_epoch_end: called after each epoch's checkpoint; forces one process.
+        on_epoch_end: called after each epoch (and its checkpoint, if one is due); forces one process.
 
     Raises:
         ConfigError: a train param does not fit this model (the message names the key).

@@ -180,6 +180,7 @@ OUT_OF_RANGE = [
     ("train.tta", "vflip", None),
     ("runtime.train_processes", 0, None),
     ("runtime.workers", 0, None),
+    ("runtime.checkpoint_every_s", -1, None),
     ("replay.copies", 0, None),
     ("replay.test_fraction", 1.0, None),
     ("ingest.roi_height", 16, None),

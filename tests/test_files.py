@@ -8,7 +8,7 @@ import stat
 
 import pytest
 
-from spinedxa.files import atomic_dir, atomic_path, md5_file, sha256_file, write_json_atomic
+from spinedxa.files import CHECKSUMS, atomic_dir, atomic_path, md5_file, sha256_file, write_checksums, write_json_atomic
 
 
 def test_hashes_match_hashlib(tmp_path):
@@ -61,3 +61,14 @@ def test_json_rejects_nan(tmp_path):
     with pytest.raises(ValueError):
         write_json_atomic(tmp_path / "n.json", {"x": float("nan")})
     assert not (tmp_path / "n.json").exists()
+
+
+def test_checksums_list_every_file_but_themselves_in_path_order(tmp_path):
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "x.png").write_bytes(b"x")
+    (tmp_path / "a.csv").write_text("a\n")
+    (tmp_path / CHECKSUMS).write_text("stale\n")  # a rewrite replaces it and never lists it
+    path = write_checksums(tmp_path)
+    assert path == tmp_path / CHECKSUMS
+    assert path.read_text() == (f"{hashlib.sha256(b'a' + bytes([10])).hexdigest()}  a.csv\n"
+                                f"{hashlib.sha256(b'x').hexdigest()}  b/x.png\n")

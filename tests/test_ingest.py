@@ -164,7 +164,23 @@ def test_output_dir_is_replaced_whole(tmp_path: Path) -> None:
     (out / "images" / "stale.png").write_bytes(b"old")
     run_ingest(source, out, tmp_path / "s.json", task=Task(CLASSES), settings=settings(), progress=False)
     assert not (out / "images" / "stale.png").exists()
-    assert sorted(p.name for p in out.iterdir()) == ["images", "manifest.csv", "roi"]
+    assert sorted(p.name for p in out.iterdir()) == ["SHA256SUMS", "images", "manifest.csv", "roi"]
+
+
+def test_checksums_cover_every_ingested_file(tmp_path: Path) -> None:
+    """SHA256SUMS (what the stages downstream declare as their DVC dep) lists every other file of the output, and
+    ``sha256sum -c`` accepts it; a changed image fails the check."""
+    source = tmp_path / "source"
+    folder_source(source)
+    out = tmp_path / "ingested"
+    run_ingest(source, out, tmp_path / "s.json", task=Task(CLASSES), settings=settings(), progress=False)
+    listed = [line.split("  ", 1)[1] for line in (out / "SHA256SUMS").read_text().splitlines()]
+    files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file() and p.name != "SHA256SUMS")
+    assert listed == files and "manifest.csv" in listed and any(f.startswith("roi/") for f in listed)
+    assert subprocess.run(["sha256sum", "--quiet", "-c", "SHA256SUMS"], cwd=out).returncode == 0
+    roi = next(out.glob("roi/*.png"))
+    roi.write_bytes(roi.read_bytes() + b"\0")
+    assert subprocess.run(["sha256sum", "--quiet", "-c", "SHA256SUMS"], cwd=out, capture_output=True).returncode == 1
 
 
 # --- labels.csv ---------------------------------------------------------------------------------------------------
@@ -365,7 +381,7 @@ def test_large_files_stream_to_the_same_outputs(tmp_path: Path, monkeypatch: pyt
         out = tmp_path / f"out_{limit}"
         run_ingest(source, out, tmp_path / f"{limit}.json", task=Task(CLASSES), settings=settings(), progress=False)
         digests.append({p.relative_to(out): sha256_file(p) for p in out.rglob("*") if p.is_file()})
-    assert digests[0] == digests[1] and len(digests[0]) == 1 + 2 * 8  # manifest + the eight accepted images and ROIs
+    assert digests[0] == digests[1] and len(digests[0]) == 2 + 2 * 8  # manifest, SHA256SUMS, 8 accepted images + ROIs
 
 
 # --- links and special files --------------------------------------------------------------------------------------

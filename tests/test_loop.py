@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -14,7 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 from torchvision.models.inception import InceptionOutputs
 
-from spinedxa import checkpoint
+from spinedxa import checkpoint, loop
 from spinedxa.loop import CURVE_COLUMNS, Batches, FitPlan, Session, cpu_state, evaluate_epoch, fit, train_one_epoch
 from spinedxa.models import get_model, get_spec
 from spinedxa.recipe import AUX_LOSS_WEIGHT, EarlyStopping, Schedule, build_scheduler, criterion
@@ -186,6 +188,35 @@ def test_fit_stops_when_early_stopping_says_so(tmp_path: Path) -> None:
     s = session(model, stopper=EarlyStopping("val_loss", 1, best=-1.0, best_epoch=1))
     fit(model, SPEC, data, loss_for(y), s, runtime(), FitPlan(5, "val_loss", tmp_path / "last.pt", "f" * 64))
     assert len(s.history) == 1 and s.stopper.should_stop and s.best_state is None
+
+
+def test_checkpoints_follow_the_interval_and_skip_the_last_epoch(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """checkpoint_every_s 10 with epochs of 4 s (a fake clock): the first checkpoint after the epoch that ends 12 s
+    in (epoch 4), none after the last epoch (epoch 5: its caller keeps the result)."""
+    x, y = textures()
+    model, data = network(), batches(x, y)
+    s, clock, saved = session(model), {"now": 0.0}, []
+    monkeypatch.setattr(loop, "time", SimpleNamespace(monotonic=lambda: clock["now"], perf_counter=time.perf_counter))
+
+    def on_epoch(sess: Session, row: dict) -> None:
+        last = checkpoint.load(tmp_path / "last.pt", "f" * 64)
+        saved.append(None if last is None else last["epoch"])
+        clock["now"] += 4.0
+
+    plan = FitPlan(5, "val_loss", tmp_path / "last.pt", "f" * 64, checkpoint_every_s=10.0)
+    fit(model, SPEC, data, loss_for(y), s, runtime(), plan, on_epoch=on_epoch)
+    assert len(s.history) == 5 and saved == [None, None, None, 4, 4]
+
+
+def test_a_fit_without_a_checkpoint_path_writes_none(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Replay and pretraining never resume a fit: ``checkpoint=None`` writes nothing."""
+    x, y = textures()
+    model, data = network(), batches(x, y)
+    s = session(model)
+    monkeypatch.chdir(tmp_path)
+    fit(model, SPEC, data, loss_for(y), s, runtime(), FitPlan(2, "val_loss", None, "f" * 64))
+    assert len(s.history) == 2 and s.best_state is not None and not any(tmp_path.iterdir())
 
 
 def test_cpu_state_is_a_detached_copy() -> None:

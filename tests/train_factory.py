@@ -171,12 +171,14 @@ def paths_for(model: str) -> TrainPaths:
 
 def make_params(*, runtime: dict | None = None, augment: dict | None = None, **train_overrides: object) -> Params:
     """Repo params with a tiny cnn21 (image_size 64, batch 4, 3 epochs, the repo's recipe otherwise), one training
-    process and the test experiment; ``train_overrides`` go under ``train``."""
+    process, a checkpoint after every epoch (the resume tests kill a fit after a given epoch) and the test
+    experiment; ``train_overrides`` go under ``train``."""
     raw = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
     overlay = {
         "augment": {"online": False, **(augment or {})},
         "train": {"patience": 0, "cnn21": {"image_size": IMAGE_SIZE, "epochs": 3, "batch_size": 4}},
-        "runtime": {"train_processes": 1, "mlflow_experiment": EXPERIMENT, **(runtime or {})},
+        "runtime": {"train_processes": 1, "checkpoint_every_s": 0, "mlflow_experiment": EXPERIMENT,
+                    **(runtime or {})},
     }
     return params_from_dict(deep_merge(deep_merge(raw, overlay), {"train": train_overrides}))
 
