@@ -30,6 +30,19 @@ def test_data_half_repro_is_idempotent_and_split_seed_reruns_only_split(tiny_rep
 
     assert repro(tiny_repo, "split") == set()
 
+    # A file edited inside data/ingested: DVC sees a changed output of ingest and runs it again (or restores it from
+    # its run cache), which puts the file back. The stages downstream declare data/ingested/SHA256SUMS, not the
+    # directory: it is unchanged, so none of them runs.
+    stages = yaml.safe_load((tiny_repo / "dvc.yaml").read_text())["stages"]
+    assert "data/ingested/SHA256SUMS" in stages["validate"]["deps"]
+    roi = sorted((tiny_repo / "data/ingested/roi").glob("*.png"))[0]
+    original = roi.read_bytes()
+    roi.write_bytes(original + b"\0")
+    assert "ingest" in run(["dvc", "status", "split"], tiny_repo).stdout
+    assert repro(tiny_repo, "split") <= {"ingest"}
+    assert roi.read_bytes() == original
+    assert repro(tiny_repo, "split") == set()
+
     params = yaml.safe_load((tiny_repo / "params.yaml").read_text())
     params["split"]["seed"] += 1
     (tiny_repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
