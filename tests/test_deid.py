@@ -160,7 +160,7 @@ def test_no_phi_leaves_ingest(tmp_path: Path, caplog: pytest.LogCaptureFixture,
     assert result["n_accepted"] == 5
 
     written = [p for p in out.rglob("*") if p.is_file()] + [summary]
-    assert len(written) == 1 + 2 * 5 + 1  # manifest, five images and their five ROI images, summary
+    assert len(written) == 1 + 2 * 5 + 1 + 1  # manifest, five images and their five ROI images, SHA256SUMS, summary
     captured = capfd.readouterr()
     texts = {str(p): p.read_bytes() for p in written}
     texts["log"] = caplog.text.encode()

@@ -443,6 +443,19 @@ def test_both_engines_list_the_same_stages(project_copy: Path) -> None:
     assert sorted(rules) == sorted([dag.rule_name(n) for n in dvc_names] + ["all"])
 
 
+def test_readers_of_the_big_data_directories_declare_their_checksums() -> None:
+    """No stage but the one writing data/ingested or data/external declares the directory as a dep: the readers
+    declare its SHA256SUMS (one file for a no-op to check instead of hundreds; README, Benchmarks)."""
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
+    writers = {"data/ingested": "ingest", "data/external": "external"}
+    readers = {name: [d for d in st.get("deps", []) if d in writers] for name, st in stages.items()}
+    assert {name: deps for name, deps in readers.items() if deps} == {}
+    checksums = {f"{path}/SHA256SUMS" for path in writers}
+    assert {name for name, st in stages.items() if checksums & set(st.get("deps", []))} >= {
+        "validate", "external", "augment", "train", "evaluate", "baseline", "replay", "transfer", "report"}
+    assert all(path in stages[stage]["outs"] for path, stage in writers.items())
+
+
 def test_both_engines_see_the_same_graph(project_copy: Path) -> None:
     dvc_edges = dot_edges(run([DVC, "dag", "--dot"], project_copy).stdout)
     graph = snakemake(["--rulegraph"], project_copy).stdout
