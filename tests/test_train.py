@@ -561,9 +561,13 @@ def test_data_digests_equal_dvc_lock_after_dvc_repro(tiny_repo: Path) -> None:
     run(["dvc", "repro", "train@cnn21"], tiny_repo, env=env, timeout=1800)
     lock = yaml.safe_load((tiny_repo / "dvc.lock").read_text(encoding="utf-8"))
     deps = {d["path"]: d["md5"] for d in lock["stages"]["train@cnn21"]["deps"]}
+    assert "data/ingested/SHA256SUMS" in deps and "data/ingested" not in deps
+    # DVC's hash of each input: the stage's own dep, or for data/ingested (its readers declare its SHA256SUMS) the
+    # output of the stage that wrote it, as `spinedxa audit` checks them
+    locked = {o["path"]: o["md5"] for st in lock["stages"].values() for o in st.get("outs", [])} | deps
     top = read_json(tiny_repo / "models/cnn21/meta.json")
     assert set(top["data_digests"]) == {"data/split/splits.csv", "data/ingested", "data/augmented"}
-    assert top["data_digests"] == {path: deps[path] for path in top["data_digests"]}
+    assert top["data_digests"] == {path: locked[path] for path in top["data_digests"]}
     assert top["git_commit"] == run(["git", "rev-parse", "HEAD"], tiny_repo).stdout.strip()
     assert top["git_dirty"] is False  # a committed copy; dvc.lock and reports, rewritten by repro, do not count
     for k in top["folds"]:
