@@ -12,7 +12,6 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import logging
-import multiprocessing
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from spinedxa import forkserver
 from spinedxa.config import ConfigError
 
 #: Environment variable that overrides ``train.threads`` (Snakemake sets it per job from its thread count).
@@ -300,11 +300,10 @@ def training_pool(processes: int, preload: str) -> concurrent.futures.ProcessPoo
     child could inherit held. Not ``spawn``: every process would import torch, torchvision, MLflow and scikit-learn
     again (~4 s of CPU each; measured with three processes on 2 cores: 25-30 s to start the pool with spawn, 8-13 s
     with the preloaded forkserver). The server only imports; each process then seeds and sets its own threads
-    (:meth:`Runtime.setup`), so what it computes is what a spawned one computes (tests/test_train.py).
+    (:meth:`Runtime.setup`), so what it computes is what a spawned one computes (tests/test_train.py). A stage that
+    started the server early (:func:`spinedxa.forkserver.start_early`) gets its processes from that one.
     """
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload([preload])
-    return concurrent.futures.ProcessPoolExecutor(processes, mp_context=ctx, initializer=init_worker,
+    return concurrent.futures.ProcessPoolExecutor(processes, mp_context=forkserver.context(preload), initializer=init_worker,
                                                   initargs=(logging.getLogger().getEffectiveLevel(),))
 
 

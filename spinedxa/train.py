@@ -53,7 +53,7 @@ from spinedxa.calibration import Calibration
 from spinedxa.data import DXADataset, model_input_shape, part_items, stack_images, training_items
 from spinedxa.files import atomic_dir, sha256_file
 from spinedxa.loop import CURVE_COLUMNS, Batches, FitPlan, Session, fit
-from spinedxa.models import get_model, get_spec, predict_proba, variant
+from spinedxa.models import from_state, get_model, get_spec, predict_proba, variant
 from spinedxa.provenance import dvc_digests, provenance
 from spinedxa.recipe import (EarlyStopping, FineTune, build_optimizer, build_scheduler, criterion,
                              first_candidate_epoch, parameter_groups)
@@ -157,8 +157,8 @@ def check_config(params: Params, name: str, world_size: int = 1) -> None:
     if cfg.freeze_epochs >= cfg.epochs:
         raise ConfigError(f"train.{name}.freeze_epochs: {cfg.freeze_epochs} leaves no epoch to tune the pre-trained "
                           f"layers; allowed: < epochs ({cfg.epochs})")
-    # batch_norm on a non-VGG: ValueError
-    get_model(name, len(params.data.classes), **pretrained.architecture(name, cfg))
+    with torch.device("meta"):  # batch_norm on a non-VGG: ValueError (built without memory or initialisation)
+        get_model(name, len(params.data.classes), **pretrained.architecture(name, cfg))
 
 
 # ------------------------------------------------------------------------------------------- one fold
@@ -327,8 +327,7 @@ def calibrate(params: Params, name: str, model: nn.Module, val_items: Sequence[A
 def _calibrate(job: FoldJob, state: Mapping[str, torch.Tensor], val_items: Sequence[Any]) -> Calibration:
     """:func:`calibrate` of the fold's kept weights (on the CPU, in a fresh network)."""
     cfg = job.params.train.model(job.model)
-    model = get_model(job.model, len(job.params.data.classes), **pretrained.architecture(job.model, cfg))
-    model.load_state_dict(state)
+    model = from_state(job.model, len(job.params.data.classes), state, **pretrained.architecture(job.model, cfg))
     return calibrate(job.params, job.model, model, val_items)
 
 
@@ -457,9 +456,9 @@ def _log_fold(params: Params, name: str, paths: TrainPaths, experiment: str, par
                                           **repeat), parent_run_id=parent) as rid:
         for row in result.history:
             tracking.log_epoch({k: v for k, v in row.items() if k not in ("epoch", "fold")}, int(row["epoch"]))
-        export = get_model(name, len(params.data.classes), **pretrained.architecture(name, cfg))
-        export.load_state_dict(torch.load(result.done, map_location="cpu", weights_only=True)["best_state"])
-        export.eval()
+        kept = torch.load(result.done, map_location="cpu", weights_only=True)["best_state"]
+        export = from_state(name, len(params.data.classes), kept, source=result.done,
+                            **pretrained.architecture(name, cfg)).eval()
         shape = model_input_shape(cfg.image_size, params.ingest.roi)
         tracking.log_model(export, np.zeros((1, 1, *shape), dtype=np.float32))
         tracking.log_epoch({"best_epoch": result.best_epoch, "epochs_run": len(result.history)}, len(result.history))

@@ -272,10 +272,10 @@ def load_fold(params: Params, model: str, cfg: ModelTrainConfig, done: Path, fol
     """The kept weights of a finished fold (its ``done.pt``) in a fresh network, in eval mode."""
     import torch
 
-    from spinedxa.models import get_model
+    from spinedxa.models import from_state
 
-    net = get_model(model, len(params.data.classes), **weights_policy.architecture(model, cfg))
-    net.load_state_dict(torch.load(done, map_location="cpu", weights_only=True)["best_state"])
+    kept = torch.load(done, map_location="cpu", weights_only=True)["best_state"]
+    net = from_state(model, len(params.data.classes), kept, source=done, **weights_policy.architecture(model, cfg))
     return FoldModel(fold, net.eval(), calibration, params.train.tta)
 
 

@@ -20,9 +20,9 @@ import logging
 import sys
 from pathlib import Path
 
+from spinedxa import forkserver
 from spinedxa.config import load_params
 from spinedxa.errors import stage_main
-from spinedxa.pretrain import run_pretrain
 
 
 @stage_main("pretrain")
@@ -32,9 +32,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--summary", type=Path, required=True)
     args = parser.parse_args(argv)
+    params = load_params(args.params)
+    # The pretraining processes' server imports beside this process's imports below (spinedxa.forkserver).
+    models = len(params.pretrain.models) if params.pretrain.enabled else 1
+    forkserver.start_early("spinedxa.pretrain", min(params.runtime.train_processes, models))
+    from spinedxa.pretrain import run_pretrain
+
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr,
                         force=True)
-    record = run_pretrain(load_params(args.params), args.out, args.summary)
+    record = run_pretrain(params, args.out, args.summary)
     if record["enabled"]:
         logging.getLogger("pretrain").info("pretrained %s on %d pool scans in %.0f s on %s", ", ".join(record["models"]),
                                            record["pool_scans"], record["wall_seconds"], record["cpu"])

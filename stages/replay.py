@@ -21,9 +21,9 @@ import logging
 import sys
 from pathlib import Path
 
+from spinedxa import forkserver
 from spinedxa.config import load_params
 from spinedxa.errors import stage_main
-from spinedxa.replay import ReplayPaths, run_replay
 
 
 @stage_main("replay")
@@ -34,11 +34,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--reports", type=Path, required=True)
     args = parser.parse_args(argv)
+    params = load_params(args.params)
+    # The two runs' server imports beside this process's imports below (spinedxa.forkserver).
+    forkserver.start_early("spinedxa.replay", params.runtime.train_processes if params.replay.enabled else 1)
+    from spinedxa.replay import ReplayPaths, run_replay
+
     # force: importing mlflow has already put a handler on the root logger.
     logging.basicConfig(
         level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True
     )
-    records = run_replay(load_params(args.params), ReplayPaths(args.images, args.out, args.reports))
+    records = run_replay(params, ReplayPaths(args.images, args.out, args.reports))
     leaky, control = records.leaky, records.control
     if leaky["enabled"]:
         inflation = control["inflation"]

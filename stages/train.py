@@ -27,10 +27,9 @@ import logging
 import sys
 from pathlib import Path
 
+from spinedxa import forkserver
 from spinedxa.config import MODEL_NAMES, load_params
 from spinedxa.errors import stage_main
-from spinedxa.train import TrainPaths, train_model
-from spinedxa.weights import WeightsError, WeightsNotFoundError
 
 log = logging.getLogger("spinedxa.train")
 
@@ -51,6 +50,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pretrained", type=Path, help="the pretrain stage's directory of the model (dvc.yaml passes "
                         "it; default: models/pretrained/<model>)")
     args = parser.parse_args(argv)
+    params = load_params(args.params)
+    # The training processes' server imports beside this process's imports below (spinedxa.forkserver).
+    forkserver.start_early("spinedxa.train", params.runtime.train_processes)
+    from spinedxa.train import TrainPaths, train_model
+    from spinedxa.weights import WeightsError, WeightsNotFoundError
+
     # force: importing mlflow has already put a handler on the root logger.
     logging.basicConfig(
         level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True
@@ -59,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     paths = TrainPaths(args.splits, args.images, args.augmented, args.out, args.curves, args.checkpoints,
                        args.weights, args.pretrained)
     try:
-        train_model(load_params(args.params), args.model, paths)
+        train_model(params, args.model, paths)
     except (WeightsNotFoundError, WeightsError) as exc:  # the user's to fix: the message says how, no traceback
         log.error("%s", exc)
         return 1

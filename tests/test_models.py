@@ -18,6 +18,7 @@ from spinedxa.config import MODEL_NAMES, load_params
 from spinedxa.data import input_shape
 from spinedxa.models import (
     ImageNetInput,
+    from_state,
     get_model,
     get_spec,
     list_models,
@@ -374,6 +375,51 @@ def test_load_trained_round_trip(tmp_path: Path) -> None:
     assert meta["image_size"] == 64 and not loaded.training
     images = torch.rand(5, 1, 64, 64)
     np.testing.assert_allclose(predict_proba(loaded, "cnn21", images), predict_proba(model, "cnn21", images), rtol=1e-6)
+
+
+@pytest.mark.parametrize(("name", "arch"), [(n, {}) for n in MODEL_NAMES] + [
+    ("vgg16", {"batch_norm": True}), ("inception_v3", {"transform_input": True})])
+def test_from_state_is_the_network_get_model_and_load_state_dict_give(built: dict[str, nn.Module], name: str,
+                                                                      arch: dict) -> None:
+    """from_state skips the random initialisation (a meta-device build): its network must hold exactly the state,
+    the ImageNet statistics outside it included, and compute what the initialised network loaded alike computes."""
+    torch.manual_seed(5)
+    source = built[name] if not arch else get_model(name, 2, **arch)
+    source.train()
+    source(torch.rand(2, 1, *TEST_SHAPE[name]))  # non-default BatchNorm statistics travel too
+    state = source.state_dict()
+    torch.manual_seed(6)
+    reference = get_model(name, 2, **arch)
+    reference.load_state_dict(state)
+    loaded = from_state(name, 2, state, **arch)
+    assert not any(t.is_meta for t in [*loaded.parameters(), *loaded.buffers()])
+    assert loaded.state_dict().keys() == state.keys()
+    for key, value in loaded.state_dict().items():
+        assert torch.equal(value, state[key]), key
+    for mine, theirs in zip(loaded.buffers(), reference.buffers()):  # the non-persistent ImageNet statistics too
+        assert torch.equal(mine, theirs)
+    images = torch.rand(3, 1, *TEST_SHAPE[name])
+    np.testing.assert_array_equal(predict_proba(loaded, name, images), predict_proba(reference.eval(), name, images))
+
+
+@pytest.mark.parametrize("name", ["cnn21", "resnet50"])
+def test_predict_proba_in_channels_last_matches_a_plain_fp32_forward(built: dict[str, nn.Module], name: str) -> None:
+    """predict_proba runs channels_last (faster on oneDNN): the probabilities are the contiguous fp32 forward's."""
+    torch.manual_seed(2)
+    model = get_model(name, 2)
+    model.load_state_dict(built[name].state_dict() if name != "cnn21" else model.state_dict())
+    images = torch.rand(6, 1, *TEST_SHAPE[name])
+    with torch.no_grad():
+        plain = torch.softmax(get_spec(name).unwrap(model.eval()(images))[0], dim=1).double().numpy()
+    np.testing.assert_allclose(predict_proba(model, name, images), plain, atol=1e-5)
+    np.testing.assert_array_equal(predict_proba(model, name, images), predict_proba(model, name, images))
+
+
+def test_from_state_names_the_source_of_a_state_that_does_not_fit() -> None:
+    with pytest.raises(RuntimeError, match=r"fold1/done.pt: state dict does not match model 'cnn21'"):
+        from_state("cnn21", 2, {"weight": torch.zeros(2)}, source="fold1/done.pt")
+    with pytest.raises(RuntimeError, match=r"Missing key"):
+        from_state("cnn21", 2, {k: v for k, v in CNN21(num_classes=2).state_dict().items() if "bias" not in k})
 
 
 def test_load_trained_inception_round_trip(tmp_path: Path, built: dict[str, nn.Module]) -> None:
