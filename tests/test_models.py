@@ -415,6 +415,16 @@ def test_predict_proba_in_channels_last_matches_a_plain_fp32_forward(built: dict
     np.testing.assert_array_equal(predict_proba(model, name, images), predict_proba(model, name, images))
 
 
+def test_from_state_leaves_no_uninitialised_buffer_when_a_state_omits_batchnorm_counters() -> None:
+    """PyTorch accepts a state without ``num_batches_tracked`` (it keeps the module's own): from_state's is 0, as
+    get_model's would be, never the uninitialised memory of the meta-device build."""
+    torch.manual_seed(0)
+    state = {k: v for k, v in CNN21(num_classes=2).state_dict().items() if not k.endswith("num_batches_tracked")}
+    loaded = from_state("cnn21", 2, state)
+    counters = [b for n, b in loaded.named_buffers() if n.endswith("num_batches_tracked")]
+    assert counters and all(int(c) == 0 for c in counters)
+
+
 def test_from_state_names_the_source_of_a_state_that_does_not_fit() -> None:
     with pytest.raises(RuntimeError, match=r"fold1/done.pt: state dict does not match model 'cnn21'"):
         from_state("cnn21", 2, {"weight": torch.zeros(2)}, source="fold1/done.pt")

@@ -305,8 +305,9 @@ def from_state(name: str, num_classes: int, state: Mapping[str, Tensor], *, batc
 
     The network is built on PyTorch's meta device (no memory, no initialisation), given uninitialised CPU storage and
     filled by a strict ``load_state_dict``: every parameter and persistent buffer comes from ``state``, so the result
-    is the network :func:`get_model` plus ``load_state_dict`` gives, bit for bit (tests/test_models.py). The one
-    state outside a state dict, :class:`ImageNetInput`'s statistics, is written again. It saves the initialisation,
+    is the network :func:`get_model` plus ``load_state_dict`` gives, bit for bit (tests/test_models.py). Buffers
+    start at zero (a state dict without BatchNorm's ``num_batches_tracked`` is accepted by PyTorch and leaves it
+    as it was), and the one state outside a state dict, :class:`ImageNetInput`'s statistics, is written again. It saves the initialisation,
     which is most of building a large network: VGG-19-BN 1.7 s, VGG-16-BN 1.1 s, InceptionV3 0.4 s each time a fold
     model is loaded (AMD EPYC Zen 4).
 
@@ -317,6 +318,8 @@ def from_state(name: str, num_classes: int, state: Mapping[str, Tensor], *, batc
     with torch.device("meta"):
         model = get_model(name, num_classes, batch_norm=batch_norm, transform_input=transform_input)
     model = model.to_empty(device="cpu")
+    for buffer in model.buffers():  # no uninitialised memory survives, e.g. a BatchNorm counter a state may omit
+        buffer.zero_()
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
@@ -366,8 +369,9 @@ def predict_proba(
     """Class probabilities of each image, by softmax over the logits (``N x K``; column ``k`` is class ``k``).
 
     The model is run in eval mode (its previous mode is restored afterwards) without gradients, in fp32 and
-    channels_last: the model is moved to ``device`` in that memory format, in place (as training's fast paths keep
-    it), and so is each batch. oneDNN's fp32 convolutions prefer it on every x86 CPU: 1.24x (ResNet-50), 1.28x (VGG-16),
+    channels_last, whatever ``train.fast`` (which chooses how training runs): the model is moved to ``device`` in
+    that memory format, in place (as training's fast paths keep it; its mode is restored, its format is not), and so
+    is each batch. Calibration, evaluate, transfer, predict and Grad-CAM after them all see this one numerics. oneDNN's fp32 convolutions prefer it on every x86 CPU: 1.24x (ResNet-50), 1.28x (VGG-16),
     1.62x (InceptionV3) and 2.3x (cnn21) the images/s of contiguous tensors (AVX2, 2 threads, measured here); the
     probabilities moved by at most 1.2e-7. ``tta="hflip"``
     averages the probabilities of each image and its left-right mirror: a mirrored AP spine scan is a plausible scan
