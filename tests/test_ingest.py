@@ -560,11 +560,26 @@ def _slow_process_file(item, job):
 _real_process_file = ingest.process_file
 
 
+def _forked_children(me: psutil.Process) -> list[psutil.Process]:
+    """``me``'s children forked from it (its command line), oldest first; one that has exited meanwhile is none."""
+    children = []
+    for child in me.children():
+        try:
+            if child.cmdline() == me.cmdline():
+                children.append(child)
+        except psutil.NoSuchProcess:  # exited between the listing and the look: not a worker to kill any more
+            continue
+    return children
+
+
 def _kill_a_worker_when_busy(stop: threading.Event) -> None:
-    """From outside, as the OOM killer does: SIGKILL the first worker process of this test process."""
+    """From outside, as the OOM killer does: SIGKILL the first worker process of this test process.
+
+    Its workers are forked from it (same command line); other children (a training pool's forkserver that an earlier
+    test in this process started, multiprocessing's resource tracker) are not ingest's and are left alone."""
     me = psutil.Process()
     while not stop.is_set():
-        workers = me.children(recursive=True)
+        workers = _forked_children(me)
         if workers:
             time.sleep(0.3)  # let it take a chunk
             os.kill(workers[0].pid, signal.SIGKILL)
