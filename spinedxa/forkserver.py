@@ -6,6 +6,10 @@ scikit-learn) takes 4-5 s of one core. Started when the pool is first needed, th
 had done the same, with the other core idle. :func:`start_early`, called by the stage before its own heavy imports,
 starts it first so that both import at once. Results do not depend on it: the server only imports; each training
 process seeds and sets its threads itself (tests/test_train.py).
+
+Only a stage process starts it early (``main()`` from the command line, ``argv`` None): it exits after its stage. A
+caller of ``main(argv)`` in its own process (the tests) gets the server when its pool first needs one, as before, so
+no server outlives the call with that call's working directory and environment.
 """
 
 from __future__ import annotations

@@ -33,9 +33,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--summary", type=Path, required=True)
     args = parser.parse_args(argv)
     params = load_params(args.params)
-    # The pretraining processes' server imports beside this process's imports below (spinedxa.forkserver).
-    models = len(params.pretrain.models) if params.pretrain.enabled else 1
-    forkserver.start_early("spinedxa.pretrain", min(params.runtime.train_processes, models))
+    if argv is None:  # a stage process: the pretraining processes' server imports beside its imports below
+        models = len(params.pretrain.models) if params.pretrain.enabled else 1
+        forkserver.start_early("spinedxa.pretrain", min(params.runtime.train_processes, models))
     from spinedxa.pretrain import run_pretrain
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr,

@@ -35,8 +35,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reports", type=Path, required=True)
     args = parser.parse_args(argv)
     params = load_params(args.params)
-    # The two runs' server imports beside this process's imports below (spinedxa.forkserver).
-    forkserver.start_early("spinedxa.replay", params.runtime.train_processes if params.replay.enabled else 1)
+    if argv is None:  # a stage process: the two runs' server imports beside its imports below
+        forkserver.start_early("spinedxa.replay", params.runtime.train_processes if params.replay.enabled else 1)
     from spinedxa.replay import ReplayPaths, run_replay
 
     # force: importing mlflow has already put a handler on the root logger.

@@ -51,8 +51,8 @@ def main(argv: list[str] | None = None) -> int:
                         "it; default: models/pretrained/<model>)")
     args = parser.parse_args(argv)
     params = load_params(args.params)
-    # The training processes' server imports beside this process's imports below (spinedxa.forkserver).
-    forkserver.start_early("spinedxa.train", params.runtime.train_processes)
+    if argv is None:  # a stage process: its training processes' server imports beside its imports below
+        forkserver.start_early("spinedxa.train", params.runtime.train_processes)
     from spinedxa.train import TrainPaths, train_model
     from spinedxa.weights import WeightsError, WeightsNotFoundError
 
