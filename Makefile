@@ -55,10 +55,12 @@ bench: install
 	$(BIN)/python bench/burnedin.py
 	$(BIN)/python bench/train_throughput.py
 
-# No-op `dvc repro` here against a trivial DVC project of as many stages (reports/bench/noop.json). Needs a fully
-# reproduced tree (`make repro` first); it refuses otherwise.
+# No-op `dvc repro` here against a trivial DVC project of as many stages (reports/bench/noop.json), then the same on a
+# copy without code deps, and without code deps and params (reports/bench/noop_decompose.json). Needs a fully
+# reproduced tree (`make repro` first); both refuse otherwise.
 bench-noop: install
 	$(BIN)/python bench/noop.py
+	$(BIN)/python bench/noop_decompose.py
 
 # Run the DAG with Snakemake (parallel), then record its outputs in dvc.lock.
 CORES ?= 2
