@@ -31,6 +31,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import shutil
 import statistics
@@ -57,32 +58,28 @@ def _is_code(dep: object) -> bool:
     return isinstance(path, str) and path.startswith(CODE_PREFIXES)
 
 
-def strip_stages(dvc_yaml: dict, dvc_lock: dict, *, code: bool, params: bool) -> tuple[dict, dict]:
-    """``dvc.yaml`` and ``dvc.lock`` contents without code deps (``code``) and/or params declarations (``params``).
+def strip_stages(dvc_yaml: dict, dvc_lock: dict, *, params: bool) -> tuple[dict, dict]:
+    """``dvc.yaml`` and ``dvc.lock`` contents without code deps, and also without params declarations if ``params``.
 
     Works on the parsed files: stages of ``dvc.yaml`` (plain, ``matrix`` or ``foreach``/``do``) and the resolved
     stages of ``dvc.lock``. Everything else is kept as it is.
     """
-    out_yaml, out_lock = _copy(dvc_yaml), _copy(dvc_lock)
+    out_yaml, out_lock = copy.deepcopy(dvc_yaml), copy.deepcopy(dvc_lock)
     for stage in out_yaml.get("stages", {}).values():
         body = stage.get("do", stage)
-        _strip(body, code=code, params=params)
+        _strip(body, params=params)
     for stage in out_lock.get("stages", {}).values():
-        _strip(stage, code=code, params=params)
+        _strip(stage, params=params)
     return out_yaml, out_lock
 
 
-def _strip(stage: dict, *, code: bool, params: bool) -> None:
-    if code and "deps" in stage:
+def _strip(stage: dict, *, params: bool) -> None:
+    if "deps" in stage:
         stage["deps"] = [dep for dep in stage["deps"] if not _is_code(dep)]
         if not stage["deps"]:
             del stage["deps"]
     if params:
         stage.pop("params", None)
-
-
-def _copy(data: dict) -> dict:
-    return yaml.safe_load(yaml.safe_dump(data))
 
 
 def copy_workspace(project: Path, dest: Path) -> Path:
@@ -131,36 +128,22 @@ def main(argv: list[str] | None = None) -> int:
             if name == "as committed":
                 files[name] = ((project / "dvc.yaml").read_text(), (project / "dvc.lock").read_text())
             else:
-                new_yaml, new_lock = strip_stages(original_yaml, original_lock, code=True,
-                                                  params=name.endswith("no params"))
+                new_yaml, new_lock = strip_stages(original_yaml, original_lock, params=name.endswith("no params"))
                 files[name] = (yaml.safe_dump(new_yaml, sort_keys=False), yaml.safe_dump(new_lock, sort_keys=False))
             use(work, files[name])
             noop.require_reproduced(work)  # before any `dvc repro` there: DVC takes the edited lock as up to date
 
         def run(name: str) -> tuple[float, float]:
-            if name == "floor":
-                return noop.time_noop(floor)
             use(work, files[name])
             return noop.time_noop(work)
 
-        names = ["floor", *VARIANTS]
-        wall: dict[str, list[float]] = {name: [] for name in names}
-        cpu: dict[str, list[float]] = {name: [] for name in names}
-        for name in names:
-            run(name)  # warm-up: page cache, DVC's state database, rwlock file
-        for i in range(args.runs):
-            for name in names[i % len(names):] + names[:i % len(names)]:  # each goes first in turn
-                seconds, cpu_seconds = run(name)
-                wall[name].append(round(seconds, 3))
-                cpu[name].append(round(cpu_seconds, 3))
+        wall, cpu = noop.interleaved({"floor": lambda: noop.time_noop(floor),
+                                      **{name: (lambda name=name: run(name)) for name in VARIANTS}}, args.runs)
     entries = {name: _entries(yaml.safe_load(files[name][1])) for name in VARIANTS}
     lock_bytes = {name: len(files[name][1].encode()) for name in VARIANTS}
     floor_median = statistics.median(wall["floor"])
     result = {
-        "cpu": {"model": noop.cpu_model(), "logical_cores": os.cpu_count(),
-                "flags": [f for f in noop.FLAGS if f in noop.cpu_flags()]},
-        "dvc_version": noop.dvc(["--version"], noop.REPO).stdout.strip(),
-        "yaml_parser": noop.yaml_parser(),
+        **noop.machine(),
         "project": str(project),
         "stages": n_stages,
         "runs": args.runs,
@@ -169,11 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         "wall_s": wall,
         "cpu_s": cpu,
         "variants": {
-            name: {"wall": noop.summary(wall[name]), "cpu": noop.summary(cpu[name]),
-                   "ratio": round(statistics.median(wall[name]) / floor_median, 2),
-                   "cpu_ratio": round(statistics.median(cpu[name]) / statistics.median(cpu["floor"]), 2),
-                   # fastest against fastest: the least disturbed runs, steadier on a loaded machine
-                   "min_ratio": round(min(wall[name]) / min(wall["floor"]), 2),
+            name: {"wall": noop.summary(wall[name]), "cpu": noop.summary(cpu[name]), **noop.ratios(wall, cpu, name),
                    "lock_entries": entries[name], "lock_bytes": lock_bytes[name]}
             for name in VARIANTS
         },

@@ -36,7 +36,7 @@ def test_strip_stages_on_the_projects_dag_removes_exactly_the_code_deps_and_para
     dvc_yaml = yaml.safe_load((REPO / "dvc.yaml").read_text())
     dvc_lock = yaml.safe_load((REPO / "dvc.lock").read_text())
     for params in (False, True):
-        new_yaml, new_lock = bench.strip_stages(dvc_yaml, dvc_lock, code=True, params=params)
+        new_yaml, new_lock = bench.strip_stages(dvc_yaml, dvc_lock, params=params)
         assert set(new_yaml["stages"]) == set(dvc_yaml["stages"]) and set(new_lock["stages"]) == set(dvc_lock["stages"])
         for doc, new in ((dvc_yaml, new_yaml), (dvc_lock, new_lock)):
             for name, stage in doc["stages"].items():
@@ -68,7 +68,7 @@ def test_dvc_takes_the_stripped_lock_as_up_to_date_and_a_code_change_no_longer_r
     _dvc(["init", "-q"], tmp_path)
     _dvc(["repro", "-q"], tmp_path)
     new_yaml, new_lock = bench.strip_stages(yaml.safe_load((tmp_path / "dvc.yaml").read_text()),
-                                            yaml.safe_load((tmp_path / "dvc.lock").read_text()), code=True, params=True)
+                                            yaml.safe_load((tmp_path / "dvc.lock").read_text()), params=True)
     bench.use(tmp_path, (yaml.safe_dump(new_yaml), yaml.safe_dump(new_lock)))
     assert json.loads(_dvc(["status", "--json"], tmp_path) or "{}") == {}
     assert _paths(new_lock["stages"]["s"]["deps"]) == ["data.txt"] and "params" not in new_lock["stages"]["s"]
